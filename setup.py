@@ -1,0 +1,31 @@
+"""Packaging for megatron-terapipe: TeraPipe token-level pipeline parallelism for Megatron."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="megatron-terapipe",
+    version="0.1.0",
+    description="TeraPipe token-level pipeline parallelism as a plugin for Megatron (megatron-core)",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["megatron_terapipe", "megatron_terapipe.*"]),
+    install_requires=[
+        # torch 2.13.0 (the CPU build on this machine) must satisfy this range.
+        "torch>=2.4,<2.14",
+        "megatron-core>=0.16.1,<0.17",
+        "numpy>=1.24",
+    ],
+    extras_require={
+        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "ruff>=0.4", "matplotlib>=3.7"],
+        "plot": ["matplotlib>=3.7"],
+        # GPU-only; apex has no wheel: build it from source (see README).
+        "gpu": ["transformer-engine[pytorch]"],
+    },
+    entry_points={
+        "console_scripts": [
+            "terapipe-simulate=megatron_terapipe.simulate.cli:main",
+            "terapipe-plan=megatron_terapipe.slicing.cli:main",
+        ]
+    },
+)
