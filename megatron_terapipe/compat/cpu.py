@@ -1,0 +1,226 @@
+"""The CPU remaps behind `enable_cpu()`.
+
+Each remap replaces a CUDA-only call that would raise on a machine without CUDA, so applying
+them never changes behaviour that worked before. They are process-wide (megatron-core calls
+`torch.cuda.*` from many modules and from code imported later), installed once, and recorded in
+`applied_patches()` so a test or a user can see exactly what was changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+_PATCHES: list[str] = []
+_ENABLED = False
+
+
+def cpu_enabled() -> bool:
+    """Whether `enable_cpu()` has installed the remaps in this process."""
+    return _ENABLED
+
+
+def applied_patches() -> list[str]:
+    """Names of the remaps installed, for diagnostics."""
+    return list(_PATCHES)
+
+
+def _patch(owner: Any, name: str, value: Any, label: str) -> None:
+    setattr(owner, name, value)
+    _PATCHES.append(label)
+
+
+def _cpu_device_for(device: Any) -> Any:
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(device, int):
+        return "cpu"
+    return device
+
+
+def _on_cpu(factory: Callable) -> Callable:
+    """Wrap a tensor factory so that `device="cuda"` (or an index) lands on the CPU."""
+
+    @functools.wraps(factory)
+    def wrapper(*args, **kwargs):
+        if "device" in kwargs:
+            kwargs["device"] = _cpu_device_for(kwargs["device"])
+        return factory(*args, **kwargs)
+
+    return wrapper
+
+
+class _TorchOnCpu:
+    """A stand-in for the `torch` module inside one megatron module with `device="cuda"` literals.
+
+    Only the tensor factories are wrapped; every other attribute is the real torch's.
+    """
+
+    _FACTORIES = ("zeros", "ones", "empty", "full", "tensor", "arange", "randn", "rand")
+
+    def __init__(self) -> None:
+        for name in self._FACTORIES:
+            object.__setattr__(self, name, _on_cpu(getattr(torch, name)))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch, name)
+
+
+def _make_cpu_rng_tracker_class(base: type) -> type:
+    class CpuRNGStatesTracker(base):
+        """megatron's RNG tracker with the CPU generator standing in for the CUDA one.
+
+        On CPU the "device" RNG and the CPU RNG are the same generator, so `fork` swaps that one
+        generator's state in and out (the stock fork would warn on every call that the CPU state
+        changed inside a GPU RNG context).
+        """
+
+        def add(self, name: str, seed: int) -> None:
+            self._is_initialized = True
+            if seed in self.seeds_:
+                raise Exception(f"seed {seed} already exists")
+            self.seeds_.add(seed)
+            if name in self.states_:
+                raise Exception(f"rng state {name} already exists")
+            outer = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(outer)
+
+        @contextlib.contextmanager
+        def fork(self, name: str = "model-parallel-rng"):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            outer = torch.get_rng_state()
+            outer_name = self._current_state_name
+            torch.set_rng_state(self.states_[name])
+            self._current_state_name = name
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(outer)
+                self._current_state_name = outer_name
+
+    return CpuRNGStatesTracker
+
+
+_CUDA_LITERAL_MODULES = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.utils",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.rerun_state_machine",
+    "megatron.core.models.common.language_module.language_module",
+    "megatron.core.tensor_parallel.data",
+    "megatron.core.utils",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.dist_checkpointing.exchange_utils",
+    "megatron.core.dist_checkpointing.strategies.state_dict_saver",
+)
+
+
+def _type_as_if_cuda(original: Callable) -> Callable:
+    @functools.wraps(original)
+    def type_(self, *args, **kwargs):
+        if args or kwargs:
+            return original(self, *args, **kwargs)
+        name = original(self)
+        if name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch.") :]
+        return name
+
+    return type_
+
+
+def _causal_mask_cpu(sq: int) -> torch.Tensor:
+    return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+
+def _sliding_window_mask_cpu(sq: int, skv: int, window_size) -> torch.Tensor:
+    m = torch.ones(sq, skv, dtype=torch.bool)
+    upper = torch.triu(m, diagonal=skv - sq - window_size[0])
+    return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
+
+
+def enable_cpu(force: bool = False) -> bool:
+    """Install the CPU remaps; returns whether they are active.
+
+    A no-op when CUDA is available unless `force=True` (a GPU machine running CPU tests).
+    Idempotent. Call it before building models; `model_parallel_cuda_manual_seed` works after it.
+    """
+    global _ENABLED
+    if _ENABLED:
+        return True
+    if torch.cuda.is_available() and not force:
+        return False
+
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.core.transformer import utils as transformer_utils
+
+    cuda = torch.cuda
+    # Buffers are created with device=torch.cuda.current_device() all over megatron-core.
+    _patch(cuda, "current_device", lambda: torch.device("cpu"), "torch.cuda.current_device -> cpu")
+    _patch(cuda, "synchronize", lambda *a, **k: None, "torch.cuda.synchronize -> no-op")
+    _patch(cuda, "manual_seed", torch.manual_seed, "torch.cuda.manual_seed -> torch.manual_seed")
+    _patch(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state(), "torch.cuda.get_rng_state")
+    _patch(cuda, "set_rng_state", lambda s, *a, **k: torch.set_rng_state(s), "torch.cuda.set_rng_state")
+    _patch(cuda, "empty_cache", lambda: None, "torch.cuda.empty_cache -> no-op")
+    _patch(cuda, "max_memory_allocated", lambda *a, **k: 0, "torch.cuda.max_memory_allocated -> 0")
+    _patch(cuda, "memory_allocated", lambda *a, **k: 0, "torch.cuda.memory_allocated -> 0")
+    _patch(cuda, "reset_peak_memory_stats", lambda *a, **k: None, "reset_peak_memory_stats")
+    # language_module moves tied embedding weights with `.data.cuda()`.
+    _patch(torch.Tensor, "cuda", lambda self, *a, **k: self, "Tensor.cuda -> identity")
+
+    # The optimizers check dtypes by type name ('torch.cuda.FloatTensor'); on CPU the CPU *is*
+    # megatron's device, so report CPU tensors under the CUDA names it expects.
+    _patch(torch.Tensor, "type", _type_as_if_cuda(torch.Tensor.type), "Tensor.type() names -> cuda")
+
+    # These modules create tensors with a literal device="cuda"; give each a torch whose
+    # tensor factories put them on the CPU.
+    cpu_torch = _TorchOnCpu()
+    for module_name in _CUDA_LITERAL_MODULES:
+        module = importlib.import_module(module_name)
+        if getattr(module, "torch", None) is torch:
+            _patch(module, "torch", cpu_torch, f"{module_name}.torch factories -> cpu")
+
+    # The default causal masks are built with device="cuda".
+    for module in (transformer_utils, fused_softmax):
+        _patch(module, "get_default_causal_mask", _causal_mask_cpu, f"{module.__name__} causal mask")
+        _patch(
+            module,
+            "get_sliding_window_causal_mask",
+            _sliding_window_mask_cpu,
+            f"{module.__name__} sliding-window mask",
+        )
+
+    # The RNG tracker and activation checkpointing save/restore the CUDA generator.
+    _patch(
+        mcore_random,
+        "_get_cuda_rng_state",
+        lambda *a, **k: torch.get_rng_state(),
+        "tensor_parallel.random._get_cuda_rng_state -> cpu",
+    )
+    _patch(
+        mcore_random,
+        "_set_cuda_rng_state",
+        lambda state, *a, **k: torch.set_rng_state(state),
+        "tensor_parallel.random._set_cuda_rng_state -> cpu",
+    )
+    tracker_class = _make_cpu_rng_tracker_class(mcore_random.CudaRNGStatesTracker)
+    _patch(mcore_random, "CudaRNGStatesTracker", tracker_class, "CPU RNG states tracker")
+    if mcore_random._CUDA_RNG_STATE_TRACKER is not None:
+        mcore_random.initialize_rng_tracker(force_reset=True)
+
+    _ENABLED = True
+    return True

@@ -1,0 +1,152 @@
+"""Small megatron-core GPT models built identically for every (TP, PP, VP) layout."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class TinyGPT:
+    """Model shape and training knobs of a test model (Megatron-LM names where they exist)."""
+
+    num_layers: int = 4
+    hidden_size: int = 32
+    num_attention_heads: int = 4
+    num_query_groups: int | None = None
+    ffn_hidden_size: int | None = None
+    vocab_size: int = 128
+    seq_length: int = 32
+    position_embedding_type: str = "learned_absolute"
+    tie_embeddings: bool = True
+    recompute_granularity: str | None = None
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    bf16: bool = False
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    config_overrides: dict = field(default_factory=dict)
+
+    def with_(self, **changes: Any) -> TinyGPT:
+        return replace(self, **changes)
+
+
+def transformer_config(
+    model: TinyGPT,
+    tensor_parallel: int = 1,
+    pipeline_parallel: int = 1,
+    virtual_pipeline: int | None = None,
+    sequence_parallel: bool = False,
+    **overrides: Any,
+):
+    """megatron-core TransformerConfig for `model` under the given parallel layout."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if model.bf16 else torch.float32
+    kwargs = dict(
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        num_query_groups=model.num_query_groups,
+        ffn_hidden_size=model.ffn_hidden_size,
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        sequence_parallel=sequence_parallel,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=model.bf16,
+        hidden_dropout=model.hidden_dropout,
+        attention_dropout=model.attention_dropout,
+        recompute_granularity=model.recompute_granularity,
+        recompute_method=model.recompute_method,
+        recompute_num_layers=model.recompute_num_layers,
+        # The pure-torch fallbacks of the fused kernels; CPU has no fused ones.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(model.config_overrides)
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def build_gpt_chunks(model: TinyGPT, config, layer_spec=None) -> list:
+    """The GPTModel chunks this rank holds (one per virtual stage), as megatron-LM builds them."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    if layer_spec is None:
+        layer_spec = get_gpt_layer_local_spec()
+    vp_size = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size else None
+        chunks.append(
+            GPTModel(
+                config,
+                layer_spec,
+                vocab_size=model.vocab_size,
+                max_sequence_length=model.seq_length,
+                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
+                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                share_embeddings_and_output_weights=model.tie_embeddings,
+                position_embedding_type=model.position_embedding_type,
+                vp_stage=stage,
+            )
+        )
+    return chunks
+
+
+def make_microbatches(
+    model: TinyGPT, micro_batch_size: int, num_microbatches: int, seed: int = 0
+) -> list[dict[str, torch.Tensor]]:
+    """Deterministic token batches with a ragged loss mask (so per-token weighting matters)."""
+    gen = torch.Generator().manual_seed(seed)
+    batches = []
+    for _ in range(num_microbatches):
+        shape = (micro_batch_size, model.seq_length)
+        tokens = torch.randint(0, model.vocab_size, shape, generator=gen)
+        labels = torch.randint(0, model.vocab_size, shape, generator=gen)
+        loss_mask = (torch.rand(shape, generator=gen) > 0.2).float()
+        position_ids = torch.arange(model.seq_length).unsqueeze(0).expand(shape).contiguous()
+        batches.append(
+            {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+        )
+    return batches
+
+
+def loss_func_per_token(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """pretrain_gpt.py's loss: (sum of masked token losses, token count, report)."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask)
+    num_tokens = mask.sum().clone().detach().to(torch.int)
+    report = torch.cat([loss.clone().detach().view(1), num_tokens.float().view(1)])
+    return loss, num_tokens, {"lm loss": report}
+
+
+def loss_func_mean(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    """An older-style loss returning (mean loss, report): two values."""
+    losses = output_tensor.float().view(-1)
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(losses * mask) / mask.sum()
+    return loss, {"lm loss": loss.clone().detach()}
+
+
+def gpt_forward_step(data_iterator, model, loss_func=loss_func_per_token):
+    """A user forward_step_func in the style of pretrain_gpt.py."""
+    batch = next(data_iterator)
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(loss_func, batch["loss_mask"])
+
+
+def gpt_forward_step_mean_loss(data_iterator, model):
+    return gpt_forward_step(data_iterator, model, loss_func=loss_func_mean)
