@@ -1,0 +1,535 @@
+"""Run a token-pipeline schedule (the IR of this package) on megatron-core models.
+
+`get_forward_backward_func(TokenPipelineConfig)` returns a drop-in replacement for the function
+megatron-core's `get_forward_backward_func()` returns: same keywords, same return value, same
+side effects (DDP no_sync during the step, `finalize_model_grads` at the end). Each rank walks
+its own action list from the schedule; compute actions call the user's unchanged
+`forward_step_func` on one token slice of one micro-batch, and megatron-core's `backward_step`
+per slice; communication actions post megatron-core's batched P2P ops with per-slice shapes.
+
+Loss semantics match stock exactly: for loss functions returning (loss, num_tokens, report)
+each slice's loss sum is divided by the micro-batch's *total* token count (known before the
+first backward of that micro-batch, since its backwards start after its last slice's forward)
+and the slices' reports are summed into one per micro-batch. Two-value loss functions are
+assumed to return a per-slice token mean; slices are weighted by their length, which is exact
+when every token counts (no loss mask) -- use the three-value form for masked losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _batched_p2p_ops
+from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_output_tensor
+from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_model_type
+
+from megatron_terapipe.config import TokenPipelineConfig
+from megatron_terapipe.model.batch_slicing import slice_batch
+from megatron_terapipe.model.positions import install_rope_offset_hooks
+from megatron_terapipe.model.slice_context import TokenSliceContext, activate
+from megatron_terapipe.schedules.communication import attach_communication
+from megatron_terapipe.schedules.generators import build_schedule
+from megatron_terapipe.schedules.ir import (
+    BACKWARD,
+    FORWARD,
+    RECV_NEXT,
+    RECV_PREV,
+    SEND_NEXT,
+    SEND_PREV,
+    CommGroup,
+    Compute,
+    Schedule,
+)
+from megatron_terapipe.schedules.support import check_token_pipeline_support
+from megatron_terapipe.schedules.validator import validate_schedule
+
+
+@lru_cache(maxsize=64)
+def _training_schedule(name: str, stages: int, microbatches: int, slices: int, chunks: int):
+    return validate_schedule(build_schedule(name, stages, microbatches, slices, chunks))
+
+
+@lru_cache(maxsize=64)
+def _forward_only_schedule(name: str, stages: int, microbatches: int, slices: int, chunks: int):
+    """The forwards of the training schedule, in its order, with their own communication."""
+    full = build_schedule(name, stages, microbatches, slices, chunks)
+    orders = [[c for c in full.computes(p) if c.kind == FORWARD] for p in range(stages)]
+    return Schedule(
+        name=f"{name}/forward-only",
+        num_stages=stages,
+        num_microbatches=microbatches,
+        num_token_slices=slices,
+        num_chunks=chunks,
+        stages=attach_communication(orders, stages, chunks),
+    )
+
+
+@dataclass
+class ActionRecord:
+    """Start/end (seconds since the step began, aligned across pipeline ranks) of one action."""
+
+    kind: str  # "F", "B" or "comm"
+    microbatch: int
+    token_slice: int
+    chunk: int
+    start: float
+    end: float
+
+
+class _SlicedDataIterator:
+    """What the user's forward_step_func sees: `next()` yields the current slice of the batch.
+
+    The underlying iterator is advanced once per micro-batch, on the first `next()` of that
+    micro-batch, so the user's data order is exactly as under stock schedules.
+    """
+
+    def __init__(self, underlying: Iterator | None, seq_length: int) -> None:
+        self.underlying = underlying
+        self.seq_length = seq_length
+        self.batches: dict[int, Any] = {}
+        self.current: tuple[int, int, int] | None = None  # (microbatch, offset, length)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        microbatch, offset, length = self.current
+        if microbatch not in self.batches:
+            self.batches[microbatch] = next(self.underlying)
+        return slice_batch(self.batches[microbatch], self.seq_length, offset, length)
+
+    def done_with(self, microbatch: int) -> None:
+        self.batches.pop(microbatch, None)
+
+
+@dataclass
+class _MicrobatchLoss:
+    """Per-slice loss outputs of one micro-batch on the last stage."""
+
+    losses: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    reports: dict[int, Any] = field(default_factory=dict)
+    three_values: bool = True
+
+
+class _Step:
+    """State of one call of the forward-backward function on one rank."""
+
+    def __init__(self, runner: TokenPipelineForwardBackward, **kw: Any) -> None:
+        self.forward_step_func: Callable = kw["forward_step_func"]
+        self.models: list = kw["models"]
+        self.iterators: list[_SlicedDataIterator] = kw["iterators"]
+        self.config = kw["mconfig"]
+        self.token_slices: tuple[int, ...] = kw["token_slices"]
+        self.seq_length: int = kw["seq_length"]
+        self.micro_batch_size: int = kw["micro_batch_size"]
+        self.num_microbatches: int = kw["num_microbatches"]
+        self.forward_only: bool = kw["forward_only"]
+        self.collect_non_loss_data: bool = kw["collect_non_loss_data"]
+        self.schedule: Schedule = kw["schedule"]
+        self.context: TokenSliceContext = kw["context"]
+        self.record: bool = kw["record"]
+        self.pp_group = kw["pp_group"]
+        self.rank = self.pp_group.rank()
+        self.num_stages = self.pp_group.size()
+        self.num_chunks = len(self.models)
+        self.model_type = get_model_type(self.models[0])
+        communicator = P2PCommunicator(self.pp_group, self.config)
+        self.next_rank, self.prev_rank = communicator.next_rank, communicator.prev_rank
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        self.seq_divisor = tp_size if self.config.sequence_parallel else 1
+
+        self.inputs: dict[tuple, torch.Tensor | None] = {}  # (m, t, v) -> received activation
+        self.outputs: dict[tuple, Any] = {}  # (m, t, v) -> forward output kept for backward
+        self.received: dict[tuple, torch.Tensor] = {}  # (kind, m, t, v) -> tensor from a peer
+        self.to_send: dict[tuple, torch.Tensor] = {}  # (kind, m, t, v) -> tensor for a peer
+        self.losses: dict[int, _MicrobatchLoss] = {}
+        self.forward_data_store: list = []
+        self.total_num_tokens = torch.zeros([], dtype=torch.int)
+        self.timeline: list[ActionRecord] = []
+        self.t0 = 0.0
+        self.first_forward_done: set[int] = set()
+
+    # -- helpers ------------------------------------------------------------------------------
+    def is_first_virtual_stage(self, chunk: int) -> bool:
+        return self.rank == 0 and chunk == 0
+
+    def is_last_virtual_stage(self, chunk: int) -> bool:
+        return self.rank == self.num_stages - 1 and chunk == self.num_chunks - 1
+
+    def activation_shape(self, token_slice: int) -> tuple[int, int, int]:
+        length = self.token_slices[token_slice] // self.seq_divisor
+        return (length, self.micro_batch_size, self.config.hidden_size)
+
+    @contextlib.contextmanager
+    def timed(self, kind: str, microbatch: int = -1, token_slice: int = -1, chunk: int = -1):
+        if not self.record:
+            yield
+            return
+        start = time.perf_counter() - self.t0
+        yield
+        self.timeline.append(
+            ActionRecord(kind, microbatch, token_slice, chunk, start, time.perf_counter() - self.t0)
+        )
+
+    # -- actions ------------------------------------------------------------------------------
+    def run(self) -> None:
+        if self.record:
+            torch.distributed.barrier(group=self.pp_group)
+            self.t0 = time.perf_counter()
+        for action in self.schedule.stages[self.rank]:
+            if isinstance(action, CommGroup):
+                self.communicate(action)
+            elif action.kind == FORWARD:
+                self.forward(action)
+            else:
+                self.backward(action)
+
+    def forward(self, action: Compute) -> None:
+        m, t, v = action.microbatch, action.token_slice, action.chunk
+        timers = self.config.timers
+        if timers is not None:
+            timers("forward-compute", log_level=2).start()
+        model = self.models[v]
+        input_tensor = None
+        if not self.is_first_virtual_stage(v):
+            input_tensor = self.received.pop((FORWARD, m, t, v))
+        if v not in self.first_forward_done:
+            self.first_forward_done.add(v)
+            if hasattr(model, "set_is_first_microbatch"):
+                model.set_is_first_microbatch()
+        get_attr_wrapped_model(model, "set_input_tensor")([input_tensor])
+        iterator = self.iterators[v]
+        unit = (m, self.context.offsets[t], self.token_slices[t])
+        iterator.current = unit
+        with self.timed(FORWARD, m, t, v), self.context.running(v, m, t):
+            output, loss_func = self.forward_step_func(iterator, model)
+        if t == len(self.token_slices) - 1:
+            iterator.done_with(m)
+        if self.is_last_virtual_stage(v):
+            output = self.loss_forward(m, t, output, loss_func)
+        else:
+            self.to_send[(FORWARD, m, t, v)] = output
+        if timers is not None:
+            timers("forward-compute").stop()
+        if self.forward_only:
+            if t == len(self.token_slices) - 1:
+                for s in range(len(self.token_slices)):
+                    self.context.release(v, m, s)
+            return
+        self.inputs[(m, t, v)] = input_tensor
+        self.outputs[(m, t, v)] = output
+
+    def loss_forward(self, m: int, t: int, output, loss_func):
+        """Run the user's loss on one slice; stash what the micro-batch's report needs."""
+        record = self.losses.setdefault(m, _MicrobatchLoss())
+        if loss_func is None:
+            self.forward_data_store.append(output)
+            return output
+        if self.collect_non_loss_data:
+            record.reports[t] = loss_func(output, non_loss_data=True)
+            self.finish_microbatch_report(m)
+            return output
+        outputs = loss_func(output)
+        if len(outputs) == 3:
+            loss, num_tokens, report = outputs
+            record.num_tokens[t] = num_tokens
+            self.total_num_tokens += num_tokens.to(self.total_num_tokens.dtype).cpu()
+        elif len(outputs) == 2:
+            loss, report = outputs
+            record.three_values = False
+        else:
+            raise ValueError(
+                f"loss function returned {len(outputs)} values; expected 2 (loss, report) or 3 "
+                "(loss, num_tokens, report) as with megatron-core's schedules"
+            )
+        record.losses[t] = loss
+        record.reports[t] = report
+        self.finish_microbatch_report(m)
+        return loss
+
+    def finish_microbatch_report(self, m: int) -> None:
+        """Once every slice of micro-batch m has its report, store one report like stock does."""
+        record = self.losses[m]
+        if len(record.reports) < len(self.token_slices):
+            return
+        reports = [record.reports[t] for t in range(len(self.token_slices))]
+        if self.collect_non_loss_data:
+            self.forward_data_store.append(reports)
+        elif record.three_values:
+            self.forward_data_store.append(_sum_reports(reports))
+        else:
+            weights = [length / self.seq_length for length in self.token_slices]
+            self.forward_data_store.append(_weighted_reports(reports, weights))
+        record.reports.clear()
+
+    def scaled_loss(self, m: int, t: int) -> torch.Tensor:
+        """The slice's share of the loss the stock schedule would backpropagate."""
+        record = self.losses[m]
+        loss = record.losses.pop(t)
+        cp_size = parallel_state.get_context_parallel_world_size()
+        if record.three_values:
+            if self.config.calculate_per_token_loss:
+                return loss
+            total = sum(record.num_tokens.values())
+            return loss / torch.clamp(total, min=1) / self.num_microbatches
+        weight = self.token_slices[t] / self.seq_length
+        return loss * weight * cp_size / self.num_microbatches
+
+    def backward(self, action: Compute) -> None:
+        m, t, v = action.microbatch, action.token_slice, action.chunk
+        key = (m, t, v)
+        input_tensor = self.inputs.pop(key)
+        output = self.outputs.pop(key)
+        if self.is_last_virtual_stage(v):
+            output, output_grad = self.scaled_loss(m, t), None
+        else:
+            output_grad = self.received.pop((BACKWARD, m, t, v))
+        with self.timed(BACKWARD, m, t, v), self.context.running(v, m, t):
+            input_grad = backward_step(
+                input_tensor, output, output_grad, self.model_type, self.config
+            )
+        self.context.release(v, m, t)
+        if not self.is_first_virtual_stage(v):
+            self.to_send[(BACKWARD, m, t, v)] = input_grad
+
+    def communicate(self, group: CommGroup) -> None:
+        tensors: dict[str, torch.Tensor] = {}
+        recv_keys: dict[str, tuple] = {}
+        sent: list[tuple] = []
+        for op in group.ops:
+            key = (op.kind, op.microbatch, op.token_slice, op.chunk)
+            if op.op in (SEND_NEXT, SEND_PREV):
+                tensors[op.op] = self.to_send[key]
+                sent.append(key)
+            else:
+                tensors[op.op] = torch.empty(
+                    self.activation_shape(op.token_slice),
+                    dtype=self.config.pipeline_dtype,
+                    device=_device(),
+                    requires_grad=(op.op == RECV_PREV and not self.forward_only),
+                )
+                recv_keys[op.op] = key
+        with self.timed("comm"):
+            requests = _batched_p2p_ops(
+                tensor_send_prev=tensors.get(SEND_PREV),
+                tensor_recv_prev=tensors.get(RECV_PREV),
+                tensor_send_next=tensors.get(SEND_NEXT),
+                tensor_recv_next=tensors.get(RECV_NEXT),
+                group=self.pp_group,
+                prev_pipeline_rank=self.prev_rank,
+                next_pipeline_rank=self.next_rank,
+            )
+            for request in requests:
+                request.wait()
+        for op_name, key in recv_keys.items():
+            self.received[key] = tensors[op_name]
+        for key in sent:
+            tensor = self.to_send.pop(key)
+            if key[0] == FORWARD:
+                deallocate_output_tensor(tensor, self.config.deallocate_pipeline_outputs)
+
+
+def _device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _sum_reports(reports: Sequence[Any]) -> Any:
+    first = reports[0]
+    if isinstance(first, dict):
+        return {key: _sum_reports([r[key] for r in reports]) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_sum_reports(list(items)) for items in zip(*reports))
+    if isinstance(first, torch.Tensor):
+        total = first.clone()
+        for other in reports[1:]:
+            total = total + other
+        return total
+    return sum(reports)
+
+
+def _weighted_reports(reports: Sequence[Any], weights: Sequence[float]) -> Any:
+    first = reports[0]
+    if isinstance(first, dict):
+        return {key: _weighted_reports([r[key] for r in reports], weights) for key in first}
+    if isinstance(first, (list, tuple)):
+        return type(first)(_weighted_reports(list(items), weights) for items in zip(*reports))
+    total = first * weights[0]
+    for other, weight in zip(reports[1:], weights[1:]):
+        total = total + other * weight
+    return total
+
+
+class _GradSync:
+    """DDP no_sync over the step, lifted per chunk before its last backward (as stock does)."""
+
+    def __init__(self, config, models: list, enabled: bool) -> None:
+        self.config = config
+        self.models = models
+        self.contexts: list = []
+        if not enabled:
+            return
+        no_sync = config.no_sync_func
+        if no_sync is None:
+            funcs = [contextlib.nullcontext for _ in models]
+        elif isinstance(no_sync, list):
+            funcs = no_sync
+        else:
+            funcs = [no_sync] + [contextlib.nullcontext for _ in models[1:]]
+        for func in funcs:
+            ctx = func()
+            ctx.__enter__()
+            self.contexts.append(ctx)
+
+    def release(self, chunk: int) -> None:
+        if chunk < len(self.contexts) and self.contexts[chunk] is not None:
+            self.contexts[chunk].__exit__(None, None, None)
+            self.contexts[chunk] = None
+
+    def finish(self) -> None:
+        for chunk in range(len(self.contexts)):
+            if self.contexts[chunk] is not None:
+                self.release(chunk)
+                grad_sync = self.config.grad_sync_func
+                if isinstance(grad_sync, list):
+                    grad_sync = grad_sync[chunk]
+                if grad_sync is not None:
+                    grad_sync(self.models[chunk].parameters())
+
+
+class TokenPipelineForwardBackward:
+    """The callable `get_forward_backward_func(config)` returns.
+
+    After each call, `last_timeline` holds this rank's per-action records when
+    `config.record_timeline` is set, and `last_schedule` the schedule that ran.
+    """
+
+    def __init__(self, config: TokenPipelineConfig) -> None:
+        self.config = config
+        self.last_timeline: list[ActionRecord] = []
+        self.last_schedule: Schedule | None = None
+        self.last_token_slices: tuple[int, ...] = ()
+
+    def __call__(
+        self,
+        *,
+        forward_step_func: Callable,
+        data_iterator: Iterator | list | None,
+        model: torch.nn.Module | list,
+        num_microbatches: int,
+        seq_length: int,
+        micro_batch_size: int,
+        decoder_seq_length: int | None = None,
+        forward_only: bool = False,
+        collect_non_loss_data: bool = False,
+        first_val_step: bool | None = None,
+        adjust_tensor_shapes_fn: Callable | None = None,
+        p2p_communicator=None,
+        pg_collection=None,
+        force_all_reduce: bool | None = False,
+    ) -> list:
+        models = model if isinstance(model, list) else [model]
+        if isinstance(data_iterator, list):
+            if len(data_iterator) != len(models):
+                raise ValueError(
+                    f"token pipeline: {len(data_iterator)} data iterators for {len(models)} model "
+                    "chunks; pass one iterator per chunk (as megatron-core's interleaved schedule)"
+                )
+            iterators = data_iterator
+        elif len(models) > 1:
+            raise ValueError(
+                "token pipeline: with several model chunks pass a list of data iterators, one per "
+                "chunk"
+            )
+        else:
+            iterators = [data_iterator]
+        if adjust_tensor_shapes_fn is not None:
+            raise ValueError("token pipeline: adjust_tensor_shapes_fn is not supported")
+        if decoder_seq_length not in (None, seq_length):
+            raise ValueError(
+                "token pipeline: encoder-decoder models (decoder_seq_length) are not supported"
+            )
+        mconfig = get_model_config(models[0])
+        check_token_pipeline_support(mconfig, models)
+        pp_group = (
+            pg_collection.pp
+            if pg_collection is not None and hasattr(pg_collection, "pp")
+            else parallel_state.get_pipeline_model_parallel_group()
+        )
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        token_slices = self.config.resolve_token_slices(
+            seq_length, multiple_of=tp_size if mconfig.sequence_parallel else 1
+        )
+        shape = (
+            self.config.schedule,
+            pp_group.size(),
+            num_microbatches,
+            len(token_slices),
+            len(models),
+        )
+        schedule = _forward_only_schedule(*shape) if forward_only else _training_schedule(*shape)
+        install_rope_offset_hooks(models)
+
+        timers = mconfig.timers
+        if timers is not None:
+            timers("forward-backward", log_level=1).start(barrier=mconfig.barrier_with_L1_time)
+        context = TokenSliceContext(token_slices, requires_grad=not forward_only)
+        step = _Step(
+            self,
+            forward_step_func=forward_step_func,
+            models=models,
+            iterators=[_SlicedDataIterator(it, seq_length) for it in iterators],
+            mconfig=mconfig,
+            token_slices=token_slices,
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            num_microbatches=num_microbatches,
+            forward_only=forward_only,
+            collect_non_loss_data=collect_non_loss_data,
+            schedule=schedule,
+            context=context,
+            record=self.config.record_timeline,
+            pp_group=pp_group,
+        )
+        grad_sync = _GradSync(mconfig, models, enabled=not forward_only)
+        with activate(context):
+            step.run()
+        grad_sync.finish()
+        if context.num_stored():
+            raise RuntimeError(
+                f"token pipeline: {context.num_stored()} KV entries left after the step "
+                "(schedule did not run every backward)"
+            )
+        if mconfig.finalize_model_grads_func is not None and not forward_only:
+            finalize_kwargs = {"force_all_reduce": force_all_reduce}
+            if pg_collection is not None:
+                finalize_kwargs["pg_collection"] = pg_collection
+            mconfig.finalize_model_grads_func(
+                models,
+                step.total_num_tokens if mconfig.calculate_per_token_loss else None,
+                **finalize_kwargs,
+            )
+        if timers is not None:
+            timers("forward-backward").stop()
+        self.last_timeline = step.timeline
+        self.last_schedule = schedule
+        self.last_token_slices = token_slices
+        return step.forward_data_store
+
+
+def get_forward_backward_func(config: TokenPipelineConfig) -> TokenPipelineForwardBackward:
+    """The token-pipeline counterpart of megatron-core's `get_forward_backward_func()`."""
+    if not isinstance(config, TokenPipelineConfig):
+        raise TypeError(
+            f"get_forward_backward_func expects a TokenPipelineConfig, got {type(config).__name__}"
+        )
+    return TokenPipelineForwardBackward(config)
