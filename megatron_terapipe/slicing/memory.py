@@ -1,23 +1,20 @@
 """A simple activation-memory model of one pipeline stage, so the planner can honour a cap.
 
-Peak activation bytes of a stage = held + the largest slice's working set, where
+Peak activation bytes of the first stage (the one that holds the most) =
+  held   every token in flight keeps its layer activations for backward: Korthikanti et al.
+         (2022)'s count with attention internals not stored (fused SDPA kernels, or Megatron's
+         selective recompute): 34·h/t bytes per token and layer under sequence parallelism,
+         h·(10 + 24/t) without; the slice's own K/V are part of it, kept once in the KV store.
+  + copies  each in-flight slice also saves, for its backward, the K/V it attended over: the
+         prefix-KV attention concatenates the earlier slices' keys/values with its own, so a
+         slice [c, c+l) saves 2·(c+l)·a·d/t elements per layer (the first slice saves nothing
+         extra unless grouped-query attention expands its K/V to all heads).
+Tokens in flight: 'terapipe' (all forwards, then all backwards) holds every slice of the step;
+'token-1f1b' and 'token-interleaved' hold at most min(M, K) micro-batches, because a micro-batch
+is released only after its last slice's backward and 1F1B admits at most K.
 
-- held: what the schedule keeps for backward, for every token in flight at the first stage
-  (the stage that holds the most). Per token and layer that is Korthikanti et al. (2022)'s
-  count with the attention internals recomputed or fused (Megatron's selective recompute, or
-  flash attention): 34·h/t bytes under sequence parallelism, h·(10 + 24/t) without. The prefix
-  K/V that later slices attend to is part of that count: each slice's K and V are kept once, in
-  the micro-batch's prefix store, and the slices after it read them there.
-  Tokens in flight: 'terapipe' (all forwards, then all backwards) holds every token of the step;
-  'token-1f1b' and 'token-interleaved' hold at most min(M, K) micro-batches (a micro-batch's
-  slices are released only after its last slice's backward, and 1F1B admits at most K).
-- working set of a slice (b sequences, l tokens, c context), one layer at a time: the
-  attention scores, probabilities and dropout mask, b·(a/t)·l·(c+l)·5 bytes (zero with
-  `fused_attention`), plus the concatenated K/V of prefix and slice it attends over,
-  b·(c+l)·2·g·d/t elements.
-
-Only the working set depends on the token slicing, and it enters through a max, so the cap
-becomes a per-entry mask of the latency table and the DP stays exact.
+The copies grow with every extra slice (Σ of slice ends), which is why a cap pushes the planner
+towards fewer or earlier cuts. They are additive, so the DP carries them as a budget (dp.Budget).
 """
 
 from __future__ import annotations
@@ -42,7 +39,6 @@ class ActivationMemoryModel:
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
-    fused_attention: bool = False
     bytes_per_element: int = 2
 
     def __post_init__(self) -> None:
@@ -61,8 +57,6 @@ class ActivationMemoryModel:
             tensor_model_parallel_size=getattr(args, "tensor_model_parallel_size", 1) or 1,
             pipeline_model_parallel_size=getattr(args, "pipeline_model_parallel_size", 1) or 1,
             sequence_parallel=bool(getattr(args, "sequence_parallel", False)),
-            fused_attention=getattr(args, "attention_backend", None) is not None
-            and str(getattr(args, "attention_backend", "")).endswith(("flash", "fused")),
         )
 
     @property
@@ -74,30 +68,32 @@ class ActivationMemoryModel:
         per_layer = 34.0 * h / t if self.sequence_parallel else h * (10.0 + 24.0 / t)
         return per_layer * self.layers_per_stage
 
-    def held_tokens(
-        self, schedule: str, batch_slices: tuple[int, ...], seq_length: int, num_stages: int
-    ) -> int:
+    def kv_bytes_per_token(self) -> float:
+        """Bytes per token of a saved K/V concatenation (keys and values, all heads), summed
+        over the stage's layers."""
+        t = self.tensor_model_parallel_size
+        heads_dim = self.num_attention_heads * (self.hidden_size // self.num_attention_heads)
+        return 2.0 * heads_dim / t * self.bytes_per_element * self.layers_per_stage
+
+    def copy_bytes(self, batch: Any, slice_len: Any, context_len: Any) -> Any:
+        """Bytes a slice [c, c+l) of `batch` sequences saves beyond its held activations."""
+        b, n, c = (np.asarray(x, dtype=np.float64) for x in (batch, slice_len, context_len))
+        expands = self.num_query_groups < self.num_attention_heads
+        saves = (c > 0) | expands
+        return np.where(saves, b * (c + n) * self.kv_bytes_per_token(), 0.0)
+
+    def in_flight(self, schedule: str, batch_slices: tuple[int, ...], num_stages: int
+                  ) -> tuple[int, ...]:
+        """The batch slices whose activations are all held at the peak."""
         if schedule == "terapipe":
-            return sum(batch_slices) * seq_length
-        in_flight = sorted(batch_slices, reverse=True)[: max(1, num_stages)]
-        return sum(in_flight) * seq_length
+            return tuple(batch_slices)
+        return tuple(sorted(batch_slices, reverse=True)[: max(1, num_stages)])
 
     def held_bytes(
         self, schedule: str, batch_slices: tuple[int, ...], seq_length: int, num_stages: int
     ) -> float:
-        tokens = self.held_tokens(schedule, batch_slices, seq_length, num_stages)
+        tokens = sum(self.in_flight(schedule, batch_slices, num_stages)) * seq_length
         return tokens * self.held_bytes_per_token()
-
-    def slice_bytes(self, batch: Any, slice_len: Any, context_len: Any) -> Any:
-        """Working set of one slice in one layer; works on numpy arrays."""
-        b, n, c = (np.asarray(x, dtype=np.float64) for x in (batch, slice_len, context_len))
-        t = self.tensor_model_parallel_size
-        d = self.hidden_size // self.num_attention_heads
-        scores = 0.0 if self.fused_attention else 5.0 * b * self.num_attention_heads / t * n * (
-            c + n
-        )
-        kv = b * (c + n) * 2.0 * self.num_query_groups * d / t * self.bytes_per_element
-        return scores + kv
 
     def peak_bytes(
         self,
@@ -106,20 +102,15 @@ class ActivationMemoryModel:
         token_slices_per_batch_slice: tuple[tuple[int, ...], ...],
         num_stages: int,
     ) -> float:
-        """Peak of a whole plan, for reporting and for tests of the planner's mask."""
+        """Peak of a whole plan: for reporting, and what the planner's budget enforces."""
         seq_length = sum(token_slices_per_batch_slice[0])
-        worst = 0.0
-        for b, slices in zip(batch_slices, token_slices_per_batch_slice):
+        pairs = sorted(zip(batch_slices, token_slices_per_batch_slice), reverse=True)
+        if schedule != "terapipe":
+            pairs = pairs[: max(1, num_stages)]
+        copies = 0.0
+        for b, slices in pairs:
             context = 0
             for length in slices:
-                worst = max(worst, float(self.slice_bytes(b, length, context)))
+                copies += float(self.copy_bytes(b, length, context))
                 context += length
-        return self.held_bytes(schedule, batch_slices, seq_length, num_stages) + worst
-
-    def slice_table(self, max_batch: int, seq_length: int, granularity: int) -> np.ndarray:
-        """Working set of every table entry [b, l, c] (units of `granularity` tokens)."""
-        units = seq_length // granularity
-        b, n, c = np.meshgrid(
-            np.arange(max_batch + 1), np.arange(units + 1), np.arange(units + 1), indexing="ij"
-        )
-        return self.slice_bytes(b, n * granularity, c * granularity)
+        return self.held_bytes(schedule, batch_slices, seq_length, num_stages) + copies

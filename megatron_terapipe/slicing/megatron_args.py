@@ -1,0 +1,236 @@
+"""The planner behind Megatron's --token-pipeline-* flags (the flags themselves: arguments.py).
+
+`--token-pipeline-slices` takes N (equal slices), `auto` (the DP) or l1,l2,... (explicit).
+Under `auto` the plan is for what the executor runs: `num_microbatches` micro-batches of
+`micro_batch_size` sequences, each one batch slice, one token slicing for all (the batch DP's
+advice on the micro-batch size is the CLI's job). Planning is deterministic but may profile
+the device, so rank 0 plans and broadcasts (`plan_and_broadcast`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from megatron_terapipe.slicing.cost_models import AnalyticCostModel
+from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
+from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel
+from megatron_terapipe.slicing.plan import SlicingPlan, format_plan
+from megatron_terapipe.slicing.planner import (
+    check_granularity,
+    default_granularity,
+    make_plan,
+    predict_step_time,
+)
+from megatron_terapipe.slicing.strategies import simulator_scorer
+from megatron_terapipe.token_slices import equal_token_slices, validate_token_slices
+
+SLICES_FLAG = "--token-pipeline-slices"
+
+
+def parse_token_pipeline_slices(value: Any) -> tuple[str, Any]:
+    """('auto', None) | ('count', N) | ('list', (l1, ...)) from the flag's value."""
+    if value is None:
+        return "auto", None
+    if isinstance(value, int):
+        return _count(value)
+    if isinstance(value, (list, tuple)):
+        if len(value) == 1:
+            return parse_token_pipeline_slices(value[0])
+        return "list", tuple(_int(v) for v in value)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto", None
+    if "," in text:
+        return "list", tuple(_int(v) for v in text.split(",") if v.strip())
+    return _count(_int(text))
+
+
+def _int(value: Any) -> int:
+    try:
+        return int(str(value).strip())
+    except ValueError:
+        raise ValueError(
+            f"{SLICES_FLAG}={value!r}: expected N, 'auto' or a comma-separated list of lengths"
+        ) from None
+
+
+def _count(n: int) -> tuple[str, int]:
+    if n < 1:
+        raise ValueError(f"{SLICES_FLAG}={n}: the number of slices must be >= 1")
+    return "count", n
+
+
+def cost_model_from_args(args: Any) -> Any:
+    """`--token-pipeline-cost-model`: analytic[:preset] (default), profile, or a file path
+    (.json profile from the profiler, .npz latency table)."""
+    spec = str(getattr(args, "token_pipeline_cost_model", None) or "analytic")
+    if spec == "analytic" or spec.startswith("analytic:"):
+        preset = spec.split(":", 1)[1] if ":" in spec else None
+        return AnalyticCostModel.from_args(args, preset=preset)
+    if spec == "profile":
+        from megatron_terapipe.slicing.profiler import (
+            default_grid,
+            measure_fn_for_megatron_stage,
+            profile_stage,
+        )
+
+        measure = measure_fn_for_megatron_stage(args)
+        grid = default_grid(args.seq_length, args.micro_batch_size, _granularity(args))
+        return profile_stage(measure, grid)
+    if spec.endswith(".npz"):
+        return LatencyTableCostModel.load(spec)
+    if spec.endswith(".json"):
+        from megatron_terapipe.slicing.profiled import ProfiledCostModel
+
+        return ProfiledCostModel.load(spec)
+    if os.path.exists(spec):
+        raise ValueError(
+            f"--token-pipeline-cost-model={spec!r}: a file must end in .json (profile) or "
+            ".npz (latency table)"
+        )
+    raise ValueError(
+        f"--token-pipeline-cost-model={spec!r}: expected analytic, analytic:<preset>, profile, "
+        "or the path of a .json profile or .npz latency table"
+    )
+
+
+def num_microbatches_from_args(args: Any) -> int:
+    """Micro-batches per step, when the namespace says (Megatron fills data_parallel_size)."""
+    gbs = getattr(args, "global_batch_size", None)
+    mbs = getattr(args, "micro_batch_size", None) or 1
+    dp = getattr(args, "data_parallel_size", None)
+    if gbs and dp:
+        return max(1, int(gbs) // (int(mbs) * int(dp)))
+    return 1
+
+
+def _multiple_of(args: Any) -> int:
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    return int(tp) if getattr(args, "sequence_parallel", False) else 1
+
+
+def _granularity(args: Any) -> int:
+    g = getattr(args, "token_pipeline_granularity", None)
+    if not g:
+        return default_granularity(args.seq_length, _multiple_of(args))
+    return check_granularity(g, args.seq_length, _multiple_of(args),
+                             flag="--token-pipeline-granularity")
+
+
+def plan_from_args(
+    args: Any, *, cost_model: Any = None, num_microbatches: int | None = None
+) -> SlicingPlan:
+    """The plan for a Megatron argument namespace (see the module docstring)."""
+    seq, mbs = int(args.seq_length), int(getattr(args, "micro_batch_size", 1) or 1)
+    stages = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
+    multiple_of = _multiple_of(args)
+    g = _granularity(args)
+    mode, value = parse_token_pipeline_slices(getattr(args, "token_pipeline_slices", None))
+    schedule = getattr(args, "token_pipeline_schedule", None) or "terapipe"
+    chunks = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
+    micro = num_microbatches or num_microbatches_from_args(args)
+    cap = getattr(args, "token_pipeline_memory_cap", None)
+    cost = cost_model if cost_model is not None else cost_model_from_args(args)
+    memory = ActivationMemoryModel.from_args(args)
+    score, note = _score_for(schedule)
+    common = dict(seq_length=seq, num_stages=stages, batch=mbs, batch_mode="fixed",
+                  num_microbatches=micro, memory=memory, schedule=schedule, num_chunks=chunks,
+                  score=score, flops_model=AnalyticCostModel.from_args(args, preset="cpu"))
+    if mode == "auto":
+        plan = make_plan(cost, granularity=g, multiple_of=multiple_of, strategy="dp",
+                         memory_cap_gib=cap, **common)
+    else:
+        if mode == "count":
+            slices = equal_token_slices(seq, value, multiple_of)
+        else:
+            slices = validate_token_slices(value, seq, multiple_of, SLICES_FLAG)
+        plan = _fixed_plan(cost, slices, "equal" if mode == "count" else "explicit",
+                           cap, **common)
+    if note:
+        plan.extra["score_note"] = note
+    plan.extra["num_microbatches"] = micro
+    return plan
+
+
+def _score_for(schedule: str) -> tuple[str, str]:
+    """TeraPipe's formula is exact for its own schedule only; others need the simulator."""
+    if schedule == "terapipe":
+        return "formula", ""
+    try:
+        import megatron_terapipe.schedules  # noqa: F401
+        from megatron_terapipe.schedules import build_schedule  # noqa: F401
+        from megatron_terapipe.simulate import ActionCosts, simulate  # noqa: F401
+    except ImportError as exc:
+        return "formula", f"simulator unavailable ({exc}); scored with TeraPipe's formula"
+    return "simulator", ""
+
+
+def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | None,
+                **common: Any) -> SlicingPlan:
+    """A user-chosen slicing with its predicted time; it must fit the memory cap too."""
+    stages, mbs, micro = common["num_stages"], common["batch"], common["num_microbatches"]
+    batch_slices = (mbs,) * micro
+    memory: ActivationMemoryModel = common["memory"]
+    peak = memory.peak_bytes(common["schedule"], batch_slices, (tuple(slices),) * micro, stages)
+    if cap is not None and peak > cap * GIB:
+        raise ValueError(
+            f"{SLICES_FLAG} {list(slices)} needs {peak / GIB:.3f} GiB of activations per stage, "
+            f"over --token-pipeline-memory-cap={cap:g} GiB; use more slices or 'auto'"
+        )
+    step, t_max = predict_step_time(cost, tuple(slices), stages, batch_slices)
+    extra: dict[str, Any] = {"schedule": common["schedule"], "score": "formula",
+                             "activation_memory_gib": round(peak / GIB, 4), "num_stages": stages}
+    if common["score"] == "simulator":
+        scorer = simulator_scorer(cost, common["schedule"], stages, micro, mbs,
+                                  common["num_chunks"])
+        extra.update(formula_step_time=step, score="simulator")
+        step = scorer(tuple(slices))
+    return SlicingPlan(tuple(slices), batch_slices, step, t_max, strategy,
+                       getattr(cost, "name", type(cost).__name__), extra)
+
+
+def broadcast_plan(plan: SlicingPlan | None, group: Any = None) -> SlicingPlan:
+    """Rank 0's plan on every rank (of `group`); without torch.distributed, `plan` itself."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        if plan is None:
+            raise ValueError("broadcast_plan: no plan, and torch.distributed is not initialized")
+        return plan
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    payload = [plan.to_dict() if dist.get_rank() == src and plan is not None else None]
+    dist.broadcast_object_list(payload, src=src, group=group)
+    if payload[0] is None:
+        raise ValueError(f"broadcast_plan: rank {src} had no plan to send")
+    if "error" in payload[0]:
+        raise ValueError(payload[0]["error"])
+    return SlicingPlan.from_dict(payload[0])
+
+
+def plan_and_broadcast(args: Any, group: Any = None, print_fn: Any = print) -> SlicingPlan:
+    """Start-up hook: rank 0 plans (printing the plan), every rank gets the same plan.
+
+    An error on rank 0 reaches every rank as the same ValueError instead of a hang.
+    """
+    import torch.distributed as dist
+
+    ready = dist.is_available() and dist.is_initialized()
+    if not ready:
+        plan = plan_from_args(args)
+        print_fn(format_plan(plan))
+        return plan
+    src = 0 if group is None else dist.get_global_rank(group, 0)
+    payload: list[Any] = [None]
+    if dist.get_rank() == src:
+        try:
+            plan = plan_from_args(args)
+            print_fn(format_plan(plan))
+            payload = [plan.to_dict()]
+        except ValueError as exc:
+            payload = [{"error": str(exc)}]
+    dist.broadcast_object_list(payload, src=src, group=group)
+    if "error" in payload[0]:
+        raise ValueError(payload[0]["error"])
+    return SlicingPlan.from_dict(payload[0])
