@@ -1,0 +1,253 @@
+"""Measure one pipeline stage on this device and fit TeraPipe's latency model to it.
+
+`profile_stage(measure_fn, grid)` is independent of how time is measured, so tests and other
+back-ends can inject their own `measure_fn(batch, slice_len, context_len) -> seconds`.
+`measure_fn_for_megatron_stage` is the real one: it builds this stage's megatron-core layers
+with the prefix-KV attention (the layers the token pipeline runs) and times the forward and
+backward of one slice whose prefix K/V are already in the slice context, as in a real step.
+
+Tensor parallelism is profiled as one TP shard: a TP=1 stack whose attention has a/t heads and
+whose MLP has f/t hidden units, i.e. the matmuls one rank runs. The TP all-reduces are not in
+the measurement (profile on a TP group, or add them from the analytic model, if they matter).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_terapipe.slicing.profiled import ProfiledCostModel
+
+MeasureFn = Callable[[int, int, int], float]
+
+
+@dataclass(frozen=True)
+class ProfileGrid:
+    """Points to measure: every (b, l) at context 0, plus (b, l, c) for the context term."""
+
+    batches: tuple[int, ...]
+    slice_lens: tuple[int, ...]
+    context_lens: tuple[int, ...]
+    seq_length: int
+
+    def points(self) -> list[tuple[int, int, int]]:
+        out = []
+        for b in self.batches:
+            for n in self.slice_lens:
+                for c in sorted({0, *self.context_lens}):
+                    if n + c <= self.seq_length:
+                        out.append((b, n, c))
+        return out
+
+
+def default_grid(
+    seq_length: int, max_batch: int = 1, granularity: int = 1, num_lens: int = 6,
+    num_contexts: int = 4,
+) -> ProfileGrid:
+    """Geometric slice lengths from one granule to the sequence; a few contexts across it."""
+    units = seq_length // granularity
+    lens = sorted({max(1, round(units ** (k / (num_lens - 1)))) * granularity
+                   for k in range(num_lens)})
+    contexts = sorted({round(units * k / num_contexts) * granularity
+                       for k in range(num_contexts)} - {seq_length})
+    batches = sorted({1, max_batch, (1 + max_batch) // 2})
+    return ProfileGrid(tuple(batches), tuple(lens), tuple(contexts), seq_length)
+
+
+def profile_stage(
+    measure_fn: MeasureFn,
+    grid: ProfileGrid,
+    repeats: int = 1,
+    meta: dict | None = None,
+    p2p: dict | None = None,
+    log: Callable[[str], None] | None = None,
+) -> ProfiledCostModel:
+    """Time every grid point and fit; the fit's R² is on the result.
+
+    Each point keeps the least of `repeats` timings: on a shared machine, interference only ever
+    adds time, so the minimum is the least disturbed estimate.
+    """
+    samples = []
+    for b, n, c in grid.points():
+        seconds = min(float(measure_fn(b, n, c)) for _ in range(max(1, repeats)))
+        samples.append((b, n, c, seconds))
+        if log is not None:
+            log(f"profile b={b} l={n} c={c}: {seconds * 1e3:.3f} ms")
+    info = dict(meta or {})
+    info.update(grid={"batches": list(grid.batches), "slice_lens": list(grid.slice_lens),
+                      "context_lens": list(grid.context_lens), "seq_length": grid.seq_length},
+                samples=[list(s) for s in samples])
+    return ProfiledCostModel.fit(samples, meta=info, **(p2p or {}))
+
+
+def measure_fn_for_megatron_stage(
+    args: Any = None,
+    *,
+    num_layers: int | None = None,
+    hidden_size: int | None = None,
+    num_attention_heads: int | None = None,
+    num_query_groups: int | None = None,
+    ffn_hidden_size: int | None = None,
+    tensor_model_parallel_size: int = 1,
+    pipeline_model_parallel_size: int = 1,
+    dtype: Any = None,
+    warmup: int = 1,
+    repeats: int = 3,
+) -> MeasureFn:
+    """A measure_fn timing this stage's real megatron-core layers with prefix-KV attention.
+
+    Dims come from a Megatron namespace `args` or the keywords. Needs megatron-core; runs in a
+    private single-rank process group when torch.distributed is not initialized.
+    """
+    import torch
+
+    dims = _stage_dims(args, num_layers, hidden_size, num_attention_heads, num_query_groups,
+                       ffn_hidden_size, tensor_model_parallel_size, pipeline_model_parallel_size)
+    _ensure_single_rank_megatron()
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    block = _build_block(dims, dtype, device)
+    hidden = dims["hidden_size"]
+
+    def run_once(batch: int, slice_len: int, context_len: int) -> float:
+        from megatron_terapipe.model import TokenSliceContext, activate
+
+        slices = (context_len, slice_len) if context_len else (slice_len,)
+        context = TokenSliceContext(slices, requires_grad=True)
+        with activate(context):
+            if context_len:
+                prefix = torch.randn(context_len, batch, hidden, device=device, dtype=dtype)
+                with torch.no_grad(), context.running(0, 0, 0):
+                    block(prefix, attention_mask=None)
+            x = torch.randn(slice_len, batch, hidden, device=device, dtype=dtype,
+                            requires_grad=True)
+            grad = torch.randn(slice_len, batch, hidden, device=device, dtype=dtype)
+            _sync(device)
+            start = time.perf_counter()
+            with context.running(0, 0, len(slices) - 1):
+                out = block(x, attention_mask=None)
+                out.backward(grad)
+            _sync(device)
+            return time.perf_counter() - start
+
+    def measure(batch: int, slice_len: int, context_len: int) -> float:
+        for _ in range(warmup):
+            run_once(batch, slice_len, context_len)
+        # The least of the repeats: interference from other processes only adds time.
+        return min(run_once(batch, slice_len, context_len) for _ in range(max(1, repeats)))
+
+    measure.dims = dims  # type: ignore[attr-defined]
+    measure.device = str(device)  # type: ignore[attr-defined]
+    return measure
+
+
+def _stage_dims(args: Any, *values: Any) -> dict[str, int]:
+    names = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups",
+             "ffn_hidden_size", "tensor_model_parallel_size", "pipeline_model_parallel_size")
+    dims = dict(zip(names, values))
+    if args is not None:
+        for name in names:
+            value = getattr(args, name, None)
+            if value is not None:
+                dims[name] = value
+    for name in ("num_layers", "hidden_size", "num_attention_heads"):
+        if not dims.get(name):
+            raise ValueError(f"profiling a stage needs {name} (from args or as a keyword)")
+    dims["num_query_groups"] = dims["num_query_groups"] or dims["num_attention_heads"]
+    dims["ffn_hidden_size"] = dims["ffn_hidden_size"] or 4 * dims["hidden_size"]
+    t = int(dims["tensor_model_parallel_size"] or 1)
+    for name in ("num_attention_heads", "num_query_groups", "ffn_hidden_size"):
+        if dims[name] % t:
+            raise ValueError(f"{name}={dims[name]} is not divisible by tensor parallel size {t}")
+    dims["tensor_model_parallel_size"] = t
+    dims["pipeline_model_parallel_size"] = int(dims["pipeline_model_parallel_size"] or 1)
+    dims["layers_per_stage"] = math.ceil(dims["num_layers"] / dims["pipeline_model_parallel_size"])
+    return dims
+
+
+def _ensure_single_rank_megatron() -> None:
+    """Megatron layers need model-parallel groups; with no job running, make a 1-rank one."""
+    import torch
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+
+    if not torch.cuda.is_available():
+        from megatron_terapipe.compat import enable_cpu
+
+        enable_cpu()
+    if dist.is_initialized():
+        if parallel_state.model_parallel_is_initialized():
+            if parallel_state.get_tensor_model_parallel_world_size() != 1:
+                raise ValueError(
+                    "profiling runs one TP shard on one rank; inside a job with tensor "
+                    "parallelism, profile once beforehand (terapipe-plan --cost-model profile "
+                    "--profile-out FILE.json) and pass --token-pipeline-cost-model FILE.json"
+                )
+            return
+        if dist.get_world_size() != 1:
+            raise ValueError("profiling needs model-parallel groups or a single-rank job")
+    else:
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        store = dist.TCPStore("127.0.0.1", port, 1, True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    parallel_state.initialize_model_parallel(1, 1)
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(1234)
+
+
+def _build_block(dims: dict[str, int], dtype: Any, device: Any) -> Any:
+    import torch
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_block import TransformerBlock
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_terapipe.model import token_pipeline_layer_spec
+
+    t = dims["tensor_model_parallel_size"]
+    config = TransformerConfig(
+        num_layers=dims["layers_per_stage"],
+        hidden_size=dims["hidden_size"],
+        num_attention_heads=dims["num_attention_heads"] // t,
+        num_query_groups=dims["num_query_groups"] // t,
+        kv_channels=dims["hidden_size"] // dims["num_attention_heads"],
+        ffn_hidden_size=dims["ffn_hidden_size"] // t,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    spec = token_pipeline_layer_spec(get_gpt_layer_local_spec())
+    block = TransformerBlock(config, spec, post_layer_norm=False)
+    return block.to(device=device, dtype=dtype).train()
+
+
+def _sync(device: Any) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def grid_from_points(points: Sequence[tuple[int, int, int]], seq_length: int) -> ProfileGrid:
+    """A grid covering given points (for re-profiling what a saved profile measured)."""
+    return ProfileGrid(
+        tuple(sorted({p[0] for p in points})),
+        tuple(sorted({p[1] for p in points})),
+        tuple(sorted({p[2] for p in points})),
+        seq_length,
+    )
