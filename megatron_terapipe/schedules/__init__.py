@@ -1,0 +1,47 @@
+"""Schedules as data: per-rank action lists, their generators and their validator.
+
+The executor (`schedules/executor.py`) runs these lists on Megatron and the simulator
+(`megatron_terapipe.simulate`) runs them on a cost model; both read the same IR.
+"""
+
+from megatron_terapipe.schedules.communication import attach_communication, virtual_stage
+from megatron_terapipe.schedules.generators import (
+    SCHEDULES,
+    STOCK_SCHEDULES,
+    TOKEN_SCHEDULES,
+    build_schedule,
+)
+from megatron_terapipe.schedules.ir import (
+    BACKWARD,
+    FORWARD,
+    Action,
+    CommGroup,
+    Compute,
+    Kind,
+    P2POp,
+    Schedule,
+)
+from megatron_terapipe.schedules.network import match_messages, run_blocking
+from megatron_terapipe.schedules.validator import ScheduleError, find_problems, validate_schedule
+
+__all__ = [
+    "BACKWARD",
+    "FORWARD",
+    "SCHEDULES",
+    "STOCK_SCHEDULES",
+    "TOKEN_SCHEDULES",
+    "Action",
+    "CommGroup",
+    "Compute",
+    "Kind",
+    "P2POp",
+    "Schedule",
+    "ScheduleError",
+    "attach_communication",
+    "build_schedule",
+    "find_problems",
+    "match_messages",
+    "run_blocking",
+    "validate_schedule",
+    "virtual_stage",
+]

@@ -1,0 +1,257 @@
+"""Schedule generators: pure functions of (P, M, S, V) that decide each rank's compute order.
+
+Communication is added afterwards by `attach_communication`, so a generator only has to get the
+order right. Two order families cover every schedule:
+
+- `_one_f_one_b_order`: warm-up forwards, steady one-forward-one-backward, cool-down backwards
+  (megatron-core's `forward_backward_pipelining_without_interleaving`; GPipe/TeraPipe are the
+  special case "warm-up = everything").
+- `_interleaved_order`: megatron-core's `forward_backward_pipelining_with_interleaving` table
+  (groups of units, each group run through all chunks in turn), generalised from micro-batches to
+  (micro-batch, token slice) units.
+
+Token schedules run a micro-batch's backwards in reverse slice order (slice t's key/value gradient
+is complete only once every later slice's backward has run), so their backward unit sequence is
+not the forward one: `_backward_units` reverses slices within each micro-batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from megatron_terapipe.schedules.communication import attach_communication
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, Compute, Schedule
+
+Unit = tuple[int, int]  # (micro-batch, token slice)
+
+
+def _forward_units(num_microbatches: int, num_slices: int) -> list[Unit]:
+    return [(m, t) for m in range(num_microbatches) for t in range(num_slices)]
+
+
+def _backward_units(num_microbatches: int, num_slices: int) -> list[Unit]:
+    return [(m, t) for m in range(num_microbatches) for t in reversed(range(num_slices))]
+
+
+def _one_f_one_b_order(
+    fwd: Sequence[Unit], bwd: Sequence[Unit], num_warmup: int, chunk: int = 0
+) -> list[Compute]:
+    """Warm-up forwards, then F/B pairs, then the remaining backwards."""
+    total = len(fwd)
+    warmup = min(num_warmup, total)
+    order = [Compute(FORWARD, m, t, chunk) for m, t in fwd[:warmup]]
+    for k in range(total - warmup):
+        order.append(Compute(FORWARD, *fwd[warmup + k], chunk))
+        order.append(Compute(BACKWARD, *bwd[k], chunk))
+    order.extend(Compute(BACKWARD, m, t, chunk) for m, t in bwd[total - warmup :])
+    return order
+
+
+def _chunk_table(units: Sequence[Unit], num_chunks: int, group_size: int) -> list[tuple[Unit, int]]:
+    """megatron-core's `get_schedule_table` over units: per group of `group_size` units, every
+    chunk in turn; a short last group is merged the same way megatron-core merges it."""
+    table: list[tuple[Unit, int]] = []
+    n = len(units)
+    for start in range(0, n, group_size):
+        end = n if start + group_size >= n else start + group_size
+        table.extend((units[i], chunk) for chunk in range(num_chunks) for i in range(start, end))
+    return table
+
+
+def _interleaved_tables(
+    fwd: Sequence[Unit], bwd: Sequence[Unit], num_chunks: int, group_size: int
+) -> tuple[list[Compute], list[Compute]]:
+    """Forward and backward sequences of one rank; backward visits chunks last-to-first."""
+    forward = [Compute(FORWARD, m, t, v) for (m, t), v in _chunk_table(fwd, num_chunks, group_size)]
+    backward = [
+        Compute(BACKWARD, m, t, num_chunks - 1 - v)
+        for (m, t), v in _chunk_table(bwd, num_chunks, group_size)
+    ]
+    return forward, backward
+
+
+def _interleaved_order(forward: list[Compute], backward: list[Compute], num_warmup: int):
+    total = len(forward)
+    warmup = min(num_warmup, total)
+    order = forward[:warmup]
+    for k in range(total - warmup):
+        order.append(forward[warmup + k])
+        order.append(backward[k])
+    order.extend(backward[total - warmup :])
+    return order
+
+
+def _local_warmup(forward: Sequence[Compute], backward: Sequence[Compute]) -> int:
+    """Fewest warm-up forwards for which every backward follows its own forward on this rank.
+
+    In 1F1B order backward k runs right after forward ``warmup + k``, so the warm-up must cover
+    the largest lead of a unit's forward position over its backward position.
+    """
+    position = {c.unit: i for i, c in enumerate(forward)}
+    return max([0] + [position[c.unit] - k for k, c in enumerate(backward)])
+
+
+# ---------------------------------------------------------------------------------------------
+# Domain checks (ValueError naming the value and what is allowed)
+
+
+def _check_positive(**values: int) -> None:
+    for name, value in values.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+def _require_single_slice(name: str, num_token_slices: int) -> None:
+    if num_token_slices != 1:
+        raise ValueError(
+            f"schedule {name!r} is a stock (micro-batch level) schedule and needs "
+            f"num_token_slices=1, got {num_token_slices}; use 'terapipe', 'token-1f1b' or "
+            "'token-interleaved' for token slices"
+        )
+
+
+def _require_single_chunk(name: str, num_chunks: int) -> None:
+    if num_chunks != 1:
+        raise ValueError(
+            f"schedule {name!r} runs one model chunk per stage, got num_chunks={num_chunks}; "
+            "use 'interleaved' or 'token-interleaved' for virtual pipeline stages"
+        )
+
+
+def _require_ring(name: str, num_stages: int, num_chunks: int) -> None:
+    """Chunks hand tensors to each other over the P2P ring; a one-rank ring would make a rank
+    wait on a send to itself that it only receives later."""
+    if num_chunks > 1 and num_stages < 2:
+        raise ValueError(
+            f"schedule {name!r} with num_chunks={num_chunks} > 1 needs num_stages >= 2 "
+            f"(virtual pipeline stages hand tensors between ranks), got num_stages={num_stages}"
+        )
+
+
+def _check_interleaving(name: str, num_stages: int, num_microbatches: int, num_chunks: int):
+    _require_ring(name, num_stages, num_chunks)
+    if num_chunks > 1 and num_microbatches % num_stages:
+        raise ValueError(
+            f"schedule {name!r} with num_chunks={num_chunks} > 1 needs num_microbatches "
+            f"divisible by num_stages (megatron-core's microbatch_group_size_per_vp_stage = "
+            f"P), got num_microbatches={num_microbatches}, num_stages={num_stages}"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generators: (P, M, S, V) -> per-rank compute orders
+
+
+def _gpipe_orders(P: int, M: int, S: int, V: int) -> list[list[Compute]]:
+    """All forwards chunk by chunk, then every backward in exactly reverse order."""
+    fwd = [Compute(FORWARD, m, t, v) for v in range(V) for m, t in _forward_units(M, S)]
+    bwd = [Compute(BACKWARD, c.microbatch, c.token_slice, c.chunk) for c in reversed(fwd)]
+    return [fwd + bwd for _ in range(P)]
+
+
+def terapipe(P: int, M: int, S: int, V: int = 1) -> Schedule:
+    """TeraPipe (Li et al. 2021): GPipe order at token granularity.
+
+    Peak memory holds every unit of the step, but the step is short when M is small because the
+    pipeline fills with slices instead of whole micro-batches.
+    """
+    _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
+    _require_ring("terapipe", P, V)
+    return _make("terapipe", P, M, S, V, _gpipe_orders(P, M, S, V))
+
+
+def gpipe(P: int, M: int, S: int = 1, V: int = 1) -> Schedule:
+    """GPipe: every forward, then every backward in reverse; S = 1 (see `terapipe` for S > 1)."""
+    _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
+    _require_single_slice("gpipe", S)
+    _require_ring("gpipe", P, V)
+    return _make("gpipe", P, M, S, V, _gpipe_orders(P, M, S, V))
+
+
+def token_1f1b(P: int, M: int, S: int, V: int = 1) -> Schedule:
+    """1F1B over (micro-batch, slice) units with backwards in reverse slice order.
+
+    Rank p warms up with ``P - p - 1 + S - 1`` forwards: the stock ``P - p - 1`` plus ``S - 1``
+    because the last stage must run all S forwards of micro-batch 0 before its first backward
+    (the backward of the last slice). Activation memory is bounded by the units in flight.
+    """
+    _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
+    _require_single_chunk("token-1f1b", V)
+    fwd, bwd = _forward_units(M, S), _backward_units(M, S)
+    orders = [_one_f_one_b_order(fwd, bwd, P - p - 1 + S - 1) for p in range(P)]
+    return _make("token-1f1b", P, M, S, V, orders)
+
+
+def one_f_one_b(P: int, M: int, S: int = 1, V: int = 1) -> Schedule:
+    """megatron-core's non-interleaved 1F1B: warm-up ``min(P - p - 1, M)`` on rank p."""
+    _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
+    _require_single_slice("1f1b", S)
+    _require_single_chunk("1f1b", V)
+    units = _forward_units(M, 1)
+    orders = [_one_f_one_b_order(units, units, P - p - 1) for p in range(P)]
+    return _make("1f1b", P, M, S, V, orders)
+
+
+def _interleaved_orders(P: int, M: int, S: int, V: int) -> list[list[Compute]]:
+    """megatron-core's interleaved order over (m, t) units, groups of P units per chunk.
+
+    Warm-up on rank p is ``2 (P - p - 1)`` (megatron-core's stage offset) plus the fewest forwards
+    that put every backward after its own forward on the rank (`_local_warmup`); for S = 1 that
+    is megatron-core's ``(V - 1) * P``. Groups of P units (not P micro-batches) keep the units in
+    flight near S * V instead of P * S * V.
+    """
+    fwd, bwd = _forward_units(M, S), _backward_units(M, S)
+    forward, backward = _interleaved_tables(fwd, bwd, V, P * S)
+    local = _local_warmup(forward, backward)
+    return [_interleaved_order(forward, backward, 2 * (P - p - 1) + local) for p in range(P)]
+
+
+def interleaved(P: int, M: int, S: int = 1, V: int = 2) -> Schedule:
+    """megatron-core's interleaved 1F1B (microbatch_group_size_per_vp_stage = P)."""
+    _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
+    _require_single_slice("interleaved", S)
+    _check_interleaving("interleaved", P, M, V)
+    return _make("interleaved", P, M, S, V, _interleaved_orders(P, M, 1, V))
+
+
+def token_interleaved(P: int, M: int, S: int, V: int = 2) -> Schedule:
+    """Interleaved 1F1B over (micro-batch, slice) units, backwards in reverse slice order."""
+    _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
+    _check_interleaving("token-interleaved", P, M, V)
+    return _make("token-interleaved", P, M, S, V, _interleaved_orders(P, M, S, V))
+
+
+def _make(name: str, P: int, M: int, S: int, V: int, orders: list[list[Compute]]) -> Schedule:
+    return Schedule(
+        name=name,
+        num_stages=P,
+        num_microbatches=M,
+        num_token_slices=S,
+        num_chunks=V,
+        stages=attach_communication(orders, P, V),
+    )
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "terapipe": terapipe,
+    "token-1f1b": token_1f1b,
+    "token-interleaved": token_interleaved,
+    "1f1b": one_f_one_b,
+    "interleaved": interleaved,
+    "gpipe": gpipe,
+}
+TOKEN_SCHEDULES = ("terapipe", "token-1f1b", "token-interleaved")
+STOCK_SCHEDULES = ("1f1b", "interleaved", "gpipe")
+
+
+def build_schedule(
+    name: str,
+    num_stages: int,
+    num_microbatches: int,
+    num_token_slices: int = 1,
+    num_chunks: int = 1,
+) -> Schedule:
+    """Build a named schedule; ValueError names a bad value and what is allowed."""
+    if name not in SCHEDULES:
+        raise ValueError(f"unknown schedule {name!r}; valid choices: {', '.join(SCHEDULES)}")
+    return SCHEDULES[name](num_stages, num_microbatches, num_token_slices, num_chunks)

@@ -1,0 +1,126 @@
+"""Schedule IR: one ordered action list per pipeline rank.
+
+A schedule is data so that the executor (Megatron), the simulator and the validator all read the
+same thing; no schedule logic is written twice.
+
+Text notation used by `Schedule.format` (one token per action):
+
+- ``F3.1`` / ``B3.1``: forward / backward of micro-batch 3, token slice 1. With more than one model
+  chunk the chunk follows a ``c``: ``F3.1c1``.
+- ``[...]``: a CommGroup; its ops are posted together, then all waited. Inside, each op is
+  ``<dir><peer><payload>`` with ``>`` = send, ``<`` = receive, peer ``p`` = previous rank,
+  ``n`` = next rank, and the payload in the same form as a compute: ``[>nF0.1 <pF1.0]`` sends the
+  activation of F0.1 to the next rank and receives the activation for F1.0 from the previous
+  rank; ``<nB0.1`` receives the gradient for B0.1 from the next rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Union
+
+Kind = Literal["F", "B"]
+
+FORWARD = "F"
+BACKWARD = "B"
+KINDS = (FORWARD, BACKWARD)
+
+SEND_PREV = "send_prev"
+RECV_PREV = "recv_prev"
+SEND_NEXT = "send_next"
+RECV_NEXT = "recv_next"
+# megatron-core's `_batched_p2p_ops` posting order; the executor posts a group's ops in this order,
+# so message matching on a shared physical channel (P=2) depends on it.
+OP_ORDER = (SEND_PREV, RECV_PREV, SEND_NEXT, RECV_NEXT)
+OP_NAMES = frozenset(OP_ORDER)
+
+_OP_SHORT = {SEND_PREV: ">p", RECV_PREV: "<p", SEND_NEXT: ">n", RECV_NEXT: "<n"}
+
+
+def _unit_text(kind: str, microbatch: int, token_slice: int, chunk: int, num_chunks: int) -> str:
+    text = f"{kind}{microbatch}.{token_slice}"
+    return f"{text}c{chunk}" if num_chunks > 1 else text
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Forward or backward of one (micro-batch, token slice) unit on one model chunk of a rank."""
+
+    kind: str
+    microbatch: int
+    token_slice: int
+    chunk: int = 0
+
+    @property
+    def unit(self) -> tuple[int, int, int]:
+        return (self.microbatch, self.token_slice, self.chunk)
+
+    def format(self, num_chunks: int = 1) -> str:
+        return _unit_text(self.kind, self.microbatch, self.token_slice, self.chunk, num_chunks)
+
+
+@dataclass(frozen=True)
+class P2POp:
+    """One point-to-point message end: F = an activation, B = an input gradient.
+
+    `chunk` is the chunk on this rank that produced (send) or will consume (recv) the tensor.
+    """
+
+    op: str
+    kind: str
+    microbatch: int
+    token_slice: int
+    chunk: int
+
+    @property
+    def is_send(self) -> bool:
+        return self.op in (SEND_PREV, SEND_NEXT)
+
+    def format(self, num_chunks: int = 1) -> str:
+        payload = _unit_text(self.kind, self.microbatch, self.token_slice, self.chunk, num_chunks)
+        return _OP_SHORT[self.op] + payload
+
+
+@dataclass(frozen=True)
+class CommGroup:
+    """P2P ops posted together and then all waited (megatron-core's batched isend/irecv)."""
+
+    ops: tuple[P2POp, ...]
+
+    def format(self, num_chunks: int = 1) -> str:
+        return "[" + " ".join(op.format(num_chunks) for op in self.ops) + "]"
+
+
+Action = Union[Compute, CommGroup]
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """Per-rank ordered action lists plus the shape they were generated for."""
+
+    name: str
+    num_stages: int
+    num_microbatches: int
+    num_token_slices: int
+    num_chunks: int
+    stages: tuple[tuple[Action, ...], ...]
+
+    def computes(self, stage: int) -> list[Compute]:
+        """The compute order of one rank, communication stripped."""
+        return [a for a in self.stages[stage] if isinstance(a, Compute)]
+
+    def format(self, stage: int | None = None) -> str:
+        """Compact text (notation in the module docstring), one line per rank."""
+        ranks = range(self.num_stages) if stage is None else [stage]
+        lines = []
+        for p in ranks:
+            body = " ".join(a.format(self.num_chunks) for a in self.stages[p])
+            lines.append(f"stage {p}: {body}")
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        header = (
+            f"{self.name}: P={self.num_stages} M={self.num_microbatches} "
+            f"S={self.num_token_slices} V={self.num_chunks}"
+        )
+        return header + "\n" + self.format()

@@ -1,0 +1,190 @@
+"""Schedule validator: a schedule the executor would run wrong, or hang on, is rejected here.
+
+Checks, in the order they are reported:
+1. shape: stage count, index ranges, group well-formedness (at most one op per op name);
+2. every (m, t, v) forward and backward runs exactly once per stage;
+3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v);
+4. each compute's receive comes before it and its send after it, each exactly once;
+5. FIFO channel matching pairs every send with a receive of the same payload between adjacent
+   virtual stages;
+6. a zero-cost run under blocking rendezvous semantics finishes (no deadlock).
+Cross-stage data dependencies follow from 4-6: a receive completes only once its send is posted.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from megatron_terapipe.schedules.communication import recv_for, send_for
+from megatron_terapipe.schedules.ir import (
+    BACKWARD,
+    FORWARD,
+    KINDS,
+    OP_NAMES,
+    CommGroup,
+    Compute,
+    Schedule,
+)
+from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_blocking
+
+_MAX_REPORTED = 20
+
+
+class ScheduleError(ValueError):
+    """A schedule breaks a rule; `problems` lists every violation found."""
+
+    def __init__(self, name: str, problems: list[str]):
+        self.problems = problems
+        shown = problems[:_MAX_REPORTED]
+        more = len(problems) - len(shown)
+        text = f"schedule {name!r} is invalid:\n  " + "\n  ".join(shown)
+        if more:
+            text += f"\n  ... and {more} more"
+        super().__init__(text)
+
+
+def find_problems(schedule: Schedule) -> list[str]:
+    """Every rule violation of `schedule`, empty when it is valid. Stops before the message
+    checks if the per-stage lists are already wrong, since those would only echo the cause."""
+    problems = _shape_problems(schedule)
+    if problems:
+        return problems
+    for rank in range(schedule.num_stages):
+        problems += _compute_problems(schedule, rank)
+        problems += _comm_placement_problems(schedule, rank)
+    if problems:
+        return problems
+    matching = match_messages(schedule)
+    if matching.problems:
+        return matching.problems
+    result = run_blocking(schedule, matching, lambda rank, c: 0.0, lambda op: 0.0)
+    if result.deadlocked:
+        return ["deadlock: " + describe_deadlock(schedule, matching, result)]
+    return []
+
+
+def validate_schedule(schedule: Schedule) -> Schedule:
+    """Raise ScheduleError listing the violations; return the schedule when it is valid."""
+    problems = find_problems(schedule)
+    if problems:
+        raise ScheduleError(schedule.name, problems)
+    return schedule
+
+
+def _shape_problems(s: Schedule) -> list[str]:
+    problems = []
+    if len(s.stages) != s.num_stages:
+        return [f"{len(s.stages)} stage lists for num_stages={s.num_stages}"]
+    limits = (s.num_microbatches, s.num_token_slices, s.num_chunks)
+    for rank, actions in enumerate(s.stages):
+        for index, action in enumerate(actions):
+            where = f"stage {rank} action {index}"
+            if isinstance(action, Compute):
+                items = [(action.kind, action.microbatch, action.token_slice, action.chunk)]
+            elif isinstance(action, CommGroup):
+                names = [op.op for op in action.ops]
+                if not names:
+                    problems.append(f"{where}: empty CommGroup")
+                if any(n not in OP_NAMES for n in names):
+                    problems.append(f"{where}: unknown op in {names}")
+                dup = [n for n, c in Counter(names).items() if c > 1]
+                if dup:
+                    problems.append(f"{where}: CommGroup holds {dup} more than once")
+                items = [(op.kind, op.microbatch, op.token_slice, op.chunk) for op in action.ops]
+            else:
+                problems.append(f"{where}: not a Compute or CommGroup: {action!r}")
+                continue
+            for kind, *index_values in items:
+                if kind not in KINDS:
+                    problems.append(f"{where}: kind {kind!r} is not one of {KINDS}")
+                names = ("microbatch", "slice", "chunk")
+                for value, limit, what in zip(index_values, limits, names):
+                    if not 0 <= value < limit:
+                        problems.append(f"{where}: {what} {value} outside [0, {limit})")
+    return problems
+
+
+def _compute_problems(s: Schedule, rank: int) -> list[str]:
+    problems = []
+    position: dict[tuple[str, int, int, int], int] = {}
+    counts: Counter = Counter()
+    for index, action in enumerate(s.stages[rank]):
+        if isinstance(action, Compute):
+            key = (action.kind, *action.unit)
+            counts[key] += 1
+            position.setdefault(key, index)
+    V, M, S = s.num_chunks, s.num_microbatches, s.num_token_slices
+    for kind in KINDS:
+        for m in range(M):
+            for t in range(S):
+                for v in range(V):
+                    n = counts[(kind, m, t, v)]
+                    if n != 1:
+                        name = Compute(kind, m, t, v).format(max(V, 2))
+                        problems.append(f"stage {rank}: {name} runs {n} times, expected once")
+    if problems:
+        return problems
+
+    def at(kind: str, m: int, t: int, v: int) -> int:
+        return position[(kind, m, t, v)]
+
+    for m in range(M):
+        for t in range(S):
+            for v in range(V):
+                unit = f"{m}.{t}c{v}"
+                if at(BACKWARD, m, t, v) < at(FORWARD, m, t, v):
+                    problems.append(f"stage {rank}: B{unit} runs before F{unit}")
+                if t > 0 and at(FORWARD, m, t, v) < at(FORWARD, m, t - 1, v):
+                    problems.append(f"stage {rank}: F{unit} runs before F{m}.{t - 1}c{v}")
+                if t + 1 < S and at(BACKWARD, m, t, v) < at(BACKWARD, m, t + 1, v):
+                    problems.append(
+                        f"stage {rank}: B{unit} runs before B{m}.{t + 1}c{v} "
+                        "(backwards of a micro-batch must run in reverse slice order)"
+                    )
+    return problems
+
+
+def _comm_placement_problems(s: Schedule, rank: int) -> list[str]:
+    """Each needed receive precedes its compute, each needed send follows it, nothing extra."""
+    P, V = s.num_stages, s.num_chunks
+    needed_recv, needed_send = {}, {}
+    for index, action in enumerate(s.stages[rank]):
+        if isinstance(action, Compute):
+            recv = recv_for(action, rank, P, V)
+            if recv is not None:
+                needed_recv[recv] = index
+            send = send_for(action, rank, P, V)
+            if send is not None:
+                needed_send[send] = index
+    posted: Counter = Counter()
+    problems = []
+    for index, action in enumerate(s.stages[rank]):
+        if not isinstance(action, CommGroup):
+            continue
+        for op in action.ops:
+            posted[op] += 1
+            name = op.format(max(V, 2))
+            if op.is_send:
+                producer = needed_send.get(op)
+                if producer is None:
+                    problems.append(f"stage {rank} action {index}: {name} sends nothing needed")
+                elif producer > index:
+                    problems.append(
+                        f"stage {rank} action {index}: {name} is posted before its compute "
+                        f"(action {producer})"
+                    )
+            else:
+                consumer = needed_recv.get(op)
+                if consumer is None:
+                    problems.append(f"stage {rank} action {index}: {name} receives nothing needed")
+                elif consumer < index:
+                    problems.append(
+                        f"stage {rank} action {index}: {name} is posted after its compute "
+                        f"(action {consumer})"
+                    )
+    for op in list(needed_recv) + list(needed_send):
+        if posted[op] != 1:
+            problems.append(
+                f"stage {rank}: {op.format(max(V, 2))} is posted {posted[op]} times, expected once"
+            )
+    return problems
