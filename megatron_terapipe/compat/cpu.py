@@ -142,6 +142,22 @@ def _type_as_if_cuda(original: Callable) -> Callable:
     return type_
 
 
+def _sequence_parallel_torch_norm(original_new: Callable) -> Callable:
+    def new(cls, config, hidden_size, *args, **kwargs):
+        if not config.sequence_parallel:
+            return original_new(cls, config, hidden_size, *args, **kwargs)
+        import dataclasses
+
+        norm = original_new(
+            cls, dataclasses.replace(config, sequence_parallel=False), hidden_size, *args, **kwargs
+        )
+        for param in norm.parameters():
+            param.sequence_parallel = True
+        return norm
+
+    return staticmethod(new)
+
+
 def _causal_mask_cpu(sq: int) -> torch.Tensor:
     return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
 
@@ -203,6 +219,18 @@ def enable_cpu(force: bool = False) -> bool:
             _sliding_window_mask_cpu,
             f"{module.__name__} sliding-window mask",
         )
+
+    # Without apex/TE the local spec's norm is WrappedTorchNorm, which refuses sequence
+    # parallelism; FusedLayerNorm's only SP-specific work is tagging its parameters so that
+    # finalize_model_grads all-reduces their grads over TP. Do the same around torch's norm.
+    from megatron.core.transformer import torch_norm
+
+    _patch(
+        torch_norm.WrappedTorchNorm,
+        "__new__",
+        _sequence_parallel_torch_norm(torch_norm.WrappedTorchNorm.__new__),
+        "WrappedTorchNorm: sequence parallelism (params tagged for TP grad all-reduce)",
+    )
 
     # The RNG tracker and activation checkpointing save/restore the CUDA generator.
     _patch(
