@@ -126,12 +126,18 @@ def run_blocking(
     matching: Matching,
     compute_time: Callable[[int, Compute], float],
     transfer_time: Callable[[P2POp], float],
+    eager_sends: bool = False,
 ) -> RunResult:
     """Run every rank's list under the blocking semantics; times are exact, not sampled.
 
     A matched op completes ``transfer_time`` after both of its ends are posted; a group ends when
     its last op completes. Event-driven: a rank blocked on a group is woken only when the group it
     waits for is posted, so the cost is linear in the number of actions.
+
+    `eager_sends` models buffered sends instead (small NCCL/gloo messages): a send completes
+    ``transfer_time`` after it is posted, whether or not the receive is; the receive completes
+    when it is posted and the data has arrived. The executor's contract is rendezvous; eager is
+    the optimistic bound.
     """
     stages = schedule.stages
     P = schedule.num_stages
@@ -167,6 +173,9 @@ def run_blocking(
             finish = clock[rank]
             blocked = False
             for ref in refs[rank][index]:
+                if eager_sends and ref.op.is_send:
+                    finish = max(finish, start[rank][index] + transfer_time(ref.op))
+                    continue
                 peer = matching.peer.get(ref)
                 peer_posted = None if peer is None else start[peer.rank][peer.action]
                 if peer_posted is None:
@@ -174,8 +183,11 @@ def run_blocking(
                         waiters[(peer.rank, peer.action)].append(rank)
                     blocked = True
                     break
-                both = max(start[rank][index], peer_posted)
-                finish = max(finish, both + transfer_time(ref.op))
+                if eager_sends:
+                    arrived = max(start[rank][index], peer_posted + transfer_time(ref.op))
+                else:
+                    arrived = max(start[rank][index], peer_posted) + transfer_time(ref.op)
+                finish = max(finish, arrived)
             if blocked:
                 break
             clock[rank] = finish

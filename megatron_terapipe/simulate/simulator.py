@@ -1,0 +1,202 @@
+"""Event simulation of a schedule on per-action costs.
+
+It runs the validator's network model (`schedules.network`: FIFO channels, blocking groups) with
+real costs instead of zeros, so a simulated step waits exactly where the executor would.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from megatron_terapipe.schedules.communication import canonical_ops
+from megatron_terapipe.schedules.ir import FORWARD, CommGroup, Compute, P2POp, Schedule
+from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_blocking
+from megatron_terapipe.schedules.validator import ScheduleError
+from megatron_terapipe.simulate.costs import ActionCosts
+from megatron_terapipe.simulate.timeline import Timeline, TimelineEvent
+
+P2P_MODES = ("rendezvous", "eager")
+
+
+@dataclass
+class SimulationResult:
+    """Step time, idle share and activation high-water marks of one simulated step."""
+
+    schedule: str
+    num_stages: int
+    num_microbatches: int
+    num_chunks: int
+    token_slices: tuple[int, ...]
+    cost_model: str
+    p2p: str
+    step_time: float
+    busy_time: list[float]
+    bubble_fraction: list[float]
+    peak_activations: list[int]
+    peak_activation_bytes: list[float] | None
+    timeline: Timeline
+
+    @property
+    def mean_bubble_fraction(self) -> float:
+        return sum(self.bubble_fraction) / len(self.bubble_fraction)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready summary (the timeline is left out: use `timeline.to_dict()`)."""
+        return {
+            "schedule": self.schedule,
+            "num_stages": self.num_stages,
+            "num_microbatches": self.num_microbatches,
+            "num_token_slices": len(self.token_slices),
+            "num_chunks": self.num_chunks,
+            "token_slices": list(self.token_slices),
+            "cost_model": self.cost_model,
+            "p2p": self.p2p,
+            "time_unit": self.timeline.time_unit,
+            "step_time": self.step_time,
+            "busy_time": list(self.busy_time),
+            "bubble_fraction": list(self.bubble_fraction),
+            "mean_bubble_fraction": self.mean_bubble_fraction,
+            "peak_activations": list(self.peak_activations),
+            "peak_activation_bytes": None
+            if self.peak_activation_bytes is None
+            else list(self.peak_activation_bytes),
+        }
+
+
+def _check_slices(schedule: Schedule, token_slices: Sequence[int]) -> tuple[int, ...]:
+    slices = tuple(int(x) for x in token_slices)
+    if len(slices) != schedule.num_token_slices:
+        raise ValueError(
+            f"{len(slices)} token slice lengths {list(slices)} for a schedule built with "
+            f"num_token_slices={schedule.num_token_slices}"
+        )
+    if any(length < 1 for length in slices):
+        raise ValueError(f"token slices {list(slices)}: every slice must be >= 1 token")
+    return slices
+
+
+def simulate(
+    schedule: Schedule,
+    token_slices: Sequence[int],
+    costs: ActionCosts,
+    p2p: str = "rendezvous",
+) -> SimulationResult:
+    """Simulate one step of `schedule` with slices of the given lengths.
+
+    `p2p="rendezvous"` is the executor's blocking contract (and the validator's); `"eager"`
+    lets sends finish without waiting for their receive, an optimistic bound.
+    Raises ScheduleError if the schedule deadlocks or its messages do not pair up.
+    """
+    if p2p not in P2P_MODES:
+        raise ValueError(f"unknown p2p mode {p2p!r}; valid choices: {', '.join(P2P_MODES)}")
+    slices = _check_slices(schedule, token_slices)
+    context = [sum(slices[:t]) for t in range(len(slices))]
+
+    def compute_time(rank: int, c: Compute) -> float:
+        fn = costs.forward if c.kind == FORWARD else costs.backward
+        return float(fn(rank, c.chunk, slices[c.token_slice], context[c.token_slice]))
+
+    def transfer_time(op: P2POp) -> float:
+        return float(costs.transfer(slices[op.token_slice]))
+
+    matching = match_messages(schedule)
+    if matching.problems:
+        raise ScheduleError(schedule.name, matching.problems)
+    run = run_blocking(
+        schedule, matching, compute_time, transfer_time, eager_sends=(p2p == "eager")
+    )
+    if run.deadlocked:
+        raise ScheduleError(
+            schedule.name, ["deadlock: " + describe_deadlock(schedule, matching, run)]
+        )
+
+    events = []
+    for rank, actions in enumerate(schedule.stages):
+        for index, action in enumerate(actions):
+            start, end = run.start[rank][index], run.end[rank][index]
+            if isinstance(action, Compute):
+                events.append(TimelineEvent(rank, action.kind, *action.unit, start=start, end=end))
+            elif isinstance(action, CommGroup) and end > start:
+                ops = canonical_ops(action.ops)
+                shown = next((op for op in ops if not op.is_send), ops[0])
+                events.append(
+                    TimelineEvent(
+                        rank,
+                        "comm",
+                        shown.microbatch,
+                        shown.token_slice,
+                        shown.chunk,
+                        start=start,
+                        end=end,
+                    )
+                )
+    timeline = Timeline(
+        events=events,
+        num_stages=schedule.num_stages,
+        label=_label(schedule, slices, costs),
+        time_unit=costs.time_unit,
+        metadata={"schedule": schedule.name, "cost_model": costs.name, "p2p": p2p},
+    )
+    step = timeline.end_time
+    busy = [
+        sum(compute_time(rank, c) for c in schedule.computes(rank))
+        for rank in range(schedule.num_stages)
+    ]
+    counts, nbytes = _peak_activations(schedule, slices, context, costs)
+    return SimulationResult(
+        schedule=schedule.name,
+        num_stages=schedule.num_stages,
+        num_microbatches=schedule.num_microbatches,
+        num_chunks=schedule.num_chunks,
+        token_slices=slices,
+        cost_model=costs.name,
+        p2p=p2p,
+        step_time=step,
+        busy_time=busy,
+        bubble_fraction=[1.0 - b / step if step > 0 else 0.0 for b in busy],
+        peak_activations=counts,
+        peak_activation_bytes=nbytes,
+        timeline=timeline,
+    )
+
+
+def _peak_activations(
+    schedule: Schedule, slices: tuple[int, ...], context: list[int], costs: ActionCosts
+) -> tuple[list[int], list[float] | None]:
+    """High-water marks over each rank's order: a forward's activations live until its
+    backward. Order alone decides them, so they do not depend on timing."""
+    counts: list[int] = []
+    nbytes: list[float] | None = [] if costs.activation_bytes is not None else None
+    for rank in range(schedule.num_stages):
+        held = peak = 0
+        held_bytes = peak_bytes = 0.0
+        for c in schedule.computes(rank):
+            size = 0.0
+            if costs.activation_bytes is not None:
+                size = float(costs.activation_bytes(slices[c.token_slice], context[c.token_slice]))
+            if c.kind == FORWARD:
+                held += 1
+                held_bytes += size
+                peak = max(peak, held)
+                peak_bytes = max(peak_bytes, held_bytes)
+            else:
+                held -= 1
+                held_bytes -= size
+        counts.append(peak)
+        if nbytes is not None:
+            nbytes.append(peak_bytes)
+    return counts, nbytes
+
+
+def _label(schedule: Schedule, slices: tuple[int, ...], costs: ActionCosts) -> str:
+    parts = [
+        f"{schedule.name}",
+        f"P={schedule.num_stages}",
+        f"M={schedule.num_microbatches}",
+        f"S={len(slices)}",
+    ]
+    if schedule.num_chunks > 1:
+        parts.append(f"V={schedule.num_chunks}")
+    return " ".join(parts) + f" ({costs.name})"
