@@ -81,19 +81,15 @@ def step_objective(
 
 
 def _minplus(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """c[q] = min_{q1+q2=q} a[q1] + b[q2], with the q2 that achieves it."""
+    """c[q] = min_{q1+q2=q} a[q1] + b[q2], with the q2 that achieves it (first on ties)."""
     n = a.size
-    sums = a[:, None] + b[None, :]
-    q1, q2 = np.indices(sums.shape)
-    total = q1 + q2
     out = np.full(n, np.inf)
     arg = np.zeros(n, dtype=np.int64)
-    order = np.lexsort((sums.ravel(), total.ravel()))
-    flat_total, flat_sums, flat_q2 = total.ravel()[order], sums.ravel()[order], q2.ravel()[order]
-    first = np.r_[True, flat_total[1:] != flat_total[:-1]]
-    keep = first & (flat_total < n)
-    out[flat_total[keep]] = flat_sums[keep]
-    arg[flat_total[keep]] = flat_q2[keep]
+    for q2 in np.flatnonzero(np.isfinite(b)):
+        cand = a[: n - q2] + b[q2]
+        better = cand < out[q2:]
+        out[q2:][better] = cand[better]
+        arg[q2:][better] = q2
     return out, arg
 
 
@@ -180,8 +176,11 @@ class _Problem:
             at = self.first[:, i]
             fits = at <= limit
             f[i, r[fits, 0], at[fits]] = masked[fits, i, 0]
-            if i > 1:
-                best = np.min(f[1:i] + masked[:, i, 1:i].T[:, :, None], axis=0)  # [rows, Q+1]
+            # Only starts whose slice is allowed under the bound: few when the bound is tight.
+            col = masked[:, i, 1:i]
+            starts = np.flatnonzero(np.isfinite(col).any(axis=0))
+            if starts.size:
+                best = np.min(f[1 + starts] + col[:, starts].T[:, :, None], axis=0)  # [rows, Q+1]
                 src = q - self.rest[:, i][:, None]
                 shifted = np.where(
                     src >= 0, np.take_along_axis(best, np.maximum(src, 0), axis=1), np.inf
@@ -298,8 +297,31 @@ class _Problem:
         return total, tuple(b for b, _ in pairs), tuple(u for _, u in pairs)
 
     def feasible(self, bound: float) -> bool:
-        total, _, _ = self.combine(self.token_dp(bound))
-        return bool(np.isfinite(total))
+        """Whether some plan has every t ≤ bound and stays within the budget.
+
+        Without the Σ t objective this is a least-budget path, one index cheaper than token_dp.
+        """
+        if not hasattr(self, "first"):
+            return bool(np.isfinite(self.combine(self.token_dp(bound))[0]))
+        units, rows = self.units, len(self.sizes)
+        allowed = self.E <= bound
+        use = np.full((units + 1, rows), np.inf)
+        use[0] = 0.0
+        for i in range(1, units + 1):
+            first = np.where(allowed[:, i, 0], self.first[:, i], np.inf)
+            rest = np.where(allowed[:, i, 1:i], use[1:i].T, np.inf).min(axis=1, initial=np.inf)
+            use[i] = np.minimum(first, rest + self.rest[:, i])
+        least = dict(zip(self.sizes, use[units].tolist()))
+        if self.mode == "fixed":
+            need = sum(least[b] for b in set(self.fixed))
+        elif self.mode == "uniform":
+            need = min(least.values())
+        else:
+            acc = [0.0] + [np.inf] * self.total
+            for a in range(1, self.total + 1):
+                acc[a] = min(acc[a - b] + least[b] for b in self.sizes if b <= a)
+            need = acc[self.total]
+        return need <= self.limit
 
     def min_bound(self, values: np.ndarray | None = None) -> float:
         """Least v with a feasible plan (minimax DP; with a budget, bisection over `values`)."""

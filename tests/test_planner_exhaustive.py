@@ -1,0 +1,178 @@
+"""The DP's objective equals the exhaustive optimum on small random latency tables.
+
+The exhaustive search shares no code with the DP: it lists every composition of the units for
+every batch-slice size, keeps each size's Pareto front of (Σ t, max t, budget), and tries every
+batch partition against every combination of front points.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from megatron_terapipe.slicing.dp import Budget, NoFeasiblePlan, solve, step_objective
+
+
+def compositions(n: int):
+    for mask in range(1 << (n - 1)):
+        parts, last = [], 0
+        for i in range(1, n):
+            if mask >> (i - 1) & 1:
+                parts.append(i - last)
+                last = i
+        parts.append(n - last)
+        yield tuple(parts)
+
+
+def partitions(n: int, largest: int | None = None):
+    largest = n if largest is None else largest
+    if n == 0:
+        yield ()
+        return
+    for p in range(min(n, largest), 0, -1):
+        for rest in partitions(n - p, p):
+            yield (p,) + rest
+
+
+def slicing_stats(table, b, comp, budget):
+    times, used, context = [], 0, 0
+    for length in comp:
+        times.append(float(table[b, length, context]))
+        if budget is not None:
+            used += int((budget.first if context == 0 else budget.rest)[b, context + length])
+        context += length
+    return sum(times), max(times), used
+
+
+def pareto(points):
+    points = sorted(set(points))
+    front = []
+    for p in points:
+        if not any(q[0] <= p[0] and q[1] <= p[1] and q[2] <= p[2] for q in front):
+            front.append(p)
+    return front
+
+
+def exhaustive(table, stages, mode, batch, fixed=None, budget=None):
+    units = table.shape[1] - 1
+    limit = np.inf if budget is None else budget.limit
+    stats = {
+        b: [slicing_stats(table, b, comp, budget) for comp in compositions(units)]
+        for b in range(1, table.shape[0])
+    }
+    best = np.inf
+
+    def consider(total, worst, used):
+        nonlocal best
+        if used <= limit and np.isfinite(total):
+            best = min(best, total + (stages - 1) * worst)
+
+    if mode == "free":
+        fronts = {b: pareto(s) for b, s in stats.items()}
+        for parts in partitions(batch):
+            for combo in itertools.product(*(fronts[b] for b in parts)):
+                consider(sum(c[0] for c in combo), max(c[1] for c in combo),
+                         sum(c[2] for c in combo))
+    elif mode == "uniform":
+        for b in range(1, batch + 1):
+            if batch % b == 0:
+                for total, worst, used in stats[b]:
+                    consider(batch // b * total, worst, used)
+    else:  # fixed: every copy of a size runs the same slicing
+        sizes = sorted(set(fixed))
+        for combo in itertools.product(*(stats[b] for b in sizes)):
+            count = [fixed.count(b) for b in sizes]
+            consider(sum(n * c[0] for n, c in zip(count, combo)), max(c[1] for c in combo),
+                     sum(c[2] for c in combo))
+    return best
+
+
+def random_table(rng, units, batch, integer=True, inf_fraction=0.0):
+    shape = (batch + 1, units + 1, units + 1)
+    table = rng.integers(1, 40, size=shape).astype(float) if integer else rng.random(shape)
+    if inf_fraction:
+        table[rng.random(shape) < inf_fraction] = np.inf
+    return table
+
+
+def dp_objective(table, stages, **kw):
+    try:
+        return solve(table, stages, **kw).objective
+    except NoFeasiblePlan:
+        return np.inf
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("mode", ["free", "uniform"])
+def test_dp_matches_exhaustive_integer_tables(seed, mode):
+    rng = np.random.default_rng(seed)
+    units, batch = int(rng.integers(1, 11)), int(rng.integers(1, 4))
+    if mode == "free" and batch == 3:
+        units = min(units, 8)  # keeps the partition x front product small
+    stages = int(rng.integers(1, 50))
+    table = random_table(rng, units, batch)
+    want = exhaustive(table, stages, mode, batch)
+    for method in ("bisect", "ascending"):
+        sol = solve(table, stages, batch_mode=mode, method=method)
+        assert sol.objective == want
+        # The reported slicing really has the reported objective.
+        got, _, worst = step_objective(table, stages, sol.batch_slices, sol.token_units)
+        assert got == want and worst == sol.t_max
+        assert sum(sol.batch_slices) == batch
+        assert all(sum(u) == units for u in sol.token_units)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.integers(0, 2**31),
+    units=st.integers(1, 10),
+    batch=st.integers(1, 3),
+    stages=st.integers(1, 64),
+    inf_fraction=st.sampled_from([0.0, 0.15]),
+)
+def test_dp_matches_exhaustive_float_tables(seed, units, batch, stages, inf_fraction):
+    rng = np.random.default_rng(seed)
+    if batch == 3:
+        units = min(units, 7)
+    table = random_table(rng, units, batch, integer=False, inf_fraction=inf_fraction)
+    want = exhaustive(table, stages, "free", batch)
+    got = dp_objective(table, stages)
+    if np.isinf(want):
+        assert np.isinf(got)
+    else:
+        assert got == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_dp_matches_exhaustive_fixed_microbatches(seed):
+    rng = np.random.default_rng(100 + seed)
+    units, stages = int(rng.integers(1, 10)), int(rng.integers(1, 30))
+    table = random_table(rng, units, 2)
+    fixed = tuple(int(x) for x in rng.integers(1, 3, size=int(rng.integers(1, 5))))
+    want = exhaustive(table, stages, "fixed", None, fixed=fixed)
+    assert solve(table, stages, batch_mode="fixed", batch_slices=fixed).objective == want
+
+
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("mode", ["free", "uniform"])
+def test_dp_with_budget_matches_exhaustive(seed, mode):
+    rng = np.random.default_rng(1000 + seed)
+    units, batch = int(rng.integers(1, 8)), int(rng.integers(1, 4))
+    stages = int(rng.integers(1, 20))
+    table = random_table(rng, units, batch, inf_fraction=0.1)
+    budget = Budget(rng.integers(0, 4, size=(batch + 1, units + 1)),
+                    rng.integers(0, 4, size=(batch + 1, units + 1)), int(rng.integers(0, 12)))
+    want = exhaustive(table, stages, mode, batch, budget=budget)
+    for method in ("bisect", "ascending"):
+        got = dp_objective(table, stages, batch_mode=mode, budget=budget, method=method)
+        assert got == want
+
+
+def test_infeasible_table_raises():
+    table = np.full((2, 4, 4), np.inf)
+    with pytest.raises(NoFeasiblePlan):
+        solve(table, 4)
