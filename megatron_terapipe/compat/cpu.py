@@ -190,7 +190,9 @@ def enable_cpu(force: bool = False) -> bool:
     _patch(cuda, "synchronize", lambda *a, **k: None, "torch.cuda.synchronize -> no-op")
     _patch(cuda, "manual_seed", torch.manual_seed, "torch.cuda.manual_seed -> torch.manual_seed")
     _patch(cuda, "get_rng_state", lambda *a, **k: torch.get_rng_state(), "torch.cuda.get_rng_state")
-    _patch(cuda, "set_rng_state", lambda s, *a, **k: torch.set_rng_state(s), "torch.cuda.set_rng_state")
+    _patch(
+        cuda, "set_rng_state", lambda s, *a, **k: torch.set_rng_state(s), "torch.cuda.set_rng_state"
+    )
     _patch(cuda, "empty_cache", lambda: None, "torch.cuda.empty_cache -> no-op")
     _patch(cuda, "max_memory_allocated", lambda *a, **k: 0, "torch.cuda.max_memory_allocated -> 0")
     _patch(cuda, "memory_allocated", lambda *a, **k: 0, "torch.cuda.memory_allocated -> 0")
@@ -212,7 +214,9 @@ def enable_cpu(force: bool = False) -> bool:
 
     # The default causal masks are built with device="cuda".
     for module in (transformer_utils, fused_softmax):
-        _patch(module, "get_default_causal_mask", _causal_mask_cpu, f"{module.__name__} causal mask")
+        _patch(
+            module, "get_default_causal_mask", _causal_mask_cpu, f"{module.__name__} causal mask"
+        )
         _patch(
             module,
             "get_sliding_window_causal_mask",

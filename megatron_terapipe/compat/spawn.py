@@ -44,7 +44,9 @@ def _rank_main(
         import warnings
 
         # megatron-core warns at import about every missing GPU-only extra; on CPU that is noise.
-        warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope|full scope).*")
+        warnings.filterwarnings(
+            "ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope|full scope).*"
+        )
         import torch
 
         torch.set_num_threads(threads)
@@ -102,13 +104,14 @@ def run_distributed(
     *args: Any,
     timeout_s: float = 240.0,
     threads_per_rank: int = 1,
+    startup_s: float = 60.0,
     **kwargs: Any,
 ) -> list[Any]:
-    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; return per-rank values.
+    """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; per-rank values.
 
     `fn` must be importable (a module-level function) because ranks are spawned processes.
     Process groups get `timeout_s` as their collective timeout, and the whole run the same
-    deadline plus a margin for start-up.
+    deadline plus `startup_s` for spawning and importing (seconds on a small, busy machine).
     """
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
@@ -123,7 +126,7 @@ def run_distributed(
     ]
     for proc in procs:
         proc.start()
-    deadline = time.monotonic() + timeout_s + 60.0
+    deadline = time.monotonic() + timeout_s + startup_s
     values: dict[int, Any] = {}
     try:
         while len(values) < world_size:
@@ -131,8 +134,8 @@ def run_distributed(
             if remaining <= 0:
                 missing = sorted(set(range(world_size)) - set(values))
                 raise DistributedRunError(
-                    f"ranks {missing} of {world_size} did not finish within {timeout_s:.0f}s "
-                    "(hang or deadlock)"
+                    f"ranks {missing} of {world_size} did not finish within "
+                    f"{timeout_s + startup_s:.0f}s (hang or deadlock)"
                 )
             try:
                 rank, ok, value = results.get(timeout=min(remaining, 1.0))

@@ -72,6 +72,12 @@ def transformer_config(
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    if virtual_pipeline is not None:
+        # Megatron-LM's defaults for interleaving. megatron-core's default batched p2p posts, with
+        # PP=2, a send to the previous and one to the next stage - the same peer - in an order
+        # that peer's receives do not match; gloo pairs messages per peer in order, so equal-shaped
+        # activations and gradients get swapped silently.
+        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
     kwargs.update(model.config_overrides)
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)
@@ -95,8 +101,12 @@ def build_gpt_chunks(model: TinyGPT, config, layer_spec=None) -> list:
                 layer_spec,
                 vocab_size=model.vocab_size,
                 max_sequence_length=model.seq_length,
-                pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage),
-                post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage),
+                pre_process=parallel_state.is_pipeline_first_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
+                post_process=parallel_state.is_pipeline_last_stage(
+                    ignore_virtual=False, vp_stage=stage
+                ),
                 share_embeddings_and_output_weights=model.tie_embeddings,
                 position_embedding_type=model.position_embedding_type,
                 vp_stage=stage,
@@ -118,7 +128,12 @@ def make_microbatches(
         loss_mask = (torch.rand(shape, generator=gen) > 0.2).float()
         position_ids = torch.arange(model.seq_length).unsqueeze(0).expand(shape).contiguous()
         batches.append(
-            {"tokens": tokens, "labels": labels, "loss_mask": loss_mask, "position_ids": position_ids}
+            {
+                "tokens": tokens,
+                "labels": labels,
+                "loss_mask": loss_mask,
+                "position_ids": position_ids,
+            }
         )
     return batches
 

@@ -41,8 +41,15 @@ class RunCase:
     micro_batch_size: int = 1
     steps: int = 1
     optimizer: bool = False
+    # "adam" or "sgd". Adam's update m/sqrt(v) amplifies last-bit differences of tiny gradients,
+    # so weight comparisons across layouts after a step are only exact with "sgd".
+    optimizer_name: str = "adam"
     distributed_optimizer: bool = False
     lr: float = 1e-2
+    # Adam's epsilon. A large one (e.g. 1e-3) makes Adam's update smooth in the gradient, so
+    # runs that sum gradients in a different order still agree to fp32 rounding; megatron's
+    # DistributedOptimizer supports only Adam.
+    adam_eps: float = 1e-8
     # None: megatron-core's own get_forward_backward_func(); else kwargs of TokenPipelineConfig.
     token_pipeline: dict | None = None
     two_value_loss: bool = False
@@ -129,8 +136,9 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
 
         optimizer = get_megatron_optimizer(
             OptimizerConfig(
-                optimizer="adam",
+                optimizer=case.optimizer_name,
                 lr=case.lr,
+                adam_eps=case.adam_eps,
                 weight_decay=0.01,
                 clip_grad=1.0,
                 use_distributed_optimizer=case.distributed_optimizer,
@@ -155,7 +163,9 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
             case.num_microbatches * dp_size,
             seed=case.data_seed + 1000 * step,
         )
-        batches = all_batches[dp_rank * case.num_microbatches : (dp_rank + 1) * case.num_microbatches]
+        batches = all_batches[
+            dp_rank * case.num_microbatches : (dp_rank + 1) * case.num_microbatches
+        ]
         iterators = [iter(list(batches)) for _ in model]
         losses = forward_backward(
             forward_step_func=forward_step,
@@ -181,3 +191,23 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
         "dp": dp_rank,
     }
     return result
+
+
+def run_cases(
+    rank: int, world_size: int, runs: list[tuple[RunCase, dict | None]]
+) -> list[dict[str, Any]]:
+    """Several `run_case`s one after another in the same processes.
+
+    Spawning ranks and importing megatron-core costs seconds per run on a small machine, while a
+    TinyGPT step costs milliseconds; tests batch their cases through here. Model-parallel state
+    is torn down between cases, so each one starts from the same blank process state.
+    """
+    from megatron.core import parallel_state
+
+    results = []
+    for case, init_state in runs:
+        try:
+            results.append(run_case(rank, world_size, case, init_state))
+        finally:
+            parallel_state.destroy_model_parallel()
+    return results

@@ -1,0 +1,325 @@
+"""Is a parallel run the same training step as one process running the whole model?
+
+Every schedule in this project (megatron-core's own, and the token pipeline) must produce the
+losses, gradients and weight updates of a single-process, unpipelined run of the same model on
+the same data. This module runs that reference once per (model, data, optimizer) setting,
+caches it, runs parallel cases in batches, and turns any disagreement into readable messages:
+
+    cache = ReferenceCache()
+    case = RunCase(pipeline_parallel=2, token_pipeline={"num_token_slices": 4})
+    problems = run_and_check({"terapipe": case}, world_size=2, references=cache)["terapipe"]
+    assert not problems, "\\n".join(problems)
+
+Errors are norm-relative per tensor: ‖actual − expected‖ / ‖expected‖ (see `relative_error`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import torch
+
+from megatron_terapipe.testing.reference import ParamPlace, relative_error
+from megatron_terapipe.testing.runner import RunCase, run_cases
+
+DEFAULT_RTOL = 1e-5
+
+
+def data_parallel_size(case: RunCase, world_size: int) -> int:
+    model_parallel = case.tensor_parallel * case.pipeline_parallel
+    if world_size % model_parallel:
+        raise ValueError(f"world size {world_size} is not a multiple of TP×PP = {model_parallel}")
+    return world_size // model_parallel
+
+
+def reference_case(case: RunCase, world_size: int) -> RunCase:
+    """The single-process stock run that `case` on `world_size` ranks must reproduce.
+
+    Data parallelism splits the global batch, so the reference runs all DP ranks' micro-batches;
+    the distributed optimizer only changes where the optimizer state lives.
+    """
+    dp = data_parallel_size(case, world_size)
+    return replace(
+        case,
+        tensor_parallel=1,
+        pipeline_parallel=1,
+        virtual_pipeline=None,
+        sequence_parallel=False,
+        num_microbatches=case.num_microbatches * dp,
+        distributed_optimizer=False,
+        token_pipeline=None,
+    )
+
+
+def _key(case: RunCase) -> str:
+    # RunCase holds dicts, so it is not hashable; its repr is a faithful key.
+    return repr(case)
+
+
+def global_tensors(local: list[tuple[ParamPlace, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Assemble global tensors from (place, value) pairs that together cover the model."""
+    out: dict[str, torch.Tensor] = {}
+    for place, value in local:
+        out.setdefault(place.key, torch.zeros(place.global_shape))[place.index] = value
+    return out
+
+
+@dataclass
+class Reference:
+    """A single-process run: global initial weights, and per step losses, grads and weights."""
+
+    case: RunCase
+    initial: dict[str, torch.Tensor]
+    losses: list[list[dict[str, torch.Tensor]]]
+    grads: list[dict[str, torch.Tensor]]
+    weights: list[dict[str, torch.Tensor]]
+    # Step-1 gradients from plain autograd on the same model and data, without megatron's
+    # schedule or DDP: an independent check of the reference itself.
+    autograd_grads: dict[str, torch.Tensor] | None = None
+
+    @classmethod
+    def from_result(cls, case: RunCase, result: dict, autograd_grads=None) -> Reference:
+        return cls(
+            case=case,
+            initial=result["initial"],
+            losses=result["losses"],
+            grads=[global_tensors(step) for step in result["grads"]],
+            weights=[global_tensors(step) for step in result["weights"]],
+            autograd_grads=autograd_grads,
+        )
+
+
+def plain_autograd_grads(case: RunCase, init_state: dict) -> dict[str, torch.Tensor]:
+    """Step-1 global gradients of `case` (one rank, TP=PP=1) by a hand-written loop.
+
+    Reproduces the loss scaling of megatron-core's forward_step (per-micro-batch token mean,
+    divided by the number of micro-batches; or a token sum over the whole step when
+    `calculate_per_token_loss`) so it must agree with the stock schedule.
+    """
+    from megatron.core import parallel_state, tensor_parallel
+
+    from megatron_terapipe.testing.gpt import (
+        build_gpt_chunks,
+        make_microbatches,
+        transformer_config,
+    )
+    from megatron_terapipe.testing.reference import global_state, load_global_state
+
+    parallel_state.initialize_model_parallel()
+    try:
+        tensor_parallel.model_parallel_cuda_manual_seed(case.init_seed)
+        config = transformer_config(case.model)
+        (model,) = build_gpt_chunks(case.model, config)
+        load_global_state([model], init_state)
+        batches = make_microbatches(
+            case.model, case.micro_batch_size, case.num_microbatches, seed=case.data_seed
+        )
+        total_tokens = sum(b["loss_mask"].sum() for b in batches)
+        for batch in batches:
+            per_token = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+            mask = batch["loss_mask"]
+            loss = (per_token.float() * mask).sum()
+            if case.calculate_per_token_loss:
+                loss = loss / total_tokens
+            else:
+                loss = loss / mask.sum().clamp(min=1) / case.num_microbatches
+            loss.backward()
+        return global_state([model], grads=True)
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def _reference_body(rank: int, world_size: int, cases: list[RunCase]) -> list[dict[str, Any]]:
+    results = run_cases(rank, world_size, [(case, None) for case in cases])
+    for case, result in zip(cases, results):
+        if not case.forward_only:
+            result["autograd_grads"] = plain_autograd_grads(case, result["initial"])
+    return results
+
+
+class ReferenceCache:
+    """Single-process reference runs, computed once per setting and shared by all callers.
+
+    `prefetch` computes every missing reference in one spawned process, because process start-up,
+    not the tiny model, dominates the cost.
+    """
+
+    def __init__(self, timeout_s: float = 240.0) -> None:
+        self._refs: dict[str, Reference] = {}
+        self.timeout_s = timeout_s
+        self.runs = 0  # spawned reference runs, for tests of the cache itself
+
+    def prefetch(self, cases: list[tuple[RunCase, int]]) -> None:
+        from megatron_terapipe.compat import run_distributed
+
+        missing: dict[str, RunCase] = {}
+        for case, world_size in cases:
+            ref = reference_case(case, world_size)
+            if _key(ref) not in self._refs:
+                missing[_key(ref)] = ref
+        if not missing:
+            return
+        refs = list(missing.values())
+        (results,) = run_distributed(_reference_body, 1, refs, timeout_s=self.timeout_s)
+        self.runs += 1
+        for ref, result in zip(refs, results):
+            self._refs[_key(ref)] = Reference.from_result(
+                ref, result, autograd_grads=result.get("autograd_grads")
+            )
+
+    def get(self, case: RunCase, world_size: int) -> Reference:
+        self.prefetch([(case, world_size)])
+        return self._refs[_key(reference_case(case, world_size))]
+
+
+def _ulp_norm(weights: torch.Tensor) -> float:
+    """‖one fp32 unit in the last place of each weight‖: how finely an update can be observed."""
+    w = weights.float().abs()
+    return (torch.nextafter(w, torch.full_like(w, float("inf"))) - w).norm().item()
+
+
+def _compare(
+    what: str,
+    local: list[tuple[ParamPlace, torch.Tensor]],
+    expected: dict[str, torch.Tensor],
+    rtol: float,
+    baseline: dict[str, torch.Tensor] | None = None,
+    local_baseline: list[tuple[ParamPlace, torch.Tensor]] | None = None,
+) -> list[str]:
+    """Per-tensor relative errors; with baselines, of the change from them (weight updates).
+
+    An update is read as (weights after) − (weights before), and each of those is rounded to
+    fp32: an update can't be observed more finely than one ulp of the weights it was added to.
+    So an update mismatch counts only beyond rtol·‖update‖ plus that resolution (for layer-norm
+    weights near 1.0 and a small learning rate, the resolution alone is ~1e-5 of the update).
+    """
+    problems = []
+    # Both lists come from the same rank's param_places(), so they are in the same order.
+    before = [value for _, value in local_baseline] if local_baseline else None
+    for i, (place, value) in enumerate(local):
+        target = expected[place.key][place.index]
+        floor = 0.0
+        if baseline is not None:
+            floor = _ulp_norm(target)
+            origin = before[i] if before is not None else baseline[place.key][place.index]
+            value = value - origin
+            target = target - baseline[place.key][place.index]
+        if tuple(target.shape) != tuple(value.shape):
+            problems.append(
+                f"{what} {place.name}: shape {tuple(value.shape)} != {tuple(target.shape)}"
+            )
+            continue
+        diff = (value.float() - target.float()).norm().item()
+        scale = target.float().norm().item()
+        if not diff <= rtol * scale + floor:
+            err = relative_error(value, target)
+            extra = f" (fp32 resolution {floor / scale:.1e} of it)" if floor and scale else ""
+            problems.append(f"{what} {place.name} ({place.key}): relative error {err:.3e}{extra}")
+    return problems
+
+
+def _compare_losses(
+    step: int, rank: int, losses: list[dict], expected: list[dict], rtol: float
+) -> list[str]:
+    if len(losses) != len(expected):
+        return [f"step {step} rank {rank}: {len(losses)} loss reports, expected {len(expected)}"]
+    problems = []
+    for mb, (got, want) in enumerate(zip(losses, expected)):
+        if set(got) != set(want):
+            problems.append(
+                f"step {step} rank {rank} mb {mb}: keys {sorted(got)} != {sorted(want)}"
+            )
+            continue
+        for key in want:
+            err = relative_error(got[key], want[key])
+            if not err <= rtol:
+                problems.append(
+                    f"step {step} rank {rank} mb {mb} {key!r}: {got[key].tolist()} vs "
+                    f"{want[key].tolist()} (relative error {err:.3e})"
+                )
+    return problems
+
+
+def check_run(
+    case: RunCase,
+    rank_results: list[dict[str, Any]],
+    reference: Reference,
+    rtol: float = DEFAULT_RTOL,
+) -> list[str]:
+    """Every way the per-rank results of `case` differ from the reference; empty if none.
+
+    Checked per step: each last-stage rank's loss reports against the reference's for the same
+    micro-batches; every rank's gradients (not with the distributed optimizer, whose gradient
+    buffer after reduce-scatter is valid only on the rank's own shard); and, with an optimizer,
+    every rank's weight update (weights after the step minus before), which the distributed
+    optimizer all-gathers.
+    """
+    world_size = len(rank_results)
+    dp = data_parallel_size(case, world_size)
+    problems: list[str] = []
+    for step in range(case.steps):
+        reporters = set()
+        for rank, result in enumerate(rank_results):
+            losses = result["losses"][step]
+            if losses is None:
+                continue
+            d = result["rank_info"]["dp"]
+            reporters.add(d)
+            want = reference.losses[step][
+                d * case.num_microbatches : (d + 1) * case.num_microbatches
+            ]
+            problems += _compare_losses(step, rank, losses, want, rtol)
+        if reporters != set(range(dp)):
+            problems.append(
+                f"step {step}: losses reported for DP ranks {sorted(reporters)} of {dp}"
+            )
+        for rank, result in enumerate(rank_results):
+            where = f"step {step} rank {rank} {result['rank_info']}"
+            if not case.distributed_optimizer and not case.forward_only:
+                problems += _compare(
+                    f"{where} grad", result["grads"][step], reference.grads[step], rtol
+                )
+            if case.optimizer:
+                problems += _compare(
+                    f"{where} update",
+                    result["weights"][step],
+                    reference.weights[step],
+                    rtol,
+                    baseline=reference.weights[step - 1] if step else reference.initial,
+                    local_baseline=result["weights"][step - 1] if step else None,
+                )
+    return problems
+
+
+def run_parallel(
+    runs: list[tuple[RunCase, dict | None]], world_size: int, timeout_s: float = 240.0
+) -> list[list[dict[str, Any]]]:
+    """Run several (case, initial global weights) on `world_size` ranks in one spawn.
+
+    Returns, per case, the list of per-rank results.
+    """
+    from megatron_terapipe.compat import run_distributed
+
+    per_rank = run_distributed(run_cases, world_size, runs, timeout_s=timeout_s)
+    return [[per_rank[r][i] for r in range(world_size)] for i in range(len(runs))]
+
+
+def run_and_check(
+    cases: dict[str, RunCase],
+    world_size: int,
+    references: ReferenceCache | None = None,
+    rtol: float = DEFAULT_RTOL,
+    timeout_s: float = 240.0,
+) -> dict[str, list[str]]:
+    """Run named cases on `world_size` ranks (one spawn) and check each against its reference."""
+    references = references or ReferenceCache(timeout_s=timeout_s)
+    references.prefetch([(case, world_size) for case in cases.values()])
+    refs = {name: references.get(case, world_size) for name, case in cases.items()}
+    results = run_parallel(
+        [(case, refs[name].initial) for name, case in cases.items()], world_size, timeout_s
+    )
+    return {
+        name: check_run(case, result, refs[name], rtol)
+        for (name, case), result in zip(cases.items(), results)
+    }
