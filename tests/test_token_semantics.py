@@ -17,23 +17,23 @@ from megatron_terapipe.testing.reference import relative_error
 RTOL = 1e-5
 
 
-def _close(a, b) -> bool:
+def _close(a, b, rtol=RTOL) -> bool:
     if isinstance(a, dict):
-        return a.keys() == b.keys() and all(_close(a[k], b[k]) for k in a)
+        return a.keys() == b.keys() and all(_close(a[k], b[k], rtol) for k in a)
     if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b))
-    return relative_error(torch.as_tensor(a), torch.as_tensor(b)) <= RTOL
+        return len(a) == len(b) and all(_close(x, y, rtol) for x, y in zip(a, b))
+    return relative_error(torch.as_tensor(a), torch.as_tensor(b)) <= rtol
 
 
-def _check(results, forward_only=False):
+def _check(results, forward_only=False, grad_rtol=RTOL, loss_rtol=RTOL):
     for rank, outcome in enumerate(results):
         stock, token = outcome["stock"], outcome["token"]
         if stock["data"] is not None:
             assert len(stock["data"]) == len(token["data"])
-            assert _close(stock["data"], token["data"]), (stock["data"], token["data"])
+            assert _close(stock["data"], token["data"], loss_rtol), (stock["data"], token["data"])
         if not forward_only:
             errors = [relative_error(t, s) for s, t in zip(stock["grads"], token["grads"])]
-            assert max(errors) <= RTOL, f"rank {rank}: max grad error {max(errors):.2e}"
+            assert max(errors) <= grad_rtol, f"rank {rank}: max grad error {max(errors):.2e}"
 
 
 CASES = {
@@ -58,7 +58,20 @@ CASES = {
         forward_only=True,
         collect_non_loss_data=True,
     ),
+    "bf16": dict(
+        schedule="token-1f1b",
+        token_slices=[1, 7, 20, 4],
+        num_microbatches=3,
+        model_kwargs={"bf16": True},
+    ),
 }
+
+# bf16 (Float16Module, fp32 grad buffers): token vs stock on the same model differ by bf16
+# rounding (eps 7.8e-3), since slicing changes the order of reductions. Measured on this machine:
+# gradients max 1.3e-2 / median 4.9e-3 norm-relative per tensor, loss reports 2e-5 relative
+# (fp32 for comparison: 3.6e-7). Bounds: ~2.5x the measured maxima.
+BF16_GRAD_RTOL = 3e-2
+BF16_LOSS_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
@@ -85,3 +98,7 @@ def test_collect_non_loss_data_returns_every_slice(outcomes):
     for whole, slices in zip(stock, token):
         # Per-token losses [b, s]: the slices concatenated along the sequence are the whole.
         assert relative_error(torch.cat(slices, dim=1), whole) <= RTOL
+
+
+def test_bf16_within_measured_bound(outcomes):
+    _check(outcomes["bf16"], grad_rtol=BF16_GRAD_RTOL, loss_rtol=BF16_LOSS_RTOL)

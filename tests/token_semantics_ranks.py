@@ -28,6 +28,10 @@ def _build(pipeline_parallel: int, model_kwargs: dict, config_kwargs: dict):
     model = TinyGPT(**model_kwargs)
     config = transformer_config(model, pipeline_parallel=pipeline_parallel, **config_kwargs)
     chunks = build_gpt_chunks(model, config, token_pipeline_layer_spec(get_gpt_layer_local_spec()))
+    if model.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
     ddp = [
         DistributedDataParallel(config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), c)
         for c in chunks
