@@ -1,0 +1,251 @@
+"""The rank-side body of a benchmark: every variant in the same process pair, interleaved.
+
+Machine noise on a shared CPU box drifts over minutes, so variants are not run one after the
+other: each round runs one step of every variant (in a rotating order), and a variant's step
+time is the median over rounds. Round 0 is the warm-up; it also measures peak activation memory
+(saved-tensor hooks cost a little time, so they stay out of the timed rounds) and the losses.
+DP-planned variants get their slices after round 0, from costs fitted to round 0's timelines.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from megatron_terapipe.benchmark.memory import ActivationMemoryTracker, observe_kv_store
+from megatron_terapipe.benchmark.models import (
+    BuiltModel,
+    build_model,
+    gather_global_weights,
+    load_weights,
+    virtual_pipeline,
+)
+from megatron_terapipe.benchmark.spec import STOCK_INTERLEAVED, BenchSpec, Variant
+from megatron_terapipe.benchmark.stock_timeline import StockRecorder
+from megatron_terapipe.testing.gpt import gpt_forward_step, make_microbatches
+
+
+@dataclass
+class VariantRun:
+    """What one rank measured for one variant."""
+
+    variant: Variant
+    token_slices: tuple[int, ...] = ()
+    step_times: list[float] = field(default_factory=list)  # timed rounds, this rank
+    timelines: list[list] = field(default_factory=list)  # ActionRecords per timed round
+    warmup_timeline: list = field(default_factory=list)
+    peak_activation_bytes: int | None = None
+    cuda_peak_bytes: int | None = None
+    losses: list[float] | None = None  # per micro-batch, last stage only
+    error: str | None = None
+
+
+class _Runner:
+    """One variant's forward-backward function bound to its model."""
+
+    def __init__(self, spec: BenchSpec, variant: Variant, built: BuiltModel) -> None:
+        self.spec = spec
+        self.variant = variant
+        self.built = built
+        self.recorder = StockRecorder(built.chunks) if variant.is_stock else None
+        self.func = self._make_func()
+
+    def _make_func(self):
+        if self.variant.is_stock:
+            from megatron.core.pipeline_parallel import get_forward_backward_func
+
+            return get_forward_backward_func(
+                pp_size=self.spec.pipeline_parallel, vp_size=self.variant.virtual_pipeline
+            )
+        from megatron_terapipe import TokenPipelineConfig, get_forward_backward_func
+
+        kwargs: dict[str, Any] = {"schedule": self.variant.schedule, "record_timeline": True}
+        if self.variant.token_slices is not None:
+            kwargs["token_slices"] = self.variant.token_slices
+        else:
+            kwargs["num_token_slices"] = self.variant.num_token_slices
+        return get_forward_backward_func(TokenPipelineConfig(**kwargs))
+
+    def step(self, batches: list, tracker: ActivationMemoryTracker | None = None):
+        """One forward-backward; returns (seconds on this rank, losses, records)."""
+        from megatron.core import parallel_state
+
+        spec = self.spec
+        for chunk in self.built.chunks:
+            chunk.zero_grad_buffer()
+        n_chunks = len(self.built.chunks)
+        iterators = [iter(list(batches)) for _ in range(n_chunks)]
+        data = iterators if n_chunks > 1 else iterators[0]
+        pp_group = parallel_state.get_pipeline_model_parallel_group()
+        with virtual_pipeline(self.built.virtual_pipeline), _instrumented(self, tracker):
+            torch.distributed.barrier(group=pp_group)
+            t0 = time.perf_counter()
+            if self.recorder is not None:
+                self.recorder.start(t0)
+            losses = self.func(
+                forward_step_func=gpt_forward_step,
+                data_iterator=data,
+                model=self.built.model_arg,
+                num_microbatches=spec.num_microbatches,
+                seq_length=spec.model.seq_length,
+                micro_batch_size=spec.micro_batch_size,
+                forward_only=False,
+            )
+            elapsed = time.perf_counter() - t0
+        records = self.recorder.records if self.recorder is not None else self.func.last_timeline
+        return elapsed, losses, list(records)
+
+    @property
+    def token_slices(self) -> tuple[int, ...]:
+        if self.variant.is_stock:
+            return (self.spec.model.seq_length,)
+        return tuple(self.func.last_token_slices)
+
+
+class _instrumented:
+    """Stock recorder always; saved-tensor and KV-store counting when a tracker is given."""
+
+    def __init__(self, runner: _Runner, tracker: ActivationMemoryTracker | None) -> None:
+        import contextlib
+
+        self.stack = contextlib.ExitStack()
+        self.runner = runner
+        self.tracker = tracker
+
+    def __enter__(self):
+        if self.runner.recorder is not None:
+            self.stack.enter_context(self.runner.recorder.installed())
+        if self.tracker is not None:
+            self.stack.enter_context(self.tracker.saved_tensors())
+            self.stack.enter_context(observe_kv_store(self.tracker))
+        return self
+
+    def __exit__(self, *exc):
+        return self.stack.__exit__(*exc)
+
+
+def _loss_values(losses: list) -> list[float] | None:
+    from megatron.core import parallel_state
+
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    values = []
+    for item in losses:
+        report = item["lm loss"].detach().float().view(-1)
+        values.append(float(report[0] / report[1]) if report.numel() == 2 else float(report[0]))
+    return values
+
+
+def _memory_step(runner: _Runner, batches: list, run: VariantRun) -> tuple:
+    tracker = ActivationMemoryTracker(exclude=runner.built.parameters())
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    elapsed, losses, records = runner.step(batches, tracker)
+    run.peak_activation_bytes = int(tracker.peak_bytes)
+    if cuda:
+        run.cuda_peak_bytes = int(torch.cuda.max_memory_allocated() - base)
+    return elapsed, losses, records
+
+
+def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]:
+    """Body of each rank (for `compat.run_distributed`); returns this rank's VariantRuns."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if world_size != spec.pipeline_parallel:
+        raise ValueError(
+            f"benchmark runs one pipeline (world size = PP = {spec.pipeline_parallel}), "
+            f"got world size {world_size}"
+        )
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=spec.pipeline_parallel)
+    tensor_parallel.model_parallel_cuda_manual_seed(spec.init_seed)
+    torch.manual_seed(spec.init_seed)
+
+    models = _build_models(spec)
+    batches = make_microbatches(
+        spec.model, spec.micro_batch_size, spec.num_microbatches, seed=spec.data_seed
+    )
+    fixed = [v for v in spec.variants if not v.planned]
+    runners = {v.name: _Runner(spec, v, models[_model_key(v)]) for v in fixed}
+    runs = {v.name: VariantRun(v) for v in spec.variants}
+
+    # Round 0: warm-up, memory, losses.
+    for variant in fixed:
+        _warmup(runners[variant.name], batches, runs[variant.name], spec)
+    planned = [v for v in spec.variants if v.planned]
+    if planned:
+        from megatron_terapipe.benchmark.planning import plan_slices
+
+        warm = {name: (run.token_slices, run.warmup_timeline) for name, run in runs.items()
+                if not run.variant.is_stock and run.warmup_timeline}
+        for variant in planned:
+            slices = plan_slices(spec, variant, warm, calibrate=_calibration(spec, models))
+            concrete = replace(variant, token_slices=tuple(slices))
+            runs[variant.name].variant = concrete
+            runners[variant.name] = _Runner(spec, concrete, models[_model_key(variant)])
+            _warmup(runners[variant.name], batches, runs[variant.name], spec)
+
+    order = [v.name for v in spec.variants]
+    for round_index in range(spec.iterations):
+        shift = round_index % len(order)
+        for name in order[shift:] + order[:shift]:
+            elapsed, _, records = runners[name].step(batches)
+            runs[name].step_times.append(elapsed)
+            runs[name].timelines.append(records)
+    return {"rank": rank, "runs": [vars(run) for run in runs.values()]}
+
+
+def _warmup(runner: _Runner, batches: list, run: VariantRun, spec: BenchSpec) -> None:
+    for index in range(max(1, spec.warmup)):
+        if index == 0 and spec.measure_memory:
+            _, losses, records = _memory_step(runner, batches, run)
+        else:
+            _, losses, records = runner.step(batches)
+        if index == 0:
+            run.losses = _loss_values(losses)
+    run.warmup_timeline = records
+    run.token_slices = runner.token_slices
+
+
+def _calibration(spec: BenchSpec, models: dict) -> Any:
+    """A cheap equal-slice run whose timeline the planner can fit when no token variant ran."""
+
+    def calibrate() -> tuple[tuple[int, ...], list]:
+        from megatron_terapipe.benchmark.spec import token_variant
+
+        variant = token_variant("terapipe", num_token_slices=8)
+        runner = _Runner(spec, variant, models["token"])
+        batches = make_microbatches(spec.model, spec.micro_batch_size, spec.num_microbatches)
+        runner.step(batches)
+        _, _, records = runner.step(batches)
+        return runner.token_slices, records
+
+    return calibrate
+
+
+def _model_key(variant: Variant) -> str:
+    if variant.kind == STOCK_INTERLEAVED:
+        return f"stock-vp{variant.virtual_pipeline}"
+    return "stock" if variant.is_stock else "token"
+
+
+def _build_models(spec: BenchSpec) -> dict[str, BuiltModel]:
+    """One model per distinct layout, all loaded with the first one's global weights."""
+    keys = list(dict.fromkeys(_model_key(v) for v in spec.variants))
+    if "stock" not in keys:
+        keys.insert(0, "stock")
+    models: dict[str, BuiltModel] = {}
+    for key in keys:
+        chunks = int(key.split("vp")[1]) if "vp" in key else None
+        models[key] = build_model(spec.model, spec.pipeline_parallel, token=(key == "token"),
+                                  chunks=chunks)
+    reference = gather_global_weights(models["stock"])
+    for key, built in models.items():
+        if key != "stock":
+            load_weights(built, reference)
+    return models

@@ -1,0 +1,156 @@
+"""Peak activation memory on any device, counted from the tensors that training keeps alive.
+
+On CPU there is no allocator statistic that separates activations from weights, gradients and
+temporaries, so the tracker counts what a pipeline schedule actually has to hold between a
+forward and its backward:
+
+- every tensor autograd saves for backward (`torch.autograd.graph.saved_tensors_hooks`): the
+  pack hook registers the tensor's *storage* (a view keeps its whole base alive, so the
+  storage's bytes are what is held), and the registration is dropped when autograd frees the
+  saved tensor (the packed handle is garbage-collected after the backward that used it, or
+  with its graph);
+- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`
+  (the token pipeline's prefix keys/values, see `observe_kv_store`).
+
+Storages are deduplicated by data pointer, so a tensor saved by several ops or both saved and
+held counts once. Parameters (and their views, e.g. a transposed weight saved by a linear
+layer) are excluded: they are not activations. The peak is the maximum of the live total,
+updated at every registration. On CUDA use `torch.cuda.max_memory_allocated` instead.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+
+
+def _storage_key(tensor: torch.Tensor) -> tuple[int, int] | None:
+    """(data pointer, bytes) of the storage behind `tensor`; None for storage-less tensors."""
+    if tensor.layout != torch.strided or tensor.device.type == "meta":
+        return None
+    try:
+        storage = tensor.untyped_storage()
+    except (RuntimeError, NotImplementedError):
+        return None
+    nbytes = storage.nbytes()
+    if nbytes == 0:
+        return None
+    return storage.data_ptr(), nbytes
+
+
+class _Packed:
+    """What autograd stores instead of the tensor; its death means the tensor was freed."""
+
+    __slots__ = ("tensor", "key", "tracker")
+
+    def __init__(self, tensor: torch.Tensor, key: tuple[int, int] | None, tracker) -> None:
+        self.tensor = tensor
+        self.key = key
+        self.tracker = tracker
+
+    def __del__(self) -> None:
+        if self.key is not None:
+            self.tracker._release(self.key)
+
+
+class ActivationMemoryTracker:
+    """Live and peak bytes of saved-for-backward and schedule-held storages (see module doc)."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()) -> None:
+        self._refs: dict[tuple[int, int], int] = {}
+        self._excluded = {k[0] for k in (_storage_key(t) for t in exclude) if k is not None}
+        self.live_bytes = 0
+        self.peak_bytes = 0
+        self._held: dict[int, list[tuple[int, int]]] = {}
+
+    # -- registration --------------------------------------------------------------------------
+    def _acquire(self, key: tuple[int, int]) -> None:
+        count = self._refs.get(key, 0)
+        self._refs[key] = count + 1
+        if count == 0:
+            self.live_bytes += key[1]
+            if self.live_bytes > self.peak_bytes:
+                self.peak_bytes = self.live_bytes
+
+    def _release(self, key: tuple[int, int]) -> None:
+        count = self._refs.get(key, 0)
+        if count <= 1:
+            if count == 1:
+                del self._refs[key]
+                self.live_bytes -= key[1]
+            return
+        self._refs[key] = count - 1
+
+    def _key(self, tensor: torch.Tensor) -> tuple[int, int] | None:
+        key = _storage_key(tensor)
+        if key is None or key[0] in self._excluded:
+            return None
+        return key
+
+    def hold(self, owner: object, tensors: Iterable[torch.Tensor]) -> None:
+        """Count `tensors` as held by `owner` (anything hashable by identity) until `drop`."""
+        keys = [k for k in (self._key(t) for t in tensors) if k is not None]
+        for key in keys:
+            self._acquire(key)
+        self._held.setdefault(id(owner), []).extend(keys)
+
+    def drop(self, owner: object) -> None:
+        for key in self._held.pop(id(owner), []):
+            self._release(key)
+
+    # -- autograd hooks ------------------------------------------------------------------------
+    def _pack(self, tensor: torch.Tensor) -> _Packed:
+        key = self._key(tensor)
+        if key is not None:
+            self._acquire(key)
+        return _Packed(tensor, key, self)
+
+    @staticmethod
+    def _unpack(packed: _Packed) -> torch.Tensor:
+        return packed.tensor
+
+    @contextlib.contextmanager
+    def saved_tensors(self) -> Iterator[ActivationMemoryTracker]:
+        """Count every tensor autograd saves while the context is open."""
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            yield self
+
+    def reset_peak(self) -> None:
+        self.peak_bytes = self.live_bytes
+
+
+@contextlib.contextmanager
+def observe_kv_store(tracker: ActivationMemoryTracker) -> Iterator[None]:
+    """Count the token pipeline's prefix keys/values as held from `store_kv` to `release`.
+
+    They are detached leaves the slice context keeps for later slices, outside autograd's saved
+    tensors. Benchmark-only: the two methods of TokenSliceContext are wrapped for the duration.
+    """
+    from megatron_terapipe.model.slice_context import TokenSliceContext
+
+    original_store = TokenSliceContext.store_kv
+    original_release = TokenSliceContext.release
+
+    def store_kv(self, layer: Any, unit: Any, entry: Any) -> None:
+        original_store(self, layer, unit, entry)
+        tracker.hold(entry, (entry.key, entry.value))
+
+    def release(self, chunk: int, microbatch: int, token_slice: int) -> None:
+        doomed = [
+            entry for key, entry in self._kv.items()
+            if key[0] == chunk and key[2] == microbatch and key[3] == token_slice
+        ]
+        original_release(self, chunk, microbatch, token_slice)
+        for entry in doomed:
+            tracker.drop(entry)
+
+    TokenSliceContext.store_kv = store_kv
+    TokenSliceContext.release = release
+    try:
+        yield
+    finally:
+        TokenSliceContext.store_kv = original_store
+        TokenSliceContext.release = original_release
