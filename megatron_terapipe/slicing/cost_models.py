@@ -126,13 +126,14 @@ class AnalyticCostModel:
     # -- construction ------------------------------------------------------------------------
     @classmethod
     def from_preset(cls, preset: str, **dims: Any) -> AnalyticCostModel:
-        """Model dims plus a named device ('v100', 'a100', 'h100', 'cpu')."""
+        """Model dims plus a named device ('v100', 'a100', 'h100', 'cpu'); keywords also
+        override the device's rates."""
         if preset not in DEVICE_PRESETS:
             raise ValueError(
                 f"unknown device preset {preset!r}; valid: {', '.join(sorted(DEVICE_PRESETS))}"
             )
         rates = DEVICE_PRESETS[preset]
-        return cls(**dims, **vars(rates), preset=preset)
+        return cls(**{**vars(rates), **dims}, preset=preset)
 
     @classmethod
     def from_args(cls, args: Any, preset: str | None = None) -> AnalyticCostModel:

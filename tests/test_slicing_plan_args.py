@@ -1,0 +1,220 @@
+"""SlicingPlan, its Megatron-style print, plan_from_args and the rank-0 broadcast."""
+
+from __future__ import annotations
+
+import json
+import math
+import multiprocessing as mp
+import socket
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from megatron_terapipe.config import TokenPipelineConfig
+from megatron_terapipe.slicing import (
+    LatencyTableCostModel,
+    SlicingPlan,
+    broadcast_plan,
+    format_plan,
+    parse_token_pipeline_slices,
+    plan_and_broadcast,
+    plan_from_args,
+)
+
+
+def plan() -> SlicingPlan:
+    return SlicingPlan((96, 64, 64, 32), (2,), 1.25, 0.05, "dp", "analytic:v100",
+                       {"granularity": 32, "nested": {"a": np.float64(1.5)}})
+
+
+def test_plan_roundtrips_through_json():
+    original = plan()
+    data = json.loads(json.dumps(original.to_dict()))
+    again = SlicingPlan.from_dict(data)
+    assert again == SlicingPlan.from_dict(original.to_dict())
+    assert again.token_slices == (96, 64, 64, 32) and again.extra["nested"]["a"] == 1.5
+    nan = SlicingPlan((8,), (1,), math.nan, math.inf, "explicit", "x")
+    back = SlicingPlan.from_dict(json.loads(json.dumps(nan.to_dict())))
+    assert math.isnan(back.predicted_step_time) and math.isnan(back.t_max)
+    with pytest.raises(ValueError, match="needs"):
+        SlicingPlan.from_dict({"token_slices": [1]})
+
+
+def test_plan_feeds_the_executor_config():
+    config = TokenPipelineConfig(plan=plan())
+    assert config.resolve_token_slices(256) == (96, 64, 64, 32)
+
+
+def test_format_plan_reads_like_megatron_arguments():
+    lines = format_plan(plan()).splitlines()
+    assert lines[0] == "-" * 24 + " token pipeline plan " + "-" * 24
+    assert lines[-1] == "-" * 20 + " end of token pipeline plan " + "-" * 21
+    body = lines[1:-1]
+    names = [line.split()[0] for line in body]
+    assert names == sorted(names, key=str.lower)
+    row = next(line for line in body if line.split()[0] == "token_slices")
+    assert row.startswith("  token_slices ....") and row.endswith("[96, 64, 64, 32]")
+    assert all(len(line.split(" ")[3]) >= 1 for line in body)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("auto", ("auto", None)),
+        (None, ("auto", None)),
+        ("4", ("count", 4)),
+        (4, ("count", 4)),
+        (["6"], ("count", 6)),
+        ("128,64,64", ("list", (128, 64, 64))),
+        ([128, 128], ("list", (128, 128))),
+    ],
+)
+def test_parse_token_pipeline_slices(value, expected):
+    assert parse_token_pipeline_slices(value) == expected
+
+
+@pytest.mark.parametrize("value", ["0", "many", "12,x"])
+def test_parse_token_pipeline_slices_rejects(value):
+    with pytest.raises(ValueError, match="--token-pipeline-slices"):
+        parse_token_pipeline_slices(value)
+
+
+def megatron_args(**overrides):
+    args = dict(
+        num_layers=8, hidden_size=512, num_attention_heads=8, num_query_groups=None,
+        group_query_attention=False, ffn_hidden_size=None, seq_length=1024,
+        micro_batch_size=1, global_batch_size=8, data_parallel_size=1,
+        tensor_model_parallel_size=2, pipeline_model_parallel_size=4, sequence_parallel=True,
+        padded_vocab_size=50304, swiglu=False, virtual_pipeline_model_parallel_size=None,
+        token_pipeline_slices="auto", token_pipeline_granularity=64,
+        token_pipeline_cost_model="analytic:a100", token_pipeline_memory_cap=None,
+        token_pipeline_schedule="terapipe",
+    )
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def test_plan_from_args_auto_plans_the_executor_micro_batches():
+    result = plan_from_args(megatron_args())
+    assert sum(result.token_slices) == 1024 and all(x % 64 == 0 for x in result.token_slices)
+    assert result.batch_slices == (1,) * 8
+    assert result.extra["num_microbatches"] == 8
+    assert result.strategy == "dp" and result.cost_model == "analytic:a100"
+    # More micro-batches in flight weigh the bubble less: never more slices than with one.
+    single = plan_from_args(megatron_args(), num_microbatches=1)
+    assert single.num_token_slices >= result.num_token_slices
+
+
+def test_plan_from_args_count_and_list():
+    equal = plan_from_args(megatron_args(token_pipeline_slices="4"))
+    assert equal.token_slices == (256,) * 4 and equal.strategy == "equal"
+    assert equal.predicted_step_time > 0 and equal.t_max > 0
+    explicit = plan_from_args(megatron_args(token_pipeline_slices="512,256,256"))
+    assert explicit.token_slices == (512, 256, 256) and explicit.strategy == "explicit"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"token_pipeline_granularity": 100},
+         r"--token-pipeline-granularity=100 does not divide seq_length=1024; valid values: 2, 4"),
+        ({"token_pipeline_granularity": 3, "seq_length": 1023},
+         "--token-pipeline-granularity=3 must be a multiple of the tensor-model-parallel size 2"),
+        ({"token_pipeline_slices": "512,500"}, r"--token-pipeline-slices \[512, 500\] sum to"),
+        ({"token_pipeline_slices": "511,513"}, "must be a multiple of 2"),
+        ({"token_pipeline_memory_cap": 0.001}, r"no plan fits: smallest needs [\d.]+ GiB"),
+        ({"token_pipeline_slices": "512,512", "token_pipeline_memory_cap": 0.001},
+         r"needs [\d.]+ GiB of activations per stage, over --token-pipeline-memory-cap=0.001"),
+        ({"token_pipeline_cost_model": "magic"}, "--token-pipeline-cost-model='magic'"),
+        ({"token_pipeline_cost_model": "missing.npz"}, "does not exist"),
+    ],
+)
+def test_plan_from_args_errors_name_the_flag(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        plan_from_args(megatron_args(**overrides))
+
+
+def test_plan_from_args_memory_cap_is_met():
+    args = megatron_args(token_pipeline_granularity=32, global_batch_size=None)
+    free = plan_from_args(args)
+    peak = free.extra["activation_memory_gib"]
+    assert free.num_token_slices > 1
+    args.token_pipeline_memory_cap = peak * 0.97
+    capped = plan_from_args(args)
+    assert capped.extra["activation_memory_gib"] <= peak * 0.97
+    assert capped.num_token_slices < free.num_token_slices
+
+
+def test_plan_from_args_reads_a_latency_table(tmp_path):
+    table = np.full((2, 5, 5), np.inf)
+    for n in range(1, 5):
+        for c in range(0, 5 - n):
+            table[1, n, c] = 1.0 + n + 0.1 * n * c
+    np.savez(tmp_path / "t.npz", latency=table, granularity=256, seq_length=1024)
+    args = megatron_args(token_pipeline_cost_model=str(tmp_path / "t.npz"),
+                         token_pipeline_granularity=256, global_batch_size=None)
+    result = plan_from_args(args)
+    assert result.cost_model == "table:t.npz"
+    model = LatencyTableCostModel.load(tmp_path / "t.npz")
+    assert result.predicted_step_time == pytest.approx(
+        min(sum(t) + 3 * max(t) for t in _all_slicings(model)))
+
+
+def _all_slicings(model):
+    for mask in range(8):
+        cuts = [i for i in range(1, 4) if mask >> (i - 1) & 1]
+        units = [b - a for a, b in zip([0, *cuts], [*cuts, 4])]
+        offsets = np.cumsum([0, *units[:-1]])
+        yield [model.latency[1, n, c] for n, c in zip(units, offsets)]
+
+
+def test_broadcast_without_distributed_returns_the_plan():
+    assert broadcast_plan(plan()) is not None
+    with pytest.raises(ValueError, match="no plan"):
+        broadcast_plan(None)
+    lines = []
+    got = plan_and_broadcast(megatron_args(), print_fn=lines.append)
+    assert "token pipeline plan" in lines[0] and sum(got.token_slices) == 1024
+
+
+def _rank(rank: int, port: int, results, bad: bool) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    try:
+        args = megatron_args(token_pipeline_granularity=100 if bad else 64)
+        printed: list[str] = []
+        try:
+            got = plan_and_broadcast(args, print_fn=printed.append).to_dict()
+        except ValueError as exc:
+            got = {"error": str(exc)}
+        # broadcast_plan alone: rank 1 passes nothing and receives rank 0's plan.
+        mine = plan() if rank == 0 else None
+        again = broadcast_plan(mine).to_dict()
+        results.put((rank, got, again, printed))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_rank_zero_plans_and_every_rank_gets_it_over_gloo(bad):
+    ctx = mp.get_context("spawn")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    results = ctx.Queue()
+    procs = [ctx.Process(target=_rank, args=(r, port, results, bad)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    got = dict((r, (p, a, t)) for r, p, a, t in (results.get(timeout=60) for _ in procs))
+    for proc in procs:
+        proc.join(timeout=30)
+    assert got[0][0] == got[1][0]
+    assert got[0][1] == got[1][1] == plan().to_dict()
+    if bad:
+        assert "does not divide" in got[1][0]["error"]
+    else:
+        assert got[0][2] and not got[1][2]  # only rank 0 prints
+        assert sum(got[1][0]["token_slices"]) == 1024
