@@ -17,7 +17,8 @@ def token_pipeline_layer_spec(spec: ModuleSpec) -> ModuleSpec:
     """
     if not isinstance(spec, ModuleSpec):
         raise TypeError(
-            f"token_pipeline_layer_spec expects a megatron-core ModuleSpec, got {type(spec).__name__}"
+            "token_pipeline_layer_spec expects a megatron-core ModuleSpec, got "
+            f"{type(spec).__name__}"
         )
     new_spec = copy.deepcopy(spec)
     self_attention = getattr(new_spec.submodules, "self_attention", None)
