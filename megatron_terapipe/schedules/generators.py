@@ -81,16 +81,6 @@ def _interleaved_order(forward: list[Compute], backward: list[Compute], num_warm
     return order
 
 
-def _local_warmup(forward: Sequence[Compute], backward: Sequence[Compute]) -> int:
-    """Fewest warm-up forwards for which every backward follows its own forward on this rank.
-
-    In 1F1B order backward k runs right after forward ``warmup + k``, so the warm-up must cover
-    the largest lead of a unit's forward position over its backward position.
-    """
-    position = {c.unit: i for i, c in enumerate(forward)}
-    return max([0] + [position[c.unit] - k for k, c in enumerate(backward)])
-
-
 # ---------------------------------------------------------------------------------------------
 # Domain checks (ValueError naming the value and what is allowed)
 
@@ -128,13 +118,20 @@ def _require_ring(name: str, num_stages: int, num_chunks: int) -> None:
         )
 
 
-def _check_interleaving(name: str, num_stages: int, num_microbatches: int, num_chunks: int):
+def _check_interleaving(
+    name: str, num_stages: int, num_microbatches: int, num_chunks: int, always: bool = False
+) -> None:
+    """megatron-core's interleaved schedule takes micro-batches in groups of P per chunk
+    (microbatch_group_size_per_vp_stage = P) and rejects M that is not a multiple of P: a short
+    last group would leave a chunk waiting for its own input. `always` applies the rule with one
+    chunk too, as megatron-core's interleaved function does."""
     _require_ring(name, num_stages, num_chunks)
-    if num_chunks > 1 and num_microbatches % num_stages:
+    if (num_chunks > 1 or always) and num_microbatches % num_stages:
         raise ValueError(
-            f"schedule {name!r} with num_chunks={num_chunks} > 1 needs num_microbatches "
-            f"divisible by num_stages (megatron-core's microbatch_group_size_per_vp_stage = "
-            f"P), got num_microbatches={num_microbatches}, num_stages={num_stages}"
+            f"schedule {name!r} with num_chunks={num_chunks} needs num_microbatches divisible "
+            f"by num_stages (megatron-core's microbatch_group_size_per_vp_stage = P), got "
+            f"num_microbatches={num_microbatches}, num_stages={num_stages}; valid "
+            f"num_microbatches: multiples of {num_stages}"
         )
 
 
@@ -193,24 +190,29 @@ def one_f_one_b(P: int, M: int, S: int = 1, V: int = 1) -> Schedule:
 
 
 def _interleaved_orders(P: int, M: int, S: int, V: int) -> list[list[Compute]]:
-    """megatron-core's interleaved order over (m, t) units, groups of P units per chunk.
+    """megatron-core's interleaved order with every micro-batch replaced by its S slices.
 
-    Warm-up on rank p is ``2 (P - p - 1)`` (megatron-core's stage offset) plus the fewest forwards
-    that put every backward after its own forward on the rank (`_local_warmup`); for S = 1 that
-    is megatron-core's ``(V - 1) * P``. Groups of P units (not P micro-batches) keep the units in
-    flight near S * V instead of P * S * V.
+    The chunk table takes groups of P micro-batches (P * S units) per chunk, as megatron-core
+    does with microbatch_group_size_per_vp_stage = P. Rank p warms up with
+    ``2 (P - p - 1) + (V - 1) P S + S - 1`` forwards: megatron-core's ``2 (P - p - 1) + (V - 1) P``
+    in units of slices, plus ``S - 1`` because the last virtual stage must run every forward
+    slice of a micro-batch before its first backward (the last slice's). For S = 1 this is
+    megatron-core's order exactly. Each unit is 1/S of a micro-batch, so activation memory stays
+    at or below stock interleaving's.
     """
     fwd, bwd = _forward_units(M, S), _backward_units(M, S)
     forward, backward = _interleaved_tables(fwd, bwd, V, P * S)
-    local = _local_warmup(forward, backward)
-    return [_interleaved_order(forward, backward, 2 * (P - p - 1) + local) for p in range(P)]
+    return [
+        _interleaved_order(forward, backward, 2 * (P - p - 1) + (V - 1) * P * S + S - 1)
+        for p in range(P)
+    ]
 
 
 def interleaved(P: int, M: int, S: int = 1, V: int = 2) -> Schedule:
     """megatron-core's interleaved 1F1B (microbatch_group_size_per_vp_stage = P)."""
     _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
     _require_single_slice("interleaved", S)
-    _check_interleaving("interleaved", P, M, V)
+    _check_interleaving("interleaved", P, M, V, always=True)
     return _make("interleaved", P, M, S, V, _interleaved_orders(P, M, 1, V))
 
 

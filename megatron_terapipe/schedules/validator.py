@@ -43,14 +43,17 @@ class ScheduleError(ValueError):
         super().__init__(text)
 
 
-def find_problems(schedule: Schedule) -> list[str]:
+def find_problems(schedule: Schedule, forward_only: bool = False) -> list[str]:
     """Every rule violation of `schedule`, empty when it is valid. Stops before the message
-    checks if the per-stage lists are already wrong, since those would only echo the cause."""
+    checks if the per-stage lists are already wrong, since those would only echo the cause.
+
+    `forward_only` checks an evaluation schedule: every forward once and no backward at all.
+    """
     problems = _shape_problems(schedule)
     if problems:
         return problems
     for rank in range(schedule.num_stages):
-        problems += _compute_problems(schedule, rank)
+        problems += _compute_problems(schedule, rank, forward_only)
         problems += _comm_placement_problems(schedule, rank)
     if problems:
         return problems
@@ -63,9 +66,9 @@ def find_problems(schedule: Schedule) -> list[str]:
     return []
 
 
-def validate_schedule(schedule: Schedule) -> Schedule:
+def validate_schedule(schedule: Schedule, forward_only: bool = False) -> Schedule:
     """Raise ScheduleError listing the violations; return the schedule when it is valid."""
-    problems = find_problems(schedule)
+    problems = find_problems(schedule, forward_only)
     if problems:
         raise ScheduleError(schedule.name, problems)
     return schedule
@@ -104,7 +107,7 @@ def _shape_problems(s: Schedule) -> list[str]:
     return problems
 
 
-def _compute_problems(s: Schedule, rank: int) -> list[str]:
+def _compute_problems(s: Schedule, rank: int, forward_only: bool) -> list[str]:
     problems = []
     position: dict[tuple[str, int, int, int], int] = {}
     counts: Counter = Counter()
@@ -115,13 +118,14 @@ def _compute_problems(s: Schedule, rank: int) -> list[str]:
             position.setdefault(key, index)
     V, M, S = s.num_chunks, s.num_microbatches, s.num_token_slices
     for kind in KINDS:
+        expected = 0 if forward_only and kind == BACKWARD else 1
         for m in range(M):
             for t in range(S):
                 for v in range(V):
                     n = counts[(kind, m, t, v)]
-                    if n != 1:
+                    if n != expected:
                         name = Compute(kind, m, t, v).format(max(V, 2))
-                        problems.append(f"stage {rank}: {name} runs {n} times, expected once")
+                        problems.append(f"stage {rank}: {name} runs {n} times, expected {expected}")
     if problems:
         return problems
 
@@ -132,10 +136,12 @@ def _compute_problems(s: Schedule, rank: int) -> list[str]:
         for t in range(S):
             for v in range(V):
                 unit = f"{m}.{t}c{v}"
-                if at(BACKWARD, m, t, v) < at(FORWARD, m, t, v):
-                    problems.append(f"stage {rank}: B{unit} runs before F{unit}")
                 if t > 0 and at(FORWARD, m, t, v) < at(FORWARD, m, t - 1, v):
                     problems.append(f"stage {rank}: F{unit} runs before F{m}.{t - 1}c{v}")
+                if forward_only:
+                    continue
+                if at(BACKWARD, m, t, v) < at(FORWARD, m, t, v):
+                    problems.append(f"stage {rank}: B{unit} runs before F{unit}")
                 if t + 1 < S and at(BACKWARD, m, t, v) < at(BACKWARD, m, t + 1, v):
                     problems.append(
                         f"stage {rank}: B{unit} runs before B{m}.{t + 1}c{v} "
