@@ -1,0 +1,382 @@
+"""The --token-pipeline* flags: add them to a Megatron parser, check them, build the config.
+
+Both entry points use this module: our `scripts/pretrain_gpt.py` and an upstream Megatron-LM
+checkout patched with `patches/megatron-lm-core_v0.16.1.patch` (through `megatron_lm.py`).
+Everything here is plain Python (no torch, no megatron-core), so a bad flag set is rejected in
+well under a second, before any rank starts a process group or builds a model.
+
+Flag semantics (Megatron-LM naming style):
+
+- ``--token-pipeline`` / ``--no-token-pipeline``: run the token-level pipeline (default off).
+- ``--token-pipeline-schedule {terapipe,token-1f1b,token-interleaved}``.
+- ``--token-pipeline-slices {N|auto|l1,l2,...}``: N equal slices, the DP planner (``auto``,
+  the default), or explicit lengths that sum to ``--seq-length``.
+- ``--token-pipeline-granularity G``: slices are multiples of G tokens (planner unit).
+- ``--token-pipeline-cost-model {analytic|analytic:<preset>|profile|PATH}``: the planner's
+  cost model; PATH is a ``.json`` profile or a ``.npz`` latency table.
+- ``--token-pipeline-memory-cap GIB``: activation memory per stage the plan must fit in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from megatron_terapipe.config import TOKEN_SCHEDULES, TokenPipelineConfig
+
+GROUP_TITLE = "token pipeline (TeraPipe)"
+DEFAULT_SCHEDULE = "terapipe"
+DEFAULT_SLICES = "auto"
+DEFAULT_COST_MODEL = "analytic"
+
+# Flags whose value only matters with --token-pipeline; giving one without it is a mistake.
+_DEPENDENT_FLAGS = {
+    "token_pipeline_schedule": "--token-pipeline-schedule",
+    "token_pipeline_slices": "--token-pipeline-slices",
+    "token_pipeline_granularity": "--token-pipeline-granularity",
+    "token_pipeline_cost_model": "--token-pipeline-cost-model",
+    "token_pipeline_memory_cap": "--token-pipeline-memory-cap",
+}
+
+
+class TokenPipelineArgumentError(ValueError):
+    """One or more bad token-pipeline flags; the message names every flag and what is valid."""
+
+    def __init__(self, errors: Sequence[str]) -> None:
+        self.errors = list(errors)
+        super().__init__("\n".join(f"  - {e}" for e in self.errors))
+
+
+def parse_slices(text: Any) -> str | int | tuple[int, ...]:
+    """The value of --token-pipeline-slices: 'auto', a count N, or a tuple of lengths.
+
+    Used as the argparse `type`, so a malformed value is an argparse error naming the flag.
+    """
+    if isinstance(text, (int, tuple)):
+        return text
+    value = str(text).strip().lower()
+    if value == "auto":
+        return "auto"
+    try:
+        if "," in value:
+            lengths = tuple(int(part) for part in value.split(",") if part.strip())
+            if not lengths:
+                raise ValueError
+            return lengths
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not N, 'auto' or a comma-separated list of slice lengths "
+            "(e.g. 8, auto, 512,512,1024)"
+        ) from None
+
+
+def add_token_pipeline_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Megatron `extra_args_provider`: add the token-pipeline group to `parser`, return it.
+
+    Dependent flags default to None so validation can tell "not given" from a default and
+    reject them without --token-pipeline; `resolved_token_pipeline_args` fills the defaults.
+    """
+    group = parser.add_argument_group(title=GROUP_TITLE)
+    group.add_argument(
+        "--token-pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="Run TeraPipe token-level pipeline parallelism: cut each micro-batch's sequence "
+        "into token slices that flow through the pipeline stages back to back.",
+    )
+    group.add_argument(
+        "--token-pipeline-schedule",
+        choices=TOKEN_SCHEDULES,
+        default=None,
+        help=f"Token schedule (default {DEFAULT_SCHEDULE}). token-interleaved needs virtual "
+        "pipeline stages; token-1f1b bounds in-flight slices like Seq1F1B.",
+    )
+    group.add_argument(
+        "--token-pipeline-slices",
+        type=parse_slices,
+        default=None,
+        metavar="{N|auto|l1,l2,...}",
+        help="N equal token slices, 'auto' (TeraPipe's DP planner, run once on rank 0 and "
+        "broadcast; the default), or explicit lengths summing to --seq-length.",
+    )
+    group.add_argument(
+        "--token-pipeline-granularity",
+        type=int,
+        default=None,
+        metavar="G",
+        help="Slices are multiples of G tokens (the planner's unit). Must divide --seq-length. "
+        "Default: the smallest G giving at most 256 units.",
+    )
+    group.add_argument(
+        "--token-pipeline-cost-model",
+        default=None,
+        metavar="{analytic|analytic:<preset>|profile|PATH}",
+        help="Cost model of the planner: analytic (FLOP-based, default), profile (measure this "
+        "device at start-up), or a .json profile / .npz latency table.",
+    )
+    group.add_argument(
+        "--token-pipeline-memory-cap",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="Activation memory per pipeline stage (GiB) the planned slicing must fit in.",
+    )
+    return parser
+
+
+def resolved_token_pipeline_args(args: Any) -> Any:
+    """Fill the token-pipeline defaults in place (after validation) and return `args`."""
+    args.token_pipeline = bool(getattr(args, "token_pipeline", False))
+    if getattr(args, "token_pipeline_schedule", None) is None:
+        args.token_pipeline_schedule = DEFAULT_SCHEDULE
+    if getattr(args, "token_pipeline_slices", None) is None:
+        args.token_pipeline_slices = DEFAULT_SLICES
+    if getattr(args, "token_pipeline_cost_model", None) is None:
+        args.token_pipeline_cost_model = DEFAULT_COST_MODEL
+    for name in ("token_pipeline_granularity", "token_pipeline_memory_cap"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    return args
+
+
+def _get(args: Any, name: str, default: Any = None) -> Any:
+    value = getattr(args, name, default)
+    return default if value is None else value
+
+
+def virtual_pipeline_size(args: Any) -> int:
+    """Virtual stages per pipeline rank implied by Megatron's VP flags (1 = none)."""
+    vp = getattr(args, "virtual_pipeline_model_parallel_size", None)
+    if vp:
+        return int(vp)
+    per_rank = getattr(args, "num_virtual_stages_per_pipeline_rank", None)
+    if per_rank:
+        return int(per_rank)
+    layers_per_vp = getattr(args, "num_layers_per_virtual_pipeline_stage", None)
+    pp = int(_get(args, "pipeline_model_parallel_size", 1))
+    num_layers = getattr(args, "num_layers", None)
+    if layers_per_vp and num_layers and num_layers % pp == 0:
+        per_stage = num_layers // pp
+        if layers_per_vp > 0 and per_stage % layers_per_vp == 0:
+            return per_stage // layers_per_vp
+    return 1
+
+
+def num_microbatches(args: Any) -> int | None:
+    """Micro-batches per step per data-parallel rank, when the namespace determines it."""
+    gbs = getattr(args, "global_batch_size", None)
+    mbs = getattr(args, "micro_batch_size", None)
+    dp = getattr(args, "data_parallel_size", None)
+    if not (gbs and mbs and dp) or gbs % (mbs * dp):
+        return None
+    return gbs // (mbs * dp)
+
+
+def token_pipeline_errors(args: Any) -> list[str]:
+    """Every problem with the token-pipeline flags of `args` (a Megatron namespace).
+
+    Reads Megatron-LM attribute names with getattr, so it works on Megatron-LM's own namespace
+    and on ours. Checks are those that need no process group; the executor and planner repeat
+    the relevant ones at run time.
+    """
+    errors: list[str] = []
+    enabled = getattr(args, "token_pipeline", None)
+    if not enabled:
+        if enabled is None:
+            given = [flag for name, flag in _DEPENDENT_FLAGS.items() if getattr(args, name, None)]
+            if given:
+                errors.append(
+                    f"{', '.join(given)} given without --token-pipeline; add --token-pipeline "
+                    "or drop them"
+                )
+        return errors
+
+    seq = getattr(args, "seq_length", None)
+    tp = int(_get(args, "tensor_model_parallel_size", 1))
+    pp = int(_get(args, "pipeline_model_parallel_size", 1))
+    sp = bool(getattr(args, "sequence_parallel", False)) and tp > 1
+    multiple_of = tp if sp else 1
+    vp = virtual_pipeline_size(args)
+    schedule = getattr(args, "token_pipeline_schedule", None) or DEFAULT_SCHEDULE
+
+    # Features token slicing cannot run exactly.
+    cp = int(_get(args, "context_parallel_size", 1))
+    if cp > 1:
+        errors.append(
+            f"--token-pipeline cannot be combined with --context-parallel-size={cp} (context "
+            "parallelism already splits the sequence); use --context-parallel-size 1"
+        )
+    if getattr(args, "num_experts", None):
+        errors.append(
+            f"--token-pipeline does not support MoE (--num-experts={args.num_experts}): routing "
+            "and the load-balancing loss depend on the whole sequence"
+        )
+    if getattr(args, "mtp_num_layers", None):
+        errors.append("--token-pipeline does not support multi-token prediction (--mtp-num-layers)")
+    if getattr(args, "multi_latent_attention", False):
+        errors.append("--token-pipeline does not support --multi-latent-attention")
+    if getattr(args, "window_size", None) is not None:
+        errors.append("--token-pipeline does not support sliding-window attention (--window-size)")
+    pos = getattr(args, "position_embedding_type", None)
+    if pos in ("relative", "mrope"):
+        errors.append(
+            f"--token-pipeline does not support --position-embedding-type={pos}; valid with "
+            "the token pipeline: learned_absolute, rope, none"
+        )
+    if getattr(args, "use_legacy_models", False):
+        errors.append("--token-pipeline needs megatron-core models; drop --use-legacy-models")
+    if getattr(args, "hybrid_context_parallel", False):
+        errors.append("--token-pipeline does not support --hybrid-context-parallel")
+    if getattr(args, "sft", False):
+        errors.append("--token-pipeline does not support --sft (packed variable-length sequences)")
+
+    # Schedule vs virtual pipeline stages.
+    if schedule == "token-1f1b" and vp > 1:
+        errors.append(
+            f"--token-pipeline-schedule=token-1f1b runs one model chunk per rank, but virtual "
+            f"pipeline stages are on ({vp} per rank); use --token-pipeline-schedule "
+            "token-interleaved or terapipe, or drop --num-layers-per-virtual-pipeline-stage"
+        )
+    if schedule == "token-interleaved" and vp < 2:
+        errors.append(
+            "--token-pipeline-schedule=token-interleaved needs virtual pipeline stages; set "
+            "--num-layers-per-virtual-pipeline-stage (or --num-virtual-stages-per-pipeline-rank)"
+        )
+    if vp > 1:
+        if pp < 2:
+            errors.append(
+                f"virtual pipeline stages ({vp} per rank) need --pipeline-model-parallel-size "
+                f">= 2, got {pp}"
+            )
+        micro = num_microbatches(args)
+        if micro is not None and pp > 1 and micro % pp:
+            errors.append(
+                f"--token-pipeline with virtual pipeline stages needs the number of "
+                f"micro-batches (--global-batch-size / (--micro-batch-size x data-parallel "
+                f"size) = {micro}) divisible by --pipeline-model-parallel-size={pp}"
+            )
+
+    # Slices.
+    slices = getattr(args, "token_pipeline_slices", None)
+    if isinstance(slices, str):
+        try:
+            slices = parse_slices(slices)
+        except argparse.ArgumentTypeError as exc:
+            errors.append(f"--token-pipeline-slices: {exc}")
+            slices = None
+    if seq is None:
+        errors.append("--token-pipeline needs --seq-length")
+    elif isinstance(slices, int):
+        if slices < 1:
+            errors.append(f"--token-pipeline-slices={slices}: the number of slices must be >= 1")
+        elif seq % multiple_of:
+            errors.append(
+                f"--seq-length={seq} must be divisible by --tensor-model-parallel-size={tp} "
+                "under --sequence-parallel"
+            )
+        elif slices > seq // multiple_of:
+            errors.append(
+                f"--token-pipeline-slices={slices} is more slices than --seq-length={seq} "
+                f"allows (at most {seq // multiple_of} slices of at least {multiple_of} token(s))"
+            )
+    elif isinstance(slices, tuple):
+        bad = [length for length in slices if length < 1]
+        if bad:
+            errors.append(
+                f"--token-pipeline-slices={','.join(map(str, slices))}: every slice must be "
+                f">= 1 token, got {bad}"
+            )
+        elif sum(slices) != seq:
+            errors.append(
+                f"--token-pipeline-slices={','.join(map(str, slices))} sums to {sum(slices)}, "
+                f"but the slices must sum to --seq-length={seq}"
+            )
+        if multiple_of > 1 and any(length % multiple_of for length in slices):
+            errors.append(
+                f"--token-pipeline-slices={','.join(map(str, slices))}: under "
+                f"--sequence-parallel every slice must be a multiple of "
+                f"--tensor-model-parallel-size={tp}"
+            )
+
+    granularity = getattr(args, "token_pipeline_granularity", None)
+    if granularity is not None and seq is not None:
+        if granularity < 1 or seq % granularity:
+            valid = [d for d in range(multiple_of, seq + 1, multiple_of) if seq % d == 0]
+            shown = ", ".join(map(str, valid[:12])) + (", ..." if len(valid) > 12 else "")
+            errors.append(
+                f"--token-pipeline-granularity={granularity} must divide --seq-length={seq}; "
+                f"valid values: {shown}"
+            )
+        elif granularity % multiple_of:
+            errors.append(
+                f"--token-pipeline-granularity={granularity} must be a multiple of "
+                f"--tensor-model-parallel-size={tp} under --sequence-parallel"
+            )
+        elif isinstance(slices, tuple) and any(length % granularity for length in slices):
+            errors.append(
+                f"--token-pipeline-slices={','.join(map(str, slices))}: every slice must be a "
+                f"multiple of --token-pipeline-granularity={granularity}"
+            )
+
+    errors.extend(_cost_model_errors(getattr(args, "token_pipeline_cost_model", None)))
+    cap = getattr(args, "token_pipeline_memory_cap", None)
+    if cap is not None and not cap > 0:
+        errors.append(f"--token-pipeline-memory-cap={cap} must be > 0 (GiB)")
+    return errors
+
+
+def _cost_model_errors(spec: str | None) -> list[str]:
+    if spec is None or spec in ("analytic", "profile") or spec.startswith("analytic:"):
+        return []
+    if spec.endswith((".json", ".npz")):
+        if not os.path.isfile(spec):
+            return [f"--token-pipeline-cost-model={spec}: no such file"]
+        return []
+    return [
+        f"--token-pipeline-cost-model={spec!r}: expected analytic, analytic:<preset>, profile, "
+        "or the path of a .json profile or .npz latency table"
+    ]
+
+
+def validate_token_pipeline_args(args: Any) -> Any:
+    """Raise TokenPipelineArgumentError listing every bad flag; fill defaults and return args."""
+    errors = token_pipeline_errors(args)
+    if errors:
+        raise TokenPipelineArgumentError(errors)
+    return resolved_token_pipeline_args(args)
+
+
+def token_pipeline_config_from_args(args: Any, plan: Any = None) -> TokenPipelineConfig:
+    """The TokenPipelineConfig that `args` (validated) and an optional planner result ask for.
+
+    With `--token-pipeline-slices auto` a plan is required: planning may profile the device,
+    so it runs once at start-up (see `megatron_lm.setup_token_pipeline`), not here.
+    """
+    schedule = getattr(args, "token_pipeline_schedule", None) or DEFAULT_SCHEDULE
+    if plan is not None:
+        return TokenPipelineConfig(schedule=schedule, plan=plan)
+    slices = getattr(args, "token_pipeline_slices", None)
+    if isinstance(slices, str):
+        slices = parse_slices(slices)
+    if isinstance(slices, int):
+        return TokenPipelineConfig(schedule=schedule, num_token_slices=slices)
+    if isinstance(slices, tuple):
+        return TokenPipelineConfig(schedule=schedule, token_slices=slices)
+    raise ValueError(
+        "--token-pipeline-slices auto needs the planner's result; call "
+        "megatron_terapipe.megatron_lm.setup_token_pipeline(args) first"
+    )
+
+
+__all__ = [
+    "add_token_pipeline_args",
+    "validate_token_pipeline_args",
+    "token_pipeline_errors",
+    "token_pipeline_config_from_args",
+    "resolved_token_pipeline_args",
+    "TokenPipelineArgumentError",
+    "parse_slices",
+]

@@ -1,0 +1,148 @@
+"""Model provider: megatron-core GPTModel chunks wrapped in megatron-core DDP, as get_model does.
+
+The token pipeline changes one thing here: the layer spec's core attention (through
+`megatron_lm.layer_spec`). Parameters, their order and initialisation are identical to the
+stock model's, which is why a checkpoint saved under one schedule loads under the other.
+"""
+
+from __future__ import annotations
+
+from argparse import Namespace
+
+import torch
+import torch.nn.functional as F
+
+
+def use_transformer_engine(args: Namespace) -> bool:
+    return args.transformer_impl == "transformer_engine"
+
+
+def transformer_config_from_args(args: Namespace):
+    """megatron-core TransformerConfig for `args` (Megatron-LM's core_transformer_config_from_args
+    for the flags this trainer has)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
+        args.params_dtype, torch.float32
+    )
+    on_cpu = not torch.cuda.is_available() or args.distributed_backend == "gloo"
+    kwargs = dict(
+        num_layers=args.num_layers,
+        hidden_size=args.hidden_size,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        num_query_groups=args.num_query_groups,
+        kv_channels=args.kv_channels,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        context_parallel_size=args.context_parallel_size,
+        sequence_parallel=args.sequence_parallel,
+        use_cpu_initialization=on_cpu,
+        perform_initialization=True,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=args.bf16,
+        fp16=args.fp16,
+        hidden_dropout=args.hidden_dropout,
+        attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std,
+        normalization=args.normalization,
+        layernorm_epsilon=args.norm_epsilon,
+        add_bias_linear=args.add_bias_linear,
+        gated_linear_unit=args.swiglu,
+        activation_func=F.silu if args.swiglu else F.gelu,
+        recompute_granularity=args.recompute_granularity,
+        recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        deallocate_pipeline_outputs=True,
+        # Fused kernels need apex/TE builds; the unfused paths are what runs everywhere.
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+    )
+    if args.virtual_pipeline_model_parallel_size:
+        # Megatron-LM's default (--overlap-p2p-communication): lets VP run with PP = 2.
+        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+    if args.recompute_granularity == "full" and args.recompute_num_layers is None:
+        kwargs["recompute_num_layers"] = 1
+    return TransformerConfig(**kwargs)
+
+
+def base_layer_spec(args: Namespace):
+    """The stock megatron-core GPT layer spec: TE when asked (and usable), else local."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if use_transformer_engine(args):
+        return get_gpt_layer_with_transformer_engine_spec()
+    return get_gpt_layer_local_spec(normalization=args.normalization)
+
+
+def build_model(args: Namespace, config) -> list:
+    """This rank's GPTModel chunks (one per virtual stage), fp16/bf16-wrapped, in DDP."""
+    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_terapipe import megatron_lm
+
+    spec = megatron_lm.layer_spec(base_layer_spec(args), args)
+    vp_size = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size else None
+        chunk = GPTModel(
+            config=config,
+            transformer_layer_spec=spec,
+            vocab_size=args.padded_vocab_size,
+            max_sequence_length=args.max_position_embeddings,
+            pre_process=parallel_state.is_pipeline_first_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
+            post_process=parallel_state.is_pipeline_last_stage(
+                ignore_virtual=False, vp_stage=stage
+            ),
+            parallel_output=True,
+            share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+            position_embedding_type=args.position_embedding_type,
+            rotary_percent=args.rotary_percent,
+            rotary_base=args.rotary_base,
+            vp_stage=stage,
+        )
+        for param in chunk.parameters():
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        chunks.append(chunk)
+
+    num_parameters = sum(p.nelement() for chunk in chunks for p in chunk.parameters())
+    if parallel_state.get_data_parallel_rank() == 0:
+        print(
+            " > number of parameters on (tensor, pipeline) model parallel rank "
+            f"({parallel_state.get_tensor_model_parallel_rank()}, "
+            f"{parallel_state.get_pipeline_model_parallel_rank()}): {num_parameters}",
+            flush=True,
+        )
+    if torch.cuda.is_available() and args.distributed_backend != "gloo":
+        chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
+    if args.fp16 or args.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,
+        overlap_grad_reduce=False,
+        use_distributed_optimizer=args.use_distributed_optimizer,
+        check_for_nan_in_grad=True,
+        bucket_size=None,
+    )
+    return [
+        DistributedDataParallel(
+            config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=(index > 0)
+        )
+        for index, chunk in enumerate(chunks)
+    ]

@@ -1,0 +1,135 @@
+"""The pre-training entry point: parse and validate, then initialise, build, load, train, save.
+
+Order matters for "bad input exits before training": flags are parsed and validated in pure
+Python first (exit status 2 with every problem listed); only then are torch.distributed,
+megatron-core, models and datasets touched.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable, Sequence
+
+EXIT_BAD_ARGS = 2
+
+
+class StartupConfigurationError(RuntimeError):
+    """A flag problem only visible once ranks exist (e.g. no slicing fits the memory cap)."""
+
+
+def parse_and_validate(argv: Sequence[str] | None = None):
+    """(args, None) when the flags can train, else (None, message). Never imports torch."""
+    from megatron_terapipe.training.args import ArgumentValidationError, parse_args, validate_args
+
+    args = parse_args(argv)  # argparse exits with status 2 on unknown or malformed flags
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    try:
+        return validate_args(args, world_size), None
+    except ArgumentValidationError as exc:
+        return None, str(exc)
+
+
+def _quiet_megatron_import_warnings() -> None:
+    # megatron-core warns at import about every missing GPU-only extra (Apex, TE...).
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|TE|apex).*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def pretrain(args, forward_step_func: Callable | None = None) -> int:
+    """Train with validated `args`; returns the last iteration reached."""
+    _quiet_megatron_import_warnings()
+    start = time.time()
+    import torch
+
+    from megatron_terapipe import megatron_lm
+    from megatron_terapipe.training import (
+        checkpointing,
+        data,
+        initialize,
+        loop,
+        optim,
+    )
+    from megatron_terapipe.training import (
+        model as model_module,
+    )
+    from megatron_terapipe.training.args import format_args
+
+    if args.num_workers == 0:
+        torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    initialize.initialize_distributed(args)
+    initialize.print_rank_0(format_args(args))
+    initialize.set_random_seed(args.seed)
+    initialize.init_microbatches(args)
+    try:
+        try:
+            forward_backward_func = megatron_lm.get_forward_backward_func(args)
+        except ValueError as exc:
+            raise StartupConfigurationError(str(exc)) from exc
+        config = model_module.transformer_config_from_args(args)
+        model = model_module.build_model(args, config)
+        optimizer = optim.build_optimizer(args, model)
+        scheduler = optim.build_scheduler(args, optimizer)
+
+        iteration, flops_so_far = 0, 0.0
+        args.consumed_valid_samples = 0
+        if args.load is not None:
+            iteration, flops_so_far = checkpointing.load_checkpoint(
+                args, model, optimizer, scheduler
+            )
+        args.iteration = iteration
+        datasets = data.build_datasets(args)
+        train_iterator, valid_iterator = data.build_iterators(
+            args, datasets, args.consumed_train_samples, args.consumed_valid_samples
+        )
+        initialize.print_rank_0(
+            f"time to initialize (seconds): {time.time() - start:.3f}\n"
+            f"> schedule: {_schedule_summary(args)}"
+        )
+
+        def save(it: int, flops: float) -> None:
+            checkpointing.save_checkpoint(args, it, model, optimizer, scheduler, flops)
+
+        last = loop.train(
+            args,
+            forward_step_func or data.forward_step,
+            model,
+            optimizer,
+            scheduler,
+            train_iterator,
+            valid_iterator,
+            forward_backward_func,
+            iteration,
+            flops_so_far,
+            save if args.save else None,
+        )
+        initialize.print_rank_0(f"> training finished at iteration {last}")
+        return last
+    finally:
+        megatron_lm.reset()
+        initialize.shutdown()
+
+
+def _schedule_summary(args) -> str:
+    from megatron_terapipe.training.reporting import schedule_name
+
+    name = schedule_name(args)
+    if args.token_pipeline:
+        slices = args.token_pipeline_plan.get("token_slices")
+        return f"{name} (token slices {slices})"
+    return name
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, problem = parse_and_validate(argv)
+    if problem is not None:
+        print(f"pretrain_gpt.py: error: {problem}", file=sys.stderr, flush=True)
+        return EXIT_BAD_ARGS
+    try:
+        pretrain(args)
+    except StartupConfigurationError as exc:
+        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+        return EXIT_BAD_ARGS
+    return 0
