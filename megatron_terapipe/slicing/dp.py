@@ -162,10 +162,14 @@ class _Problem:
         masked = np.where(self.E <= bound, self.E, np.inf)
         rows, units, limit = masked.shape[0], self.units, self.limit
         if limit == 0 and not hasattr(self, "first"):
+            # [end, start, row], contiguous: each step reads one block; the raw ufunc reduce
+            # skips numpy's Python-level wrapper, which dominates at these sizes.
+            by_end = np.ascontiguousarray(masked.transpose(1, 2, 0))
             f = np.full((units + 1, rows), np.inf)
             f[0] = 0.0
+            reduce, add = np.minimum.reduce, np.add
             for i in range(1, units + 1):
-                np.min(f[:i] + masked[:, i, :i].T, axis=0, out=f[i])
+                reduce(add(f[:i], by_end[i, :i]), axis=0, out=f[i])
             self._masked, self._f = masked, f
             return f[units][:, None]
         f = np.full((units + 1, rows, limit + 1), np.inf)
