@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from megatron_terapipe.benchmark.fit import P2PFit
 from megatron_terapipe.benchmark.memory import ActivationMemoryTracker, observe_kv_store
 from megatron_terapipe.benchmark.models import (
     BuiltModel,
@@ -23,6 +24,7 @@ from megatron_terapipe.benchmark.models import (
     load_weights,
     virtual_pipeline,
 )
+from megatron_terapipe.benchmark.p2p import calibrate_p2p
 from megatron_terapipe.benchmark.spec import STOCK_INTERLEAVED, BenchSpec, Variant
 from megatron_terapipe.benchmark.stock_timeline import StockRecorder
 from megatron_terapipe.testing.gpt import gpt_forward_step, make_microbatches
@@ -167,6 +169,8 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
     torch.manual_seed(spec.init_seed)
 
     models = _build_models(spec)
+    p2p = calibrate_p2p(spec.model.hidden_size, spec.micro_batch_size) if world_size > 1 else (
+        P2PFit())
     batches = make_microbatches(
         spec.model, spec.micro_batch_size, spec.num_microbatches, seed=spec.data_seed
     )
@@ -184,7 +188,7 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
         warm = {name: (run.token_slices, run.warmup_timeline) for name, run in runs.items()
                 if not run.variant.is_stock and run.warmup_timeline}
         for variant in planned:
-            slices = plan_slices(spec, variant, warm, calibrate=_calibration(spec, models))
+            slices = plan_slices(spec, variant, warm, _calibration(spec, models), p2p)
             concrete = replace(variant, token_slices=tuple(slices))
             runs[variant.name].variant = concrete
             runners[variant.name] = _Runner(spec, concrete, models[_model_key(variant)])
@@ -197,7 +201,11 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             elapsed, _, records = runners[name].step(batches)
             runs[name].step_times.append(elapsed)
             runs[name].timelines.append(records)
-    return {"rank": rank, "runs": [vars(run) for run in runs.values()]}
+    return {
+        "rank": rank,
+        "runs": [vars(run) for run in runs.values()],
+        "p2p": {"latency_s": p2p.latency_s, "seconds_per_byte": p2p.seconds_per_byte},
+    }
 
 
 def _warmup(runner: _Runner, batches: list, run: VariantRun, spec: BenchSpec) -> None:

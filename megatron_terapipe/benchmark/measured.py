@@ -3,10 +3,11 @@
 Definitions (also in docs/benchmarks.md):
 - step time: per round, the slowest rank's wall time of the forward-backward call (both start
   right after a barrier); the reported value is the median over timed rounds.
-- measured bubble of stage p: 1 − busy_p / makespan, where busy_p is the summed duration of
-  the forward and backward actions on rank p and makespan the end of the last action on any
-  rank (records are aligned: every rank counts from the same barrier). Taken from the round
-  whose step time is the median.
+- measured bubble of stage p: 1 − busy_p / span, busy_p the time rank p spends in forward and
+  backward actions, span the time from the first action to the last one on any rank (records
+  are aligned: every rank counts from the same barrier). Computed by `simulate.Timeline`, the
+  same code that computes the simulated bubble. Taken from the round whose step time is the
+  median.
 - peak activation memory of stage p: benchmark.memory's saved-for-backward plus schedule-held
   bytes, measured in the warm-up step.
 """
@@ -18,8 +19,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-
-COMPUTE = ("F", "B")
 
 
 @dataclass
@@ -76,23 +75,6 @@ def merge_ranks(rank_results: Sequence[dict[str, Any]]) -> list[Measured]:
             )
         )
     return merged
-
-
-def makespan(timeline: Sequence[Sequence[Any]]) -> float:
-    ends = [r.end for records in timeline for r in records if r.kind in COMPUTE]
-    return max(ends) if ends else 0.0
-
-
-def busy_time(records: Sequence[Any]) -> float:
-    return float(sum(r.end - r.start for r in records if r.kind in COMPUTE))
-
-
-def bubble_per_stage(timeline: Sequence[Sequence[Any]]) -> list[float]:
-    """1 − busy / makespan for every stage of one aligned timeline (see module doc)."""
-    span = makespan(timeline)
-    if span <= 0:
-        return [float("nan")] * len(timeline)
-    return [1.0 - busy_time(records) / span for records in timeline]
 
 
 def max_loss_difference(losses: list[float] | None, reference: list[float] | None) -> float:

@@ -12,8 +12,7 @@ from typing import Any
 
 import torch
 
-from megatron_terapipe.benchmark.fit import fit_cost_model
-from megatron_terapipe.benchmark.p2p import calibrate_p2p
+from megatron_terapipe.benchmark.fit import P2PFit, fit_cost_model
 from megatron_terapipe.benchmark.spec import BenchSpec, Variant
 
 
@@ -28,6 +27,7 @@ def plan_slices(
     variant: Variant,
     warm: dict[str, tuple[tuple[int, ...], list]],
     calibrate: Callable[[], tuple[tuple[int, ...], list]],
+    p2p: P2PFit,
 ) -> tuple[int, ...]:
     """Slices for `variant`; every rank takes part (collectives) and gets rank 0's answer."""
     from megatron_terapipe.slicing.planner import make_plan
@@ -36,7 +36,6 @@ def plan_slices(
         slices, records = calibrate()
         warm = {"calibration": (slices, records)}
     runs = [(slices, _gather(records)) for _, (slices, records) in sorted(warm.items())]
-    p2p = calibrate_p2p(spec.model.hidden_size, spec.micro_batch_size)
     cost = fit_cost_model(runs, spec.pipeline_parallel, spec.model.hidden_size, p2p)
     answer: list[Any] = [None]
     if torch.distributed.get_rank() == 0:

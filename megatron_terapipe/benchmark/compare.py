@@ -1,0 +1,136 @@
+"""Run a BenchSpec on its ranks and turn the measurements into comparison rows.
+
+A row per variant: measured step time (median of timed rounds), tokens/s, speedup over stock
+1F1B, measured and simulated bubble per stage, peak activation memory per stage, the simulator's
+predicted step time (costs fitted on this machine) and its error, an analytic-model prediction,
+and the largest loss difference to stock 1F1B on the same data and weights.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit
+from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
+from megatron_terapipe.benchmark.predict import measured_timeline, predict, predict_with
+from megatron_terapipe.benchmark.spec import STOCK_1F1B, BenchSpec
+from megatron_terapipe.simulate import SimulationResult, Timeline
+
+MIB = 1024.0 * 1024.0
+
+
+@dataclass
+class Comparison:
+    """Everything one comparison run produced; `rows` is what tables and --json show."""
+
+    spec: BenchSpec
+    rows: list[dict[str, Any]]
+    measured: list[Measured]
+    simulated: dict[str, SimulationResult]
+    fitted: FittedCostModel | None
+    p2p: P2PFit
+    extra: dict = field(default_factory=dict)
+
+    def measured_timelines(self) -> dict[str, Timeline]:
+        return {m.name: measured_timeline(m) for m in self.measured}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "config": _spec_summary(self.spec),
+            "results": self.rows,
+            "cost_fit": self.fitted.to_dict() if self.fitted is not None else None,
+            "p2p": {"latency_s": self.p2p.latency_s,
+                    "seconds_per_byte": self.p2p.seconds_per_byte},
+            **self.extra,
+        }
+
+
+def run_comparison(spec: BenchSpec, threads_per_rank: int = 1, timeout_s: float = 3600.0
+                   ) -> Comparison:
+    """Spawn PP gloo ranks, run every variant (harness.run_benchmark), analyse."""
+    from megatron_terapipe.benchmark.harness import run_benchmark
+    from megatron_terapipe.compat import run_distributed
+
+    results = run_distributed(run_benchmark, spec.pipeline_parallel, spec,
+                              timeout_s=timeout_s, threads_per_rank=threads_per_rank)
+    return analyse(spec, results)
+
+
+def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
+    measured = merge_ranks(rank_results)
+    p2p = P2PFit(**rank_results[0]["p2p"])
+    simulated, fitted = predict(measured, spec.num_microbatches, spec.model.hidden_size,
+                                spec.micro_batch_size, p2p)
+    analytic = _analytic_model(spec)
+    stock = next((m for m in measured if m.kind == STOCK_1F1B), None)
+    rows = []
+    for m in measured:
+        timeline = measured_timeline(m)
+        sim = simulated[m.name]
+        bubble = timeline.bubble_fraction()
+        tokens = spec.num_microbatches * spec.micro_batch_size * spec.model.seq_length
+        analytic_time = (predict_with(analytic, m, spec.num_microbatches, spec.micro_batch_size)
+                         if analytic is not None else math.nan)
+        rows.append({
+            "schedule": m.name,
+            "kind": m.kind,
+            "order": m.schedule,
+            "num_token_slices": len(m.token_slices),
+            "token_slices": list(m.token_slices),
+            "step_time": m.step_time,
+            "step_times": m.step_times,
+            "tokens_per_s": tokens / m.step_time,
+            "speedup": (stock.step_time / m.step_time) if stock is not None else math.nan,
+            "bubble_measured": bubble,
+            "bubble_simulated": list(sim.bubble_fraction),
+            "bubble_error": max(abs(a - b) for a, b in zip(bubble, sim.bubble_fraction)),
+            "peak_activation_mib": [_mib(b) for b in m.peak_activation_bytes],
+            "cuda_peak_mib": [_mib(b) for b in m.cuda_peak_bytes],
+            "predicted_step_time": sim.step_time,
+            "prediction_error": sim.step_time / timeline.step_time() - 1.0,
+            "measured_span": timeline.step_time(),
+            "analytic_step_time": analytic_time,
+            "max_loss_diff": max_loss_difference(m.losses, stock.losses if stock else None),
+            "losses": m.losses,
+        })
+    return Comparison(spec, rows, measured, simulated, fitted, p2p,
+                      extra={"analytic_model": getattr(analytic, "name", None)})
+
+
+def _analytic_model(spec: BenchSpec) -> Any:
+    """The slicing package's analytic model with its CPU preset, for reference."""
+    try:
+        from megatron_terapipe.slicing.cost_models import AnalyticCostModel
+    except ImportError:
+        return None
+    model = spec.model
+    return AnalyticCostModel.from_preset(
+        "cpu",
+        num_layers=model.num_layers,
+        hidden_size=model.hidden_size,
+        num_attention_heads=model.num_attention_heads,
+        pipeline_model_parallel_size=spec.pipeline_parallel,
+    )
+
+
+def _mib(value: int | None) -> float | None:
+    return None if value is None else value / MIB
+
+
+def _spec_summary(spec: BenchSpec) -> dict[str, Any]:
+    model = spec.model
+    return {
+        "num_layers": model.num_layers,
+        "hidden_size": model.hidden_size,
+        "num_attention_heads": model.num_attention_heads,
+        "seq_length": model.seq_length,
+        "vocab_size": model.vocab_size,
+        "micro_batch_size": spec.micro_batch_size,
+        "pipeline_model_parallel_size": spec.pipeline_parallel,
+        "num_microbatches": spec.num_microbatches,
+        "warmup": spec.warmup,
+        "iterations": spec.iterations,
+        "variants": [v.name for v in spec.variants],
+    }

@@ -1,0 +1,115 @@
+"""Simulator predictions for the measured runs, and measured timelines in the simulator's form.
+
+Measured and predicted steps go through the same `simulate.Timeline` class, so the bubble is
+computed by one function for both and the plots draw both with the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from megatron_terapipe.benchmark.fit import (
+    BACKWARD,
+    FORWARD,
+    FittedCostModel,
+    P2PFit,
+    fit_cost_model,
+    mean_action_times,
+)
+from megatron_terapipe.benchmark.measured import Measured
+from megatron_terapipe.benchmark.spec import STOCK_1F1B, STOCK_INTERLEAVED
+from megatron_terapipe.schedules.generators import build_schedule
+from megatron_terapipe.simulate import ActionCosts, SimulationResult, Timeline, TimelineEvent
+from megatron_terapipe.simulate import simulate as run_simulator
+
+
+def measured_timeline(measured: Measured, label: str | None = None) -> Timeline:
+    """The median round's records of every rank as one Timeline (times from the step barrier)."""
+    events = [
+        TimelineEvent(stage, r.kind, r.microbatch, r.token_slice, max(r.chunk, 0), r.start, r.end)
+        for stage, records in enumerate(measured.timeline)
+        for r in records
+    ]
+    return Timeline(
+        events=events,
+        num_stages=measured.num_stages,
+        label=label or f"{measured.name} (measured)",
+        metadata={"source": "measured", "schedule": measured.schedule},
+    )
+
+
+def schedule_of(measured: Measured, num_microbatches: int) -> Any:
+    """The IR schedule that describes what ran: stock variants map to their IR twins."""
+    stages = measured.num_stages
+    if measured.kind == STOCK_1F1B:
+        return build_schedule("1f1b", stages, num_microbatches)
+    if measured.kind == STOCK_INTERLEAVED:
+        return build_schedule("interleaved", stages, num_microbatches, 1, measured.virtual_pipeline)
+    return build_schedule(measured.schedule, stages, num_microbatches, len(measured.token_slices))
+
+
+def token_costs(model: FittedCostModel) -> ActionCosts:
+    return ActionCosts(
+        forward=lambda stage, chunk, length, context: model.action_time(
+            FORWARD, stage, length, context),
+        backward=lambda stage, chunk, length, context: model.action_time(
+            BACKWARD, stage, length, context),
+        transfer=lambda length: model.p2p_time(1, length),
+        name=model.name,
+    )
+
+
+def stock_costs(measured: Measured, p2p: P2PFit, hidden_size: int, micro_batch_size: int,
+                bytes_per_element: int = 4) -> ActionCosts:
+    """Each stock action priced at its own measured mean (its kernel differs from ours)."""
+    means = mean_action_times(measured.timeline)
+
+    def price(kind: str, stage: int, chunk: int) -> float:
+        return means.get((kind, stage, chunk), means.get((kind, stage, 0), 0.0))
+
+    return ActionCosts(
+        forward=lambda stage, chunk, length, context: price(FORWARD, stage, chunk),
+        backward=lambda stage, chunk, length, context: price(BACKWARD, stage, chunk),
+        transfer=lambda length: float(p2p(length * micro_batch_size * hidden_size
+                                          * bytes_per_element)),
+        name="measured means (stock kernel)",
+    )
+
+
+def fit_token_model(measured: Sequence[Measured], hidden_size: int, p2p: P2PFit
+                    ) -> FittedCostModel | None:
+    runs = [(m.token_slices, m.timeline) for m in measured if not m.kind.startswith("stock")]
+    if not runs:
+        return None
+    return fit_cost_model(runs, measured[0].num_stages, hidden_size, p2p)
+
+
+def predict(
+    measured: Sequence[Measured],
+    num_microbatches: int,
+    hidden_size: int,
+    micro_batch_size: int,
+    p2p: P2PFit,
+) -> tuple[dict[str, SimulationResult], FittedCostModel | None]:
+    """Simulated step of every measured variant with costs fitted on this machine."""
+    token_model = fit_token_model(measured, hidden_size, p2p)
+    results = {}
+    for m in measured:
+        if m.kind.startswith("stock"):
+            costs = stock_costs(m, p2p, hidden_size, micro_batch_size)
+        else:
+            costs = token_costs(token_model)
+        results[m.name] = run_simulator(schedule_of(m, num_microbatches), m.token_slices, costs)
+        results[m.name].timeline.label = f"{m.name} (simulated)"
+    return results, token_model
+
+
+def predict_with(cost_model: Any, measured: Measured, num_microbatches: int,
+                 micro_batch_size: int) -> float:
+    """Step time a stage cost model (analytic, profiled) predicts for one measured variant."""
+    chunks = measured.virtual_pipeline or 1
+    costs = ActionCosts.from_stage_cost_model(cost_model, batch=micro_batch_size,
+                                              num_chunks=chunks)
+    return run_simulator(schedule_of(measured, num_microbatches), measured.token_slices,
+                         costs).step_time
