@@ -178,43 +178,43 @@ def test_broadcast_without_distributed_returns_the_plan():
     assert "token pipeline plan" in lines[0] and sum(got.token_slices) == 1024
 
 
-def _rank(rank: int, port: int, results, bad: bool) -> None:
+def _rank(rank: int, port: int, results) -> None:
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
     try:
-        args = megatron_args(token_pipeline_granularity=100 if bad else 64)
-        printed: list[str] = []
-        try:
-            got = plan_and_broadcast(args, print_fn=printed.append).to_dict()
-        except ValueError as exc:
-            got = {"error": str(exc)}
+        out = {}
+        for case, granularity in (("good", 64), ("bad", 100)):
+            printed: list[str] = []
+            try:
+                args = megatron_args(token_pipeline_granularity=granularity)
+                got = plan_and_broadcast(args, print_fn=printed.append).to_dict()
+            except ValueError as exc:
+                got = {"error": str(exc)}
+            out[case] = (got, printed)
         # broadcast_plan alone: rank 1 passes nothing and receives rank 0's plan.
-        mine = plan() if rank == 0 else None
-        again = broadcast_plan(mine).to_dict()
-        results.put((rank, got, again, printed))
+        out["plain"] = broadcast_plan(plan() if rank == 0 else None).to_dict()
+        results.put((rank, out))
     finally:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("bad", [False, True])
-def test_rank_zero_plans_and_every_rank_gets_it_over_gloo(bad):
+def test_rank_zero_plans_and_every_rank_gets_it_over_gloo():
     ctx = mp.get_context("spawn")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     results = ctx.Queue()
-    procs = [ctx.Process(target=_rank, args=(r, port, results, bad)) for r in range(2)]
+    procs = [ctx.Process(target=_rank, args=(r, port, results)) for r in range(2)]
     for proc in procs:
         proc.start()
-    got = dict((r, (p, a, t)) for r, p, a, t in (results.get(timeout=60) for _ in procs))
+    got = dict(results.get(timeout=120) for _ in procs)
     for proc in procs:
         proc.join(timeout=30)
-    assert got[0][0] == got[1][0]
-    assert got[0][1] == got[1][1] == plan().to_dict()
-    if bad:
-        assert "does not divide" in got[1][0]["error"]
-    else:
-        assert got[0][2] and not got[1][2]  # only rank 0 prints
-        assert sum(got[1][0]["token_slices"]) == 1024
+    assert got[0]["plain"] == got[1]["plain"] == plan().to_dict()
+    good0, good1 = got[0]["good"], got[1]["good"]
+    assert good0[0] == good1[0] and sum(good1[0]["token_slices"]) == 1024
+    assert good0[1] and not good1[1]  # only rank 0 prints
+    assert got[0]["bad"][0] == got[1]["bad"][0]
+    assert "does not divide" in got[1]["bad"][0]["error"]
