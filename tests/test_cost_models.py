@@ -255,3 +255,13 @@ def test_profile_single_batch_scales_linearly():
     prof = ProfiledCostModel.fit([(2, 8, 0, 1.0), (2, 16, 0, 2.0), (2, 8, 8, 1.5)])
     assert prof.no_context_time(4, 16) == pytest.approx(4.0)
     assert prof.no_context_time(2, 32) == pytest.approx(4.0)  # extrapolated from the end
+
+
+def test_profile_context_weights_are_never_negative():
+    # Noise made context look cheaper: the fit must not learn a negative context cost.
+    samples = [(1, n, 0, 1e-3 * n) for n in (8, 16, 32)]
+    samples += [(1, n, c, 1e-3 * n - 1e-6 * c) for n in (8, 16) for c in (8, 16)]
+    samples += [(1, 8, 24, 8e-3 + 5e-6 * 24)]
+    prof = ProfiledCostModel.fit(samples)
+    assert all(w >= 0 for w in prof.context_coef)
+    assert prof.forward_backward_time(1, 16, 16) >= prof.forward_backward_time(1, 16, 0)

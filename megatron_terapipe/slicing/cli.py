@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--efficiency", type=float, help="override the preset's FLOP efficiency")
     c.add_argument("--no-p2p", action="store_true", help="leave P2P time out of the table")
     c.add_argument("--profile-out", metavar="FILE.json", help="save the measured profile")
-    c.add_argument("--profile-repeats", type=int, default=3)
+    c.add_argument("--profile-repeats", type=int, default=5,
+                   help="timings per profile point; the least is kept")
     c.add_argument("--write-table", metavar="FILE.npz",
                    help="also save the cost model as a latency table at the granularity")
     pl = p.add_argument_group("planner")

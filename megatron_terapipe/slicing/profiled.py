@@ -4,8 +4,9 @@
 
 t0 is measured on a grid of (b, l) and interpolated (linearly, extrapolated from the end
 segments); the context term is a least-squares fit of the measured excess over t0. Unlike
-TeraPipe's fit it has no intercept: the excess must vanish with the context, which keeps t
-continuous in c. Fits are saved as JSON so a large job profiles once and every later run
+TeraPipe's fit it has no intercept and non-negative weights: the excess must vanish with the
+context and cannot be negative, which keeps t continuous and non-decreasing in c even when
+the measurements are noisy. Fits are saved as JSON so a large job profiles once and every later run
 (and the CLI) loads the file.
 """
 
@@ -132,11 +133,9 @@ class ProfiledCostModel:
             b, n, c, t = ctx.T
             features = np.stack([b * n, b * c, b * n * c], axis=1)
             excess = t - base.no_context_time(b, n)
-            # Scale columns so lstsq is well conditioned; undo afterwards.
-            scale = np.maximum(np.abs(features).max(axis=0), 1e-300)
-            coef, *_ = np.linalg.lstsq(features / scale, excess, rcond=None)
-            base.context_coef = tuple(float(w) for w in coef / scale)
-            base.r2_context = r_squared(excess, (features / scale) @ coef)
+            coef = _nonnegative_lstsq(features, excess)
+            base.context_coef = tuple(float(w) for w in coef)
+            base.r2_context = r_squared(excess, features @ coef)
         predicted = base.forward_backward_time(data[:, 0], data[:, 1], data[:, 2])
         base.r2 = r_squared(data[:, 3], predicted)
         return base
@@ -184,6 +183,24 @@ class ProfiledCostModel:
             meta=dict(data.get("meta", {})),
             source=path,
         )
+
+
+def _nonnegative_lstsq(features: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """Least squares with every coefficient ≥ 0 (context never makes a slice cheaper), by
+    trying each subset of the three features: exact, and cheap at this size."""
+    scale = np.maximum(np.abs(features).max(axis=0), 1e-300)  # conditioning; undone below
+    x = features / scale
+    best, best_err = np.zeros(x.shape[1]), float((target**2).sum())
+    for mask in range(1, 1 << x.shape[1]):
+        cols = [k for k in range(x.shape[1]) if mask >> k & 1]
+        sol, *_ = np.linalg.lstsq(x[:, cols], target, rcond=None)
+        if (sol < 0).any():
+            continue
+        err = float(((x[:, cols] @ sol - target) ** 2).sum())
+        if err < best_err:
+            best, best_err = np.zeros(x.shape[1]), err
+            best[cols] = sol
+    return best / scale
 
 
 def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
