@@ -177,6 +177,15 @@ class _Reference:
         return earliest
 
 
+def _same_channel_order(posted: tuple[P2POp, ...], combined: tuple[P2POp, ...]) -> bool:
+    """With P = 2 all sends share one channel, as do all receives: their order must not change."""
+    return all(
+        [op for op in posted if op.is_send == sends]
+        == [op for op in combined if op.is_send == sends]
+        for sends in (True, False)
+    )
+
+
 def _merge_adjacent(actions: list[Action], rank: int, num_stages: int) -> list[Action]:
     """Merge groups with no compute between them (same blocking, fewer batched calls), unless an
     op name repeats or, on a channel shared by both directions (P = 2), the merged posting order
@@ -185,19 +194,11 @@ def _merge_adjacent(actions: list[Action], rank: int, num_stages: int) -> list[A
     for action in actions:
         if isinstance(action, CommGroup) and merged and isinstance(merged[-1], CommGroup):
             before = merged[-1].ops
-            combined = canonical_ops(before + action.ops)
-            names_ok = not {op.op for op in before} & {op.op for op in action.ops}
-            order_ok = (
-                all(
-                    [op for op in before + action.ops if op.is_send == sends]
-                    == [op for op in combined if op.is_send == sends]
-                    for sends in (True, False)
-                )
-                or num_stages > 2
-            )
-            if names_ok and order_ok:
-                merged[-1] = CommGroup(combined)
-                continue
+            if {op.op for op in before}.isdisjoint(op.op for op in action.ops):
+                combined = canonical_ops(before + action.ops)
+                if num_stages > 2 or _same_channel_order(before + action.ops, combined):
+                    merged[-1] = CommGroup(combined)
+                    continue
         merged.append(action)
     return merged
 

@@ -1,0 +1,311 @@
+"""The validator rejects broken schedules, each for the right reason."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from megatron_terapipe.schedules import (
+    CommGroup,
+    Compute,
+    P2POp,
+    Schedule,
+    ScheduleError,
+    attach_communication,
+    build_schedule,
+    find_problems,
+    match_messages,
+    validate_schedule,
+)
+from megatron_terapipe.schedules.communication import canonical_ops, recv_for, send_for
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD
+
+
+def F(m, t=0, v=0):
+    return Compute(FORWARD, m, t, v)
+
+
+def B(m, t=0, v=0):
+    return Compute(BACKWARD, m, t, v)
+
+
+def G(*ops):
+    return CommGroup(canonical_ops(ops))
+
+
+def op(name, kind, m, t=0, v=0):
+    return P2POp(name, kind, m, t, v)
+
+
+def with_stage(schedule: Schedule, rank: int, actions) -> Schedule:
+    stages = list(schedule.stages)
+    stages[rank] = tuple(actions)
+    return dataclasses.replace(schedule, stages=tuple(stages))
+
+
+def naive_comm(orders, P, V=1):
+    """Each receive in its own group right before its compute, each send right after: the
+    placement that exposes an order's own cyclic waits."""
+    stages = []
+    for rank, order in enumerate(orders):
+        actions = []
+        for c in order:
+            recv = recv_for(c, rank, P, V)
+            if recv:
+                actions.append(CommGroup((recv,)))
+            actions.append(c)
+            send = send_for(c, rank, P, V)
+            if send:
+                actions.append(CommGroup((send,)))
+        stages.append(tuple(actions))
+    return tuple(stages)
+
+
+def problems_text(schedule) -> str:
+    problems = find_problems(schedule)
+    assert problems, "the validator accepted a broken schedule"
+    return "\n".join(problems)
+
+
+def test_valid_schedule_passes_and_is_returned():
+    schedule = build_schedule("token-1f1b", 3, 2, 3)
+    assert validate_schedule(schedule) is schedule
+
+
+def test_swapped_sends_break_fifo_matching():
+    """Rank 0 posts F0.1's activation before F0.0's: rank 1 receives them into the wrong slots."""
+    schedule = build_schedule("terapipe", 2, 1, 2)
+    broken = with_stage(
+        schedule,
+        0,
+        [
+            F(0, 0),
+            F(0, 1),
+            G(op("send_next", "F", 0, 1)),
+            G(op("send_next", "F", 0, 0)),
+            G(op("recv_next", "B", 0, 1)),
+            B(0, 1),
+            G(op("recv_next", "B", 0, 0)),
+            B(0, 0),
+        ],
+    )
+    text = problems_text(broken)
+    assert "channel 0->1" in text and "different payloads" in text
+
+
+def test_swapped_receives_break_fifo_matching():
+    """Rank 1 posts its receives for slices 0 and 1 in the wrong order, both before use."""
+    schedule = build_schedule("terapipe", 2, 1, 2)
+    broken = with_stage(
+        schedule,
+        1,
+        [
+            G(op("recv_prev", "F", 0, 1)),
+            G(op("recv_prev", "F", 0, 0)),
+            F(0, 0),
+            F(0, 1),
+            B(0, 1),
+            G(op("send_prev", "B", 0, 1)),
+            B(0, 0),
+            G(op("send_prev", "B", 0, 0)),
+        ],
+    )
+    assert "different payloads" in problems_text(broken)
+
+
+def test_dropped_backward():
+    schedule = build_schedule("1f1b", 2, 2)
+    actions = [a for a in schedule.stages[1] if a != B(1)]
+    assert "B1.0c0 runs 0 times, expected 1" in problems_text(with_stage(schedule, 1, actions))
+
+
+def test_duplicated_forward():
+    schedule = build_schedule("gpipe", 2, 2)
+    actions = list(schedule.stages[0]) + [F(0)]
+    assert "F0.0c0 runs 2 times" in problems_text(with_stage(schedule, 0, actions))
+
+
+def test_backward_before_its_forward():
+    schedule = build_schedule("1f1b", 2, 2)
+    actions = list(schedule.stages[1])
+    i, j = actions.index(F(0)), actions.index(B(0))
+    actions[i], actions[j] = actions[j], actions[i]
+    assert "B0.0c0 runs before F0.0c0" in problems_text(with_stage(schedule, 1, actions))
+
+
+def test_backwards_in_forward_slice_order():
+    schedule = build_schedule("token-1f1b", 2, 1, 3)
+    actions = list(schedule.stages[1])
+    i, j = actions.index(B(0, 2)), actions.index(B(0, 1))
+    actions[i], actions[j] = actions[j], actions[i]
+    assert "reverse slice order" in problems_text(with_stage(schedule, 1, actions))
+
+
+def test_forwards_out_of_slice_order():
+    schedule = build_schedule("terapipe", 1, 1, 2)
+    broken = with_stage(schedule, 0, [F(0, 1), F(0, 0), B(0, 1), B(0, 0)])
+    assert "F0.1c0 runs before F0.0c0" in problems_text(broken)
+
+
+def test_deadlocking_placement():
+    """Both ranks wait to receive before they send: each blocks the other forever."""
+    orders = [[F(0), F(1), B(0), B(1)], [F(0), B(0), F(1), B(1)]]
+    schedule = build_schedule("1f1b", 2, 2)
+    stages = (
+        (
+            F(0),
+            G(op("send_next", "F", 0)),
+            F(1),
+            G(op("recv_next", "B", 0)),
+            G(op("send_next", "F", 1)),
+            B(0),
+            G(op("recv_next", "B", 1)),
+            B(1),
+        ),
+        (
+            G(op("recv_prev", "F", 0)),
+            F(0),
+            B(0),
+            G(op("recv_prev", "F", 1)),
+            G(op("send_prev", "B", 0)),
+            F(1),
+            B(1),
+            G(op("send_prev", "B", 1)),
+        ),
+    )
+    assert [[a for a in s if isinstance(a, Compute)] for s in stages] == orders
+    broken = dataclasses.replace(schedule, stages=stages)
+    text = problems_text(broken)
+    assert text.startswith("deadlock: ")
+    assert "stage 0 blocked at action 3 [<nB0.0] waiting for <nB0.0c0" in text
+    assert "stage 1 blocked at action 3 [<pF1.0] waiting for <pF1.0c0" in text
+    with pytest.raises(ScheduleError, match="deadlock"):
+        validate_schedule(broken)
+
+
+def test_cyclic_compute_order_deadlocks_and_cannot_get_communication():
+    """Rank 0 wants B0 (needs rank 1's B0) before F1; rank 1 wants F1 (needs rank 0's F1)
+    before B0: no placement of messages can save that."""
+    orders = [[F(0), B(0), F(1), B(1)], [F(0), F(1), B(0), B(1)]]
+    schedule = Schedule("cyclic", 2, 2, 1, 1, naive_comm(orders, 2))
+    assert "deadlock" in problems_text(schedule)
+    with pytest.raises(ValueError, match="cycle"):
+        attach_communication(orders, 2, 1)
+
+
+def test_missing_receive():
+    schedule = build_schedule("1f1b", 3, 2)
+    actions = [a for a in schedule.stages[2] if a.format() != "[<pF0.0]"]
+    assert "<pF0.0c0 is posted 0 times" in problems_text(with_stage(schedule, 2, actions))
+
+
+def test_send_before_its_compute():
+    schedule = build_schedule("gpipe", 2, 1)
+    broken = with_stage(
+        schedule, 0, [G(op("send_next", "F", 0)), F(0), G(op("recv_next", "B", 0)), B(0)]
+    )
+    assert "posted before its compute" in problems_text(broken)
+
+
+def test_receive_after_its_compute():
+    schedule = build_schedule("gpipe", 2, 1)
+    broken = with_stage(
+        schedule, 1, [F(0), G(op("recv_prev", "F", 0)), B(0), G(op("send_prev", "B", 0))]
+    )
+    assert "posted after its compute" in problems_text(broken)
+
+
+def test_unneeded_message():
+    schedule = build_schedule("gpipe", 2, 1)
+    actions = list(schedule.stages[1]) + [G(op("send_next", "F", 0))]  # last stage sends nothing
+    assert "sends nothing needed" in problems_text(with_stage(schedule, 1, actions))
+
+
+def test_group_with_two_ops_of_one_name():
+    schedule = build_schedule("gpipe", 2, 2)
+    actions = list(schedule.stages[0])
+    actions.append(CommGroup((op("send_next", "F", 0), op("send_next", "F", 1))))
+    assert "holds ['send_next'] more than once" in problems_text(with_stage(schedule, 0, actions))
+
+
+def test_out_of_range_indices():
+    schedule = build_schedule("gpipe", 2, 2)
+    actions = list(schedule.stages[0]) + [F(5)]
+    assert "microbatch 5 outside [0, 2)" in problems_text(with_stage(schedule, 0, actions))
+
+
+def test_wrong_stage_count():
+    schedule = build_schedule("gpipe", 2, 2)
+    broken = dataclasses.replace(schedule, stages=schedule.stages[:1])
+    assert "1 stage lists for num_stages=2" in problems_text(broken)
+
+
+def test_matching_checks_virtual_stages():
+    """Rank 0 chunk 1 (virtual stage 2) sends to rank 1 chunk 0 (virtual stage 1)."""
+    stages = (
+        (G(op("send_next", "F", 0, 0, 1)),),
+        (G(op("recv_prev", "F", 0, 0, 0)),),
+    )
+    matching = match_messages(Schedule("x", 2, 1, 1, 2, stages))
+    assert matching.problems and "virtual stage 1 needs it from 0" in matching.problems[0]
+
+
+def test_unmatched_send_is_reported():
+    stages = ((G(op("send_next", "F", 0)),), ())
+    matching = match_messages(Schedule("x", 2, 1, 1, 1, stages))
+    assert matching.problems == ["stage 0 action 0 >nF0.0c0 has no matching receive"]
+
+
+def test_forward_only_mode():
+    full = build_schedule("token-1f1b", 3, 2, 2)
+    orders = [[c for c in full.computes(p) if c.kind == FORWARD] for p in range(3)]
+    forward_only = dataclasses.replace(full, stages=attach_communication(orders, 3, 1))
+    assert find_problems(forward_only, forward_only=True) == []
+    assert "runs 0 times, expected 1" in "\n".join(find_problems(forward_only))
+    assert "runs 1 times, expected 0" in "\n".join(find_problems(full, forward_only=True))
+
+
+def test_error_lists_problems():
+    schedule = build_schedule("1f1b", 2, 3)
+    broken = with_stage(schedule, 1, [a for a in schedule.stages[1] if isinstance(a, CommGroup)])
+    with pytest.raises(ScheduleError) as err:
+        validate_schedule(broken)
+    assert "schedule '1f1b' is invalid" in str(err.value)
+    missing = [p for p in err.value.problems if "runs 0 times" in p]
+    assert len(missing) == 6  # three forwards and three backwards
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    name=st.sampled_from(["terapipe", "token-1f1b", "token-interleaved"]),
+    P=st.integers(2, 4),
+    S=st.integers(1, 3),
+    data=st.data(),
+)
+def test_dropping_any_action_is_caught(name, P, S, data):
+    V = 2 if name == "token-interleaved" else 1
+    schedule = build_schedule(name, P, P, S, V)
+    rank = data.draw(st.integers(0, P - 1))
+    actions = list(schedule.stages[rank])
+    index = data.draw(st.integers(0, len(actions) - 1))
+    del actions[index]
+    assert find_problems(with_stage(schedule, rank, actions))
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(name=st.sampled_from(["1f1b", "token-1f1b", "terapipe"]), data=st.data())
+def test_moving_a_backward_before_its_forward_is_caught(name, data):
+    S = 1 if name == "1f1b" else 2
+    schedule = build_schedule(name, 3, 3, S)
+    rank = data.draw(st.integers(0, 2))
+    actions = list(schedule.stages[rank])
+    backward = data.draw(
+        st.sampled_from([a for a in actions if a in schedule.computes(rank) and a.kind == BACKWARD])
+    )
+    actions.remove(backward)
+    forward = actions.index(F(backward.microbatch, backward.token_slice))
+    actions.insert(forward, backward)
+    assert "runs before" in problems_text(with_stage(schedule, rank, actions))
