@@ -197,6 +197,7 @@ def _check_values(array: np.ndarray, what: str, source: str) -> None:
 
 def _scalar_int(value: Any, what: str, source: str) -> int:
     arr = np.asarray(value)
-    if arr.ndim != 0 or not np.issubdtype(arr.dtype, np.number) or float(arr) != int(arr):
+    ok = arr.ndim == 0 and np.issubdtype(arr.dtype, np.number) and np.isfinite(arr)
+    if not ok or float(arr) != int(arr):
         raise ValueError(f"{source}: {what} must be an integer scalar, got {value!r}")
     return int(arr)

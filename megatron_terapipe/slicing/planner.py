@@ -42,6 +42,7 @@ from megatron_terapipe.token_slices import equal_token_slices, validate_token_sl
 
 STRATEGIES = ("dp", "equal", "equal-flops")
 SCORES = ("formula", "simulator")
+MAX_UNITS = 4096  # (U+1)² table entries per batch size: 134 MB of float64 at this bound
 
 
 def default_granularity(seq_length: int, multiple_of: int = 1, max_units: int = 256) -> int:
@@ -111,6 +112,12 @@ def make_plan(
         if isinstance(cost_model, LatencyTableCostModel):
             granularity = math.lcm(granularity, cost_model.granularity)
     g = check_granularity(granularity, seq_length, multiple_of)
+    if seq_length // g > MAX_UNITS:
+        raise ValueError(
+            f"granularity={g} cuts seq_length={seq_length} into {seq_length // g} units; the "
+            f"planner's table grows with the square of that: use a granularity of at least "
+            f"{-(-seq_length // MAX_UNITS)} (at most {MAX_UNITS} units)"
+        )
     if score == "simulator" and batch_mode == "free":
         batch_mode = "uniform"  # the executor runs equal micro-batches, so does the simulator
 
