@@ -205,3 +205,8 @@ def test_memory_cap_is_near_exact_against_exhaustive_search():
 def test_memory_cap_without_memory_model_is_an_error():
     with pytest.raises(ValueError, match="memory cap needs the model dims"):
         make_plan(LinearCost(1, 1), seq_length=16, num_stages=2, memory_cap_gib=1.0)
+
+
+def test_too_fine_a_granularity_is_refused_with_the_least_valid_one():
+    with pytest.raises(ValueError, match="use a granularity of at least 2"):
+        make_plan(LinearCost(1, 1), seq_length=8192, num_stages=2, granularity=1)
