@@ -87,7 +87,9 @@ def simulate(
 
     `p2p="rendezvous"` is the executor's blocking contract (and the validator's); `"eager"`
     lets sends finish without waiting for their receive, an optimistic bound.
-    Raises ScheduleError if the schedule deadlocks or its messages do not pair up.
+    Raises ScheduleError if the schedule deadlocks or its messages do not pair up; the other
+    rules (each unit once, dependency order) are `validate_schedule`'s job, left out here
+    because planners simulate one schedule many times.
     """
     if p2p not in P2P_MODES:
         raise ValueError(f"unknown p2p mode {p2p!r}; valid choices: {', '.join(P2P_MODES)}")
@@ -140,10 +142,10 @@ def simulate(
         metadata={"schedule": schedule.name, "cost_model": costs.name, "p2p": p2p},
     )
     step = timeline.end_time
-    busy = [
-        sum(compute_time(rank, c) for c in schedule.computes(rank))
-        for rank in range(schedule.num_stages)
-    ]
+    busy = [0.0] * schedule.num_stages
+    for e in events:
+        if e.kind != "comm":
+            busy[e.stage] += e.end - e.start
     counts, nbytes = _peak_activations(schedule, slices, context, costs)
     return SimulationResult(
         schedule=schedule.name,
