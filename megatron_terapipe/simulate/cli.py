@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=2.0,
         help="backward time / forward time when splitting a stage model",
     )
-    m = c.add_argument_group("model (Megatron flag names; for --cost-model analytic)")
+    m = p.add_argument_group("model (Megatron flag names; for --cost-model analytic)")
     m.add_argument("--model", help="preset dims from terapipe-plan, e.g. gpt3-13b")
     m.add_argument("--num-layers", type=int)
     m.add_argument("--hidden-size", type=int)
