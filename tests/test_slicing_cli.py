@@ -153,3 +153,22 @@ def test_simulator_scoring_reports_a_missing_simulator(monkeypatch):
     model = AnalyticCostModel(num_layers=2, hidden_size=64, num_attention_heads=4)
     with pytest.raises(ValueError, match="scoring with the simulator needs"):
         make_plan(model, seq_length=64, num_stages=2, granularity=16, score="simulator")
+
+
+def test_simulator_scoring_with_the_real_simulator():
+    simulate = pytest.importorskip("megatron_terapipe.simulate")
+    if not hasattr(simulate, "simulate"):
+        pytest.skip("simulator not available")
+    from megatron_terapipe.slicing.strategies import simulator_scorer
+
+    model = AnalyticCostModel.from_preset("v100", num_layers=8, hidden_size=2048,
+                                          num_attention_heads=16, pipeline_model_parallel_size=4)
+    for schedule in ("terapipe", "token-1f1b"):
+        kw = dict(seq_length=512, num_stages=4, batch=1, granularity=32, batch_mode="fixed",
+                  num_microbatches=2, schedule=schedule)
+        formula = make_plan(model, **kw)
+        scored = make_plan(model, score="simulator", **kw)
+        sim = simulator_scorer(model, schedule, 4, 2, 1)
+        assert scored.predicted_step_time == pytest.approx(sim(scored.token_slices))
+        # The formula's optimum is among the candidates, so simulating can only do better.
+        assert scored.predicted_step_time <= sim(formula.token_slices) + 1e-12

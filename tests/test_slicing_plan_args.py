@@ -218,3 +218,16 @@ def test_rank_zero_plans_and_every_rank_gets_it_over_gloo():
     assert good0[1] and not good1[1]  # only rank 0 prints
     assert got[0]["bad"][0] == got[1]["bad"][0]
     assert "does not divide" in got[1]["bad"][0]["error"]
+
+
+def test_plan_from_args_scores_1f1b_schedules_with_the_simulator():
+    simulate = pytest.importorskip("megatron_terapipe.simulate")
+    if not hasattr(simulate, "simulate"):
+        pytest.skip("simulator not available")
+    args = megatron_args(token_pipeline_schedule="token-1f1b", global_batch_size=2,
+                         pipeline_model_parallel_size=2, token_pipeline_granularity=128)
+    result = plan_from_args(args)
+    assert result.extra["score"] == "simulator" and "formula_step_time" in result.extra
+    assert result.extra["schedule"] == "token-1f1b"
+    equal = plan_from_args(megatron_args(**dict(vars(args), token_pipeline_slices="2")))
+    assert equal.extra["score"] == "simulator"

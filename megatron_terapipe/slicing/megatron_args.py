@@ -139,8 +139,9 @@ def plan_from_args(
                   num_microbatches=micro, memory=memory, schedule=schedule, num_chunks=chunks,
                   score=score, flops_model=AnalyticCostModel.from_args(args, preset="cpu"))
     if mode == "auto":
+        # Few simulations: planning runs at start-up while every other rank waits.
         plan = make_plan(cost, granularity=g, multiple_of=multiple_of, strategy="dp",
-                         memory_cap_gib=cap, **common)
+                         memory_cap_gib=cap, simulator_candidates=8, **common)
     else:
         if mode == "count":
             slices = equal_token_slices(seq, value, multiple_of)

@@ -9,13 +9,14 @@ The DP itself is in `dp.py`; this module decides what it is asked:
   (TeraPipe); 'uniform' only into equal slices (what Megatron's equal micro-batches can run);
   'fixed' plans `num_microbatches` micro-batches of `batch` sequences each, one token slicing
   for all of them (what `plan_from_args` asks).
-- memory cap: entries whose slice working set does not fit next to the held activations are
-  removed from the table (see memory.py), so the DP stays exact under the cap.
+- memory cap: held activations are fixed by the batch and schedule; the K/V copies each slice
+  saves are additive, so the DP carries them as a budget (see memory.py, dp.Budget).
 - strategy: 'dp' (TeraPipe's Algorithm 1), 'equal' or 'equal-flops' (Seq1F1B); the last two take
   `num_slices` or, when it is None, the best count under the score.
 - score: 'formula' (TeraPipe's Σ t + (K−1)·max t) or 'simulator' (the schedule simulator's
   makespan of `schedule`); with the simulator the DP's candidates, a sweep of t_max bounds and
-  the equal strategies' slicings are all scored and the best is kept.
+  the equal strategies' slicings are ranked by the formula, the best `simulator_candidates`
+  are simulated, and the fastest is kept (simulations cost far more than formula scores).
 """
 
 from __future__ import annotations
@@ -94,6 +95,7 @@ def make_plan(
     flops_model: Any = None,
     method: str = "bisect",
     memory_quanta: int = 512,
+    simulator_candidates: int = 12,
 ) -> SlicingPlan:
     """Plan token (and batch) slices for one pipeline of `num_stages` stages."""
     started = time.perf_counter()
@@ -169,9 +171,11 @@ def make_plan(
                                                flops_model)
             candidates += _strategy_candidates("equal-flops", seq_length, g, None, cost_model,
                                                flops_model, quiet=True)
-            token_slices, step = _best(candidates, batch_slices, fits,
-                                       _scorer(score, cost_model, table, g, num_stages,
-                                               batch_slices, schedule, num_chunks))
+            token_slices, step = _best(
+                candidates, batch_slices, fits,
+                _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
+                        num_chunks),
+                formula_scorer(table, g, num_stages, batch_slices), simulator_candidates)
             per_slice = (token_slices,) * len(batch_slices)
             extra["formula_step_time"] = formula_scorer(table, g, num_stages, batch_slices)(
                 token_slices
@@ -183,7 +187,9 @@ def make_plan(
                                           flops_model)
         scorer = _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
                          num_chunks)
-        token_slices, step = _best(candidates, batch_slices, fits, scorer)
+        token_slices, step = _best(candidates, batch_slices, fits, scorer,
+                                   formula_scorer(table, g, num_stages, batch_slices),
+                                   simulator_candidates if score == "simulator" else None)
         per_slice = (token_slices,) * len(batch_slices)
         t_max = _t_max(table, g, batch_slices, token_slices)
 
@@ -358,11 +364,14 @@ def _scorer(score: str, cost_model: Any, table: np.ndarray, g: int, num_stages: 
 
 
 def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...], fits: Any,
-          scorer: Any) -> tuple[tuple[int, ...], float]:
+          scorer: Any, prefilter: Any = None, shortlist: int | None = None,
+          ) -> tuple[tuple[int, ...], float]:
+    """Best candidate under `scorer`; with `shortlist`, only that many, chosen by `prefilter`."""
+    pool = [s for s in dict.fromkeys(candidates) if fits(batch_slices, s)]  # unique, in order
+    if shortlist is not None and len(pool) > shortlist:
+        pool = sorted(pool, key=prefilter)[:shortlist]
     best: tuple[float, tuple[int, ...]] | None = None
-    for slices in dict.fromkeys(candidates):  # unique, in order
-        if not fits(batch_slices, slices):
-            continue
+    for slices in pool:
         value = scorer(slices)
         if best is None or value < best[0]:
             best = (value, slices)

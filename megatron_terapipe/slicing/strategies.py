@@ -113,7 +113,7 @@ def simulator_scorer(
             f"megatron_terapipe.simulate (ActionCosts, simulate): {exc}"
         ) from exc
     costs = ActionCosts.from_stage_cost_model(
-        cost_model, batch=batch, backward_ratio=backward_ratio, num_chunks=num_chunks
+        _Memo(cost_model), batch=batch, backward_ratio=backward_ratio, num_chunks=num_chunks
     )
     schedules: dict[int, Any] = {}
 
@@ -124,3 +124,25 @@ def simulator_scorer(
         return float(simulate(schedules[n], list(token_slices), costs).step_time)
 
     return score
+
+
+class _Memo:
+    """A cost model that answers repeated questions from a dict: the simulator asks the same
+    (slice, context) once per stage and micro-batch, and numpy scalar math is slow."""
+
+    def __init__(self, model: Any) -> None:
+        self.model, self.name = model, getattr(model, "name", type(model).__name__)
+        self._fb: dict[tuple[int, int, int], float] = {}
+        self._p2p: dict[tuple[int, int], float] = {}
+
+    def forward_backward_time(self, batch: int, slice_len: int, context_len: int) -> float:
+        key = (batch, slice_len, context_len)
+        if key not in self._fb:
+            self._fb[key] = float(self.model.forward_backward_time(*key))
+        return self._fb[key]
+
+    def p2p_time(self, batch: int, slice_len: int) -> float:
+        key = (batch, slice_len)
+        if key not in self._p2p:
+            self._p2p[key] = float(self.model.p2p_time(*key))
+        return self._p2p[key]
