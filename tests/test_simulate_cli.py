@@ -193,3 +193,20 @@ def test_unknown_schedule(capsys):
 def test_slice_flags_are_exclusive(capsys):
     err = run_error(capsys, "--num-token-slices", "2", "--token-slices", "1,1")
     assert "not allowed with argument" in err
+
+
+def test_layers_must_fill_virtual_stages(capsys):
+    err = run_error(
+        capsys,
+        "--schedule",
+        "token-interleaved",
+        "--cost-model",
+        "analytic",
+        "--num-layers",
+        "4",
+        "--hidden-size",
+        "64",
+        "--num-attention-heads",
+        "4",
+    )
+    assert "--num-layers=4 cannot fill 8 virtual stages" in err

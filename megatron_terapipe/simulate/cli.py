@@ -43,9 +43,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=__doc__.split("\n", 2)[2] if __doc__ else None,
     )
     s = p.add_argument_group("schedule")
-    s.add_argument("--schedule", choices=list(SCHEDULES), default="terapipe")
-    s.add_argument("--pipeline-model-parallel-size", type=int, default=4, metavar="P")
-    s.add_argument("--num-microbatches", type=int, default=4, metavar="M")
+    s.add_argument(
+        "--schedule", choices=list(SCHEDULES), default="terapipe", help="default terapipe"
+    )
+    s.add_argument(
+        "--pipeline-model-parallel-size",
+        type=int,
+        default=4,
+        metavar="P",
+        help="pipeline stages (default 4)",
+    )
+    s.add_argument(
+        "--num-microbatches",
+        type=int,
+        default=4,
+        metavar="M",
+        help="micro-batches per step (default 4)",
+    )
     slices = s.add_mutually_exclusive_group()
     slices.add_argument(
         "--num-token-slices",
