@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import importlib
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -168,6 +169,33 @@ def _sliding_window_mask_cpu(sq: int, skv: int, window_size) -> torch.Tensor:
     return ~torch.tril(upper, diagonal=skv - sq + window_size[1])
 
 
+def _no_compile(model: Any = None, **_kwargs: Any) -> Any:
+    """torch.compile's call forms (`@compile`, `@compile(...)`), compiling nothing."""
+    return model if model is not None else (lambda fn: fn)
+
+
+def _import_megatron_without_torch_compile() -> bool:
+    """Import megatron-core with its `jit_fuser` bound to the identity instead of torch.compile.
+
+    megatron.core.jit binds `jit_fuser = torch.compile` at import, and its fusion modules apply
+    it at import, which imports torch's inductor: about 40% of a process's start-up CPU time,
+    paid by every spawned rank. On CPU those fusions are off (TransformerConfig's *_fusion
+    flags) or run eagerly just as well. torch.compile itself is swapped only while megatron
+    imports. Returns False (changing nothing) if megatron-core was already imported.
+    """
+    if "megatron.core" in sys.modules:
+        return False
+    original = torch.compile
+    torch.compile = _no_compile
+    try:
+        importlib.import_module("megatron.core")
+        jit = importlib.import_module("megatron.core.jit")
+        jit.disable_jit_fuser()
+    finally:
+        torch.compile = original
+    return True
+
+
 def enable_cpu(force: bool = False) -> bool:
     """Install the CPU remaps; returns whether they are active.
 
@@ -180,6 +208,8 @@ def enable_cpu(force: bool = False) -> bool:
     if torch.cuda.is_available() and not force:
         return False
 
+    if _import_megatron_without_torch_compile():
+        _PATCHES.append("megatron.core.jit.jit_fuser -> identity (no torch.compile on CPU)")
     from megatron.core.fusions import fused_softmax
     from megatron.core.tensor_parallel import random as mcore_random
     from megatron.core.transformer import utils as transformer_utils

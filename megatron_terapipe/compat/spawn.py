@@ -68,8 +68,15 @@ def _rank_main(
         )
         try:
             value = fn(rank, world_size, *args, **kwargs)
-        finally:
+        except BaseException:  # noqa: BLE001 - every failure must reach the parent
+            # Into the pipe before tearing down: the teardown makes peers blocked in a
+            # collective fail too, and their errors must not overtake the real one.
+            results.put((rank, False, traceback.format_exc()))
+            results.close()
+            results.join_thread()
             _teardown()
+            return
+        _teardown()
         # Plain bytes: torch's queue reductions share tensors through file descriptors that
         # die with this process before the parent reads them.
         buffer = io.BytesIO()
