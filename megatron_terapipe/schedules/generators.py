@@ -1,18 +1,18 @@
 """Schedule generators: pure functions of (P, M, S, V) that decide each rank's compute order.
 
 Communication is added afterwards by `attach_communication`, so a generator only has to get the
-order right. Two order families cover every schedule:
+order right. Every schedule here is the same three-phase shape over a rank's forward sequence
+and backward sequence: ``W`` warm-up forwards, then one forward and one backward at a time, then
+the remaining backwards (`_phased_order`). They differ only in
 
-- `_one_f_one_b_order`: warm-up forwards, steady one-forward-one-backward, cool-down backwards
-  (megatron-core's `forward_backward_pipelining_without_interleaving`; GPipe/TeraPipe are the
-  special case "warm-up = everything").
-- `_interleaved_order`: megatron-core's `forward_backward_pipelining_with_interleaving` table
-  (groups of units, each group run through all chunks in turn), generalised from micro-batches to
-  (micro-batch, token slice) units.
+- the sequences: micro-batches (stock) or (micro-batch, token slice) units, and for virtual
+  stages megatron-core's `get_schedule_table` chunk table (`_chunk_table`);
+- the warm-up ``W`` per rank: everything (GPipe, TeraPipe), ``P - p - 1`` (1F1B),
+  ``2 (P - p - 1) + (V - 1) P`` (interleaved), plus ``S - 1`` for token slices.
 
 Token schedules run a micro-batch's backwards in reverse slice order (slice t's key/value gradient
-is complete only once every later slice's backward has run), so their backward unit sequence is
-not the forward one: `_backward_units` reverses slices within each micro-batch.
+is complete only once every later slice's backward has run), so their backward sequence is not
+the forward one: `_backward_units` reverses slices within each micro-batch.
 """
 
 from __future__ import annotations
@@ -33,17 +33,18 @@ def _backward_units(num_microbatches: int, num_slices: int) -> list[Unit]:
     return [(m, t) for m in range(num_microbatches) for t in reversed(range(num_slices))]
 
 
-def _one_f_one_b_order(
-    fwd: Sequence[Unit], bwd: Sequence[Unit], num_warmup: int, chunk: int = 0
+def _phased_order(
+    forward: Sequence[Compute], backward: Sequence[Compute], num_warmup: int
 ) -> list[Compute]:
-    """Warm-up forwards, then F/B pairs, then the remaining backwards."""
-    total = len(fwd)
+    """Warm-up forwards, then forward/backward pairs, then the remaining backwards: backward k
+    runs right after forward ``num_warmup + k``."""
+    total = len(forward)
     warmup = min(num_warmup, total)
-    order = [Compute(FORWARD, m, t, chunk) for m, t in fwd[:warmup]]
+    order = list(forward[:warmup])
     for k in range(total - warmup):
-        order.append(Compute(FORWARD, *fwd[warmup + k], chunk))
-        order.append(Compute(BACKWARD, *bwd[k], chunk))
-    order.extend(Compute(BACKWARD, m, t, chunk) for m, t in bwd[total - warmup :])
+        order.append(forward[warmup + k])
+        order.append(backward[k])
+    order.extend(backward[total - warmup :])
     return order
 
 
@@ -68,17 +69,6 @@ def _interleaved_tables(
         for (m, t), v in _chunk_table(bwd, num_chunks, group_size)
     ]
     return forward, backward
-
-
-def _interleaved_order(forward: list[Compute], backward: list[Compute], num_warmup: int):
-    total = len(forward)
-    warmup = min(num_warmup, total)
-    order = forward[:warmup]
-    for k in range(total - warmup):
-        order.append(forward[warmup + k])
-        order.append(backward[k])
-    order.extend(backward[total - warmup :])
-    return order
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +130,11 @@ def _check_interleaving(
 
 
 def _gpipe_orders(P: int, M: int, S: int, V: int) -> list[list[Compute]]:
-    """All forwards chunk by chunk, then every backward in exactly reverse order."""
-    fwd = [Compute(FORWARD, m, t, v) for v in range(V) for m, t in _forward_units(M, S)]
-    bwd = [Compute(BACKWARD, c.microbatch, c.token_slice, c.chunk) for c in reversed(fwd)]
-    return [fwd + bwd for _ in range(P)]
+    """All forwards chunk by chunk, then every backward in exactly reverse order: the reverse
+    order is what lets a micro-batch's slices run their backwards last-slice-first."""
+    forward = [Compute(FORWARD, m, t, v) for v in range(V) for m, t in _forward_units(M, S)]
+    backward = [Compute(BACKWARD, c.microbatch, c.token_slice, c.chunk) for c in reversed(forward)]
+    return [_phased_order(forward, backward, len(forward)) for _ in range(P)]
 
 
 def terapipe(P: int, M: int, S: int, V: int = 1) -> Schedule:
@@ -174,8 +165,9 @@ def token_1f1b(P: int, M: int, S: int, V: int = 1) -> Schedule:
     """
     _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
     _require_single_chunk("token-1f1b", V)
-    fwd, bwd = _forward_units(M, S), _backward_units(M, S)
-    orders = [_one_f_one_b_order(fwd, bwd, P - p - 1 + S - 1) for p in range(P)]
+    forward = [Compute(FORWARD, m, t) for m, t in _forward_units(M, S)]
+    backward = [Compute(BACKWARD, m, t) for m, t in _backward_units(M, S)]
+    orders = [_phased_order(forward, backward, P - p - 1 + S - 1) for p in range(P)]
     return _make("token-1f1b", P, M, S, V, orders)
 
 
@@ -184,8 +176,9 @@ def one_f_one_b(P: int, M: int, S: int = 1, V: int = 1) -> Schedule:
     _check_positive(num_stages=P, num_microbatches=M, num_token_slices=S, num_chunks=V)
     _require_single_slice("1f1b", S)
     _require_single_chunk("1f1b", V)
-    units = _forward_units(M, 1)
-    orders = [_one_f_one_b_order(units, units, P - p - 1) for p in range(P)]
+    forward = [Compute(FORWARD, m, 0) for m in range(M)]
+    backward = [Compute(BACKWARD, m, 0) for m in range(M)]
+    orders = [_phased_order(forward, backward, P - p - 1) for p in range(P)]
     return _make("1f1b", P, M, S, V, orders)
 
 
@@ -203,7 +196,7 @@ def _interleaved_orders(P: int, M: int, S: int, V: int) -> list[list[Compute]]:
     fwd, bwd = _forward_units(M, S), _backward_units(M, S)
     forward, backward = _interleaved_tables(fwd, bwd, V, P * S)
     return [
-        _interleaved_order(forward, backward, 2 * (P - p - 1) + (V - 1) * P * S + S - 1)
+        _phased_order(forward, backward, 2 * (P - p - 1) + (V - 1) * P * S + S - 1)
         for p in range(P)
     ]
 
