@@ -230,11 +230,21 @@ def test_profile_with_noise_reports_lower_r2_and_still_plans():
     assert sum(plan.token_slices) == 512 and plan.cost_model == "profile:<fit>"
 
 
-def test_profile_takes_the_least_of_repeats():
-    seen = iter([3.0, 1.0, 2.0] * 100)
-    grid = default_grid(64, 1, 32, num_lens=2, num_contexts=2)
-    prof = profile_stage(lambda b, n, c: next(seen), grid, repeats=3)
+def test_profile_takes_the_least_of_repeats_over_shuffled_passes():
+    calls: dict = {}
+    order = []
+
+    def measure(b, n, c):
+        calls[b, n, c] = calls.get((b, n, c), 0) + 1
+        order.append((b, n, c))
+        return (3.0, 1.0, 2.0)[calls[b, n, c] - 1]
+
+    grid = default_grid(256, 1, 32, num_lens=3, num_contexts=2)
+    prof = profile_stage(measure, grid, repeats=3)
     assert np.all(prof.no_context == 1.0)
+    assert set(calls.values()) == {3}
+    points = len(grid.points())
+    assert order[:points] != order[points : 2 * points]  # each pass in its own order
 
 
 def test_profile_fit_errors(tmp_path):

@@ -23,7 +23,7 @@ from megatron_terapipe.slicing.plan import format_plan
 from megatron_terapipe.slicing.planner import SCORES, STRATEGIES, check_granularity, make_plan
 
 # (num_layers, hidden_size, num_attention_heads, seq_length): the paper's models (DESIGN.md §5)
-# and a tiny one for the CPU demo.
+# and the CPU demo's tiny one.
 MODELS: dict[str, tuple[int, int, int, int]] = {
     "gpt3-1b": (24, 2048, 16, 2048),
     "gpt3-13b": (40, 5120, 40, 2048),
@@ -32,7 +32,7 @@ MODELS: dict[str, tuple[int, int, int, int]] = {
     "gpt3-13b-4096": (40, 5120, 40, 4096),
     "gpt3-13b-6144": (40, 5120, 40, 6144),
     "gpt3-13b-8192": (40, 5120, 40, 8192),
-    "tiny": (4, 64, 4, 256),
+    "tiny": (4, 64, 4, 128),  # configs/tiny-cpu.args
 }
 SCHEDULES = ("terapipe", "token-1f1b", "token-interleaved")
 
@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--no-p2p", action="store_true", help="leave P2P time out of the table")
     c.add_argument("--profile-out", metavar="FILE.json", help="save the measured profile")
     c.add_argument("--profile-repeats", type=int, default=5,
-                   help="timings per profile point; the least is kept")
+                   help="passes over the profile grid (random order); each point keeps "
+                   "its least time")
     c.add_argument("--write-table", metavar="FILE.npz",
                    help="also save the cost model as a latency table at the granularity")
     pl = p.add_argument_group("planner")
@@ -170,15 +171,16 @@ def _profile(args: argparse.Namespace, dims: dict[str, Any]) -> Any:
 
     multiple = args.tensor_model_parallel_size if args.sequence_parallel else 1
     g = args.granularity or default_granularity(args.seq_length, multiple)
-    measure = measure_fn_for_megatron_stage(**dims, repeats=args.profile_repeats)
+    measure = measure_fn_for_megatron_stage(**dims)
     grid = default_grid(args.seq_length, args.batch_size or 1, g)
     analytic = AnalyticCostModel.from_preset(args.device_preset or "cpu", **dims)
     p2p = {"p2p_latency_s": analytic.link_latency_s,
            "p2p_bandwidth_gbps": analytic.link_bandwidth_gbps,
            "p2p_bytes_per_token": float(dims["hidden_size"] * analytic.bytes_per_element)}
-    meta = {"dims": measure.dims, "device": measure.device}
+    meta = {"dims": measure.dims, "device": measure.device, "clock": measure.clock}
     log = None if args.json else (lambda line: print(line, file=sys.stderr))
-    profile = profile_stage(measure, grid, meta=meta, p2p=p2p, log=log)
+    profile = profile_stage(measure, grid, repeats=args.profile_repeats, meta=meta, p2p=p2p,
+                            log=log)
     if args.profile_out:
         profile.save(args.profile_out)
         profile.source = args.profile_out

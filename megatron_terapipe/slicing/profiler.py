@@ -14,6 +14,7 @@ the measurement (profile on a TP group, or add them from the analytic model, if 
 from __future__ import annotations
 
 import math
+import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -64,17 +65,25 @@ def profile_stage(
     meta: dict | None = None,
     p2p: dict | None = None,
     log: Callable[[str], None] | None = None,
+    seed: int = 0,
 ) -> ProfiledCostModel:
     """Time every grid point and fit; the fit's R² is on the result.
 
-    Each point keeps the least of `repeats` timings: on a shared machine, interference only ever
-    adds time, so the minimum is the least disturbed estimate.
+    The grid is measured `repeats` times, each pass in a new random order, and each point keeps
+    its least time: interference from other processes only ever adds time and comes in bursts,
+    so repeats spread over the whole run dodge it better than back-to-back ones.
     """
-    samples = []
-    for b, n, c in grid.points():
-        seconds = min(float(measure_fn(b, n, c)) for _ in range(max(1, repeats)))
-        samples.append((b, n, c, seconds))
-        if log is not None:
+    points = grid.points()
+    best = dict.fromkeys(points, float("inf"))
+    rng = random.Random(seed)
+    for _ in range(max(1, repeats)):
+        order = list(points)
+        rng.shuffle(order)
+        for point in order:
+            best[point] = min(best[point], float(measure_fn(*point)))
+    samples = [(b, n, c, best[b, n, c]) for b, n, c in points]
+    if log is not None:
+        for b, n, c, seconds in samples:
             log(f"profile b={b} l={n} c={c}: {seconds * 1e3:.3f} ms")
     info = dict(meta or {})
     info.update(grid={"batches": list(grid.batches), "slice_lens": list(grid.slice_lens),
@@ -95,12 +104,18 @@ def measure_fn_for_megatron_stage(
     pipeline_model_parallel_size: int = 1,
     dtype: Any = None,
     warmup: int = 1,
-    repeats: int = 3,
+    repeats: int = 1,
+    clock: str | None = None,
 ) -> MeasureFn:
     """A measure_fn timing this stage's real megatron-core layers with prefix-KV attention.
 
     Dims come from a Megatron namespace `args` or the keywords. Needs megatron-core; runs in a
     private single-rank process group when torch.distributed is not initialized.
+
+    clock: 'wall' (default on GPU: synchronised wall time) or 'cpu' (default on CPU: the CPU
+    time of the measuring thread, with one intra-op thread as the gloo demo ranks run). CPU time
+    does not count the time other processes hold the core, so a shared machine still gives
+    clean numbers.
     """
     import torch
 
@@ -113,6 +128,10 @@ def measure_fn_for_megatron_stage(
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     block = _build_block(dims, dtype, device)
     hidden = dims["hidden_size"]
+    clock = clock or ("wall" if device.type == "cuda" else "cpu")
+    if clock not in ("wall", "cpu"):
+        raise ValueError(f"clock={clock!r}; valid: wall, cpu")
+    now = time.perf_counter if clock == "wall" else time.thread_time
 
     def run_once(batch: int, slice_len: int, context_len: int) -> float:
         from megatron_terapipe.model import TokenSliceContext, activate
@@ -128,21 +147,28 @@ def measure_fn_for_megatron_stage(
                             requires_grad=True)
             grad = torch.randn(slice_len, batch, hidden, device=device, dtype=dtype)
             _sync(device)
-            start = time.perf_counter()
+            start = now()
             with context.running(0, 0, len(slices) - 1):
                 out = block(x, attention_mask=None)
                 out.backward(grad)
             _sync(device)
-            return time.perf_counter() - start
+            return now() - start
 
     def measure(batch: int, slice_len: int, context_len: int) -> float:
-        for _ in range(warmup):
-            run_once(batch, slice_len, context_len)
-        # The least of the repeats: interference from other processes only adds time.
-        return min(run_once(batch, slice_len, context_len) for _ in range(max(1, repeats)))
+        threads = torch.get_num_threads()
+        if clock == "cpu":
+            torch.set_num_threads(1)  # all work on this thread, so thread_time sees it all
+        try:
+            for _ in range(warmup):
+                run_once(batch, slice_len, context_len)
+            # The least of the repeats: interference only ever adds time.
+            return min(run_once(batch, slice_len, context_len) for _ in range(max(1, repeats)))
+        finally:
+            torch.set_num_threads(threads)
 
     measure.dims = dims  # type: ignore[attr-defined]
     measure.device = str(device)  # type: ignore[attr-defined]
+    measure.clock = clock  # type: ignore[attr-defined]
     return measure
 
 
