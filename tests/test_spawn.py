@@ -38,4 +38,3 @@ def test_rank_dying_without_traceback_is_reported():
     with pytest.raises(DistributedRunError, match="rank 1 died with exit code 3"):
         run_distributed(exit_on_rank, 2, 1, 3, timeout_s=60)
     assert not mp.active_children()
-
