@@ -78,7 +78,11 @@ def cost_model_from_args(args: Any) -> Any:
 
         measure = measure_fn_for_megatron_stage(args)
         grid = default_grid(args.seq_length, args.micro_batch_size, _granularity(args))
-        return profile_stage(measure, grid)
+        profile = profile_stage(measure, grid, repeats=3,
+                                meta={"dims": measure.dims, "device": measure.device,
+                                      "clock": measure.clock})
+        profile.source = "start-up"
+        return profile
     if spec.endswith(".npz"):
         return LatencyTableCostModel.load(spec)
     if spec.endswith(".json"):
@@ -151,6 +155,9 @@ def plan_from_args(
                            cap, **common)
     if note:
         plan.extra["score_note"] = note
+    if hasattr(cost, "r2"):
+        plan.extra.update(profile_r2=round(cost.r2, 4),
+                          profile_r2_context=round(cost.r2_context, 4))
     plan.extra["num_microbatches"] = micro
     return plan
 

@@ -21,7 +21,12 @@ PLAN_TITLE = " token pipeline plan "
 
 @dataclass
 class SlicingPlan:
-    """Token and batch slices chosen for one pipeline, and what the cost model predicts."""
+    """Token and batch slices chosen for one pipeline, and what the cost model predicts.
+
+    `predicted_step_time` is the pipeline's forward+backward time of one step (seconds) under
+    the plan's score (extra["score"]); the optimizer step, data loading and the embedding/LM
+    head are not in it. `t_max` is the slowest unit's stage time: TeraPipe's bound.
+    """
 
     token_slices: tuple[int, ...]
     batch_slices: tuple[int, ...]
