@@ -231,14 +231,21 @@ def plan_and_broadcast(args: Any, group: Any = None, print_fn: Any = print) -> S
         return plan
     src = 0 if group is None else dist.get_global_rank(group, 0)
     payload: list[Any] = [None]
+    failure: BaseException | None = None
     if dist.get_rank() == src:
         try:
             plan = plan_from_args(args)
             print_fn(format_plan(plan))
             payload = [plan.to_dict()]
-        except ValueError as exc:
-            payload = [{"error": str(exc)}]
+        except Exception as exc:  # noqa: BLE001 - the other ranks must hear of any failure
+            failure = exc
+            payload = [{"error": str(exc), "type": type(exc).__name__}]
     dist.broadcast_object_list(payload, src=src, group=group)
+    if failure is not None:
+        raise failure
     if "error" in payload[0]:
-        raise ValueError(payload[0]["error"])
+        if payload[0].get("type") == "ValueError":
+            raise ValueError(payload[0]["error"])
+        raise RuntimeError(f"rank {src} failed to plan the token slices: "
+                           f"{payload[0]['type']}: {payload[0]['error']}")
     return SlicingPlan.from_dict(payload[0])
