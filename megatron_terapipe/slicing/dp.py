@@ -149,6 +149,7 @@ class _Problem:
         self.E[:, ok] = sub[:, length[ok], start.repeat(units + 1, 0)[ok]]
         if (self.E < 0).any():
             raise ValueError("latency table holds negative entries")
+        self.budgeted = budget is not None
         self.limit = 0 if budget is None else int(budget.limit)
         if budget is not None:
             self.first = np.asarray(budget.first, dtype=np.int64)[rows]
@@ -161,7 +162,7 @@ class _Problem:
         budget use exactly q (q = 0 only, without a budget)."""
         masked = np.where(self.E <= bound, self.E, np.inf)
         rows, units, limit = masked.shape[0], self.units, self.limit
-        if limit == 0 and not hasattr(self, "first"):
+        if not self.budgeted:
             # [end, start, row], contiguous: each step reads one block; the raw ufunc reduce
             # skips numpy's Python-level wrapper, which dominates at these sizes.
             by_end = np.ascontiguousarray(masked.transpose(1, 2, 0))
@@ -305,7 +306,7 @@ class _Problem:
 
         Without the Σ t objective this is a least-budget path, one index cheaper than token_dp.
         """
-        if not hasattr(self, "first"):
+        if not self.budgeted:
             return bool(np.isfinite(self.combine(self.token_dp(bound))[0]))
         units, rows = self.units, len(self.sizes)
         allowed = self.E <= bound
@@ -339,7 +340,7 @@ class _Problem:
             for a in range(1, self.total + 1):
                 h[a] = min(max(h[a - b], mm[b]) for b in self.sizes if b <= a)
             lowest = h[self.total]
-        if not hasattr(self, "first") or not np.isfinite(lowest):
+        if not self.budgeted or not np.isfinite(lowest):
             return lowest
         if values is None:
             finite = self.E[np.isfinite(self.E)]
