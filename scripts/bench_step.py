@@ -23,6 +23,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph
 from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     add_model_args,
     int_list,
+    parse_with_configs,
     resolve_model_args,
     str_list,
     tiny_gpt,
@@ -46,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--output", help="save the results (JSON) here")
     parser.add_argument("--json", action="store_true")
     parser.add_argument("--timeout", type=float, default=3600.0)
-    return parser.parse_args(argv)
+    return parse_with_configs(parser, argv)
 
 
 def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:

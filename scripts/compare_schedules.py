@@ -22,6 +22,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph
 from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     add_model_args,
     int_list,
+    parse_with_configs,
     resolve_model_args,
     str_list,
     tiny_gpt,
@@ -56,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper-scale", action="store_true",
                         help="print the V100 predictions for the paper's settings and exit")
     parser.add_argument("--timeout", type=float, default=3600.0)
-    return parser.parse_args(argv)
+    return parse_with_configs(parser, argv)
 
 
 def interleaving_fits(values: dict[str, int], chunks: int) -> bool:

@@ -106,7 +106,9 @@ class ActivationMemoryTracker:
         key = self._key(tensor)
         if key is not None:
             self._acquire(key)
-        return _Packed(tensor, key, self)
+        # Detached: a saved *output* would otherwise reference its own grad_fn through the
+        # handle, a cycle that keeps a dropped graph (and its bytes) alive.
+        return _Packed(tensor.detach(), key, self)
 
     @staticmethod
     def _unpack(packed: _Packed) -> torch.Tensor:

@@ -1,0 +1,69 @@
+"""compare_schedules.py end to end on a tiny model: one table's worth of JSON, sane values."""
+
+import importlib.util
+import io
+import json
+import os
+from contextlib import redirect_stdout
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def output(tmp_path_factory):
+    trace = str(tmp_path_factory.mktemp("trace") / "t")
+    buffer = io.StringIO()
+    with redirect_stdout(buffer):
+        code = _script("compare_schedules").main([
+            "--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4",
+            "--seq-length", "64", "--num-microbatches", "2", "--num-token-slices", "4",
+            "--warmup", "1", "--iterations", "1", "--json", "--trace", trace,
+            "--timeout", "120",
+        ])
+    assert code == 0
+    return json.loads(buffer.getvalue())
+
+
+def test_every_schedule_has_a_row(output):
+    names = [r["schedule"] for r in output["results"]]
+    assert names[0] == "stock 1F1B"
+    assert "stock interleaved V=2" in names
+    for order in ("terapipe", "token-1f1b"):
+        assert f"{order} S=4" in names and f"{order} DP-planned" in names
+
+
+def test_row_values(output):
+    keys = {"schedule", "step_time", "tokens_per_s", "speedup", "bubble_measured",
+            "bubble_simulated", "peak_activation_mib", "predicted_step_time",
+            "prediction_error", "max_loss_diff"}
+    for row in output["results"]:
+        assert keys <= set(row)
+        assert row["step_time"] > 0 and row["predicted_step_time"] > 0
+        assert len(row["bubble_measured"]) == len(row["bubble_simulated"]) == 2
+        assert all(0.0 <= b <= 1.0 for b in row["bubble_measured"] + row["bubble_simulated"])
+        assert all(m > 0 for m in row["peak_activation_mib"])
+        assert row["max_loss_diff"] < 1e-5, row["schedule"]  # same weights, same data
+    assert output["results"][0]["speedup"] == 1.0
+
+
+def test_planned_slices_cover_the_sequence(output):
+    for row in output["results"]:
+        assert sum(row["token_slices"]) == 64
+
+
+def test_traces_hold_every_action_with_its_microbatch(output):
+    assert len(output["traces"]) == len(output["results"])
+    for path in output["traces"]:
+        with open(path) as handle:
+            events = [e for e in json.load(handle)["traceEvents"] if e["ph"] == "X"]
+        compute = [e for e in events if e["cat"] in ("forward", "backward")]
+        assert compute and all(e["args"]["microbatch"] >= 0 for e in compute), path
