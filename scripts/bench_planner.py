@@ -9,7 +9,8 @@ Cases (analytic V100 model, the paper's hardware):
   gpt3-175b-g8    GPT-3 175B, batch 2, TP 8, 48 stages, seq 2048 at granularity 8: 256 units
                   (target < 0.5 s)
   32k-g64         32,768 tokens at granularity 64: 512 units; GPT-3 13B dims, TP 8,
-                  40 stages, batch 1 (target < 5 s)
+                  40 stages, batch 1 (target < 5 s); also with 8 stages on the H100 preset,
+                  where the optimum is uneven and the search works harder
 Times are the whole make_plan call (table build + DP + bookkeeping), best of --repeats, with
 the first (cold) run shown too. Context rows: TeraPipe's plain ascending enumeration of t_max
 and a memory-capped solve of the first case.
@@ -46,16 +47,17 @@ PAPER_SETTINGS = [
 ]
 
 
-def case(name, model, batch, tp, stages, granularity, seq=None, target=None, **plan_kw):
+def case(name, model, batch, tp, stages, granularity, seq=None, target=None, preset="v100",
+         **plan_kw):
     layers, hidden, heads, default_seq = MODELS[model]
     dims = dict(num_layers=layers, hidden_size=hidden, num_attention_heads=heads,
                 tensor_model_parallel_size=tp, pipeline_model_parallel_size=stages)
-    return dict(name=name, model=model, dims=dims, batch=batch, stages=stages,
+    return dict(name=name, model=model, dims=dims, batch=batch, stages=stages, preset=preset,
                 seq=seq or default_seq, granularity=granularity, target=target, plan_kw=plan_kw)
 
 
 def run_case(spec: dict, repeats: int) -> dict:
-    cost = AnalyticCostModel.from_preset("v100", **spec["dims"])
+    cost = AnalyticCostModel.from_preset(spec["preset"], **spec["dims"])
     memory = ActivationMemoryModel(**spec["dims"])
     kw = dict(seq_length=spec["seq"], num_stages=spec["stages"], batch=spec["batch"],
               granularity=spec["granularity"], memory=memory, **spec["plan_kw"])
@@ -92,6 +94,8 @@ def main() -> int:
     cases = [
         case("gpt3-175b-g8", "gpt3-175b", 2, 8, 48, 8, target=0.5),
         case("32k-g64", "gpt3-13b", 1, 8, 40, 64, seq=32768, target=5.0),
+        # Same size, a shallower pipeline on H100: uneven slices, many more DP evaluations.
+        case("32k-g64 h100 pp8", "gpt3-13b", 1, 8, 8, 64, seq=32768, target=5.0, preset="h100"),
         case("gpt3-175b-g8 ascending", "gpt3-175b", 2, 8, 48, 8, method="ascending"),
         case("32k-g64 ascending", "gpt3-13b", 1, 8, 40, 64, seq=32768, method="ascending"),
         case("gpt3-175b-g8 cap 2GiB", "gpt3-175b", 2, 8, 48, 8, memory_cap_gib=2.0),
