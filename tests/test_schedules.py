@@ -63,7 +63,7 @@ def test_largest_shapes_validate(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCHEDULES))
 def test_whole_domain_validates(name):
-    """Every (P, M, S, V) the property tests sample from, exhaustively (about a minute)."""
+    """Every (P, M, S, V) the property tests sample from, exhaustively (about two CPU minutes)."""
     for P in range(1, 9):
         for M in range(1, 9):
             for S in [1] if name in STOCK_SCHEDULES else range(1, 17):
