@@ -382,6 +382,14 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             f"virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) need "
             f"--pipeline-model-parallel-size >= 2, got {pp}"
         )
+    elif vp > 1 and pp == 2 and not args.token_pipeline:
+        # Megatron-LM's rule for batched P2P: with two ranks, the send to the next and to the
+        # previous stage go to the same peer in one batch.
+        errors.append(
+            "megatron-core's interleaved schedule (virtual pipeline stages without "
+            "--token-pipeline) needs --pipeline-model-parallel-size > 2 here, got 2; use "
+            "--token-pipeline --token-pipeline-schedule token-interleaved, or more stages"
+        )
 
     # Batch sizes.
     gbs = args.global_batch_size
@@ -448,6 +456,12 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             errors.append(f"--min-lr={args.min_lr} is larger than --lr={args.lr}")
     if args.lr_warmup_fraction is not None and args.lr_warmup_iters:
         errors.append("give only one of --lr-warmup-iters and --lr-warmup-fraction")
+    decay_iters = args.lr_decay_iters if args.lr_decay_iters is not None else args.train_iters
+    if decay_iters is not None and args.lr_warmup_iters and args.lr_warmup_iters >= decay_iters:
+        errors.append(
+            f"--lr-warmup-iters={args.lr_warmup_iters} must be smaller than --lr-decay-iters "
+            f"(default --train-iters) = {decay_iters}"
+        )
     if args.lr_decay_style == "WSD" and args.lr_wsd_decay_iters is None:
         errors.append("--lr-decay-style WSD needs --lr-wsd-decay-iters")
 

@@ -27,8 +27,19 @@ from megatron_terapipe.training import checkpoint_files
 from megatron_terapipe.training.initialize import print_rank_0
 
 CHECKPOINT_VERSION = 3.0
+_PER_RANK_ARGS = ("rank", "local_rank")
 TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
+
+
+def _allow_missing_psutil() -> None:
+    """megatron-core's checkpoint writer workers call psutil only to log their memory use, and
+    raise without it -- after which the parent waits forever on their queue. Without psutil,
+    report 0 bytes instead (the write itself does not need it)."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if not getattr(filesystem_async, "HAVE_PSUTIL", True):
+        filesystem_async._process_memory = lambda: 0
 
 
 def _unwrap(chunk):
@@ -83,6 +94,8 @@ def _plain_args(args: Namespace) -> dict[str, Any]:
     simple = (str, int, float, bool, type(None))
     out = {}
     for key, value in vars(args).items():
+        if key in _PER_RANK_ARGS:
+            continue  # common state must be equal on every rank
         if isinstance(value, simple):
             out[key] = value
         elif isinstance(value, (list, tuple)) and all(isinstance(v, simple) for v in value):
@@ -136,6 +149,7 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
+    _allow_missing_psutil()
     start = time.time()
     final = checkpoint_files.checkpoint_dir(args.save, iteration)
     tmp = final + TMP_SUFFIX

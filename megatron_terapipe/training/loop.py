@@ -206,6 +206,9 @@ def train(
                     normalizer=args.log_interval,
                 )
 
+        # Evaluation and checkpointing time is not training time (Megatron-LM stops the
+        # interval timer around both).
+        timers("interval-time").stop()
         if args.eval_iters and valid_iterator is not None and iteration % args.eval_interval == 0:
             valid = evaluate(
                 args, forward_step_func, valid_iterator, chunk_arg, forward_backward_func
@@ -225,6 +228,7 @@ def train(
         if exiting:
             print_rank_0(f"exiting program at iteration {iteration}")
             break
+        timers("interval-time", log_level=0).start(barrier=True)
     if save_fn is not None and last_saved != iteration and iteration > start_iteration:
         save_fn(iteration, flops_so_far)
     if writer is not None:

@@ -65,8 +65,11 @@ def transformer_config_from_args(args: Namespace):
         persist_layer_norm=False,
     )
     if args.virtual_pipeline_model_parallel_size:
-        # Megatron-LM's default (--overlap-p2p-communication): lets VP run with PP = 2.
-        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
+        # Batched P2P (Megatron-LM's --no-overlap-p2p-communication). The overlapped mode gave
+        # different losses from the batched mode and from the token executor on CPU/gloo
+        # (PP=4, VP=2), so the trainer does not use it; batched needs PP > 2 for stock
+        # interleaving (validated in args.py).
+        kwargs.update(overlap_p2p_comm=False, batch_p2p_comm=True)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         kwargs["recompute_num_layers"] = 1
     return TransformerConfig(**kwargs)
