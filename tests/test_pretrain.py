@@ -1,0 +1,154 @@
+"""scripts/pretrain_gpt.py end to end on CPU: 2 gloo ranks under torchrun, PP = 2.
+
+- The token pipeline prints the same `lm loss` per iteration as megatron-core's 1F1B (fp32,
+  1e-5 relative) over 20 iterations (with evaluation at 10 and 20).
+- A checkpoint saved at iteration 10 under the token pipeline, resumed under stock 1F1B,
+  gives iterations 11-20 equal to the uninterrupted stock run.
+- Bad flags exit before training (status 2, message naming the flags), on every rank.
+
+The three training runs are shared by the tests (module fixture), about 25 s each here.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "scripts", "pretrain_gpt.py")
+TINY = os.path.join(REPO, "configs", "tiny-cpu.args")
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*?\| lm loss: ([-+.0-9Ee]+) \|")
+VALID_LINE = re.compile(r"validation loss at iteration (\d+) \| lm loss value: ([-+.0-9Ee]+)")
+RTOL = 1e-5
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="ignore")
+    env.pop("WORLD_SIZE", None)
+    env.pop("RANK", None)
+    return env
+
+
+def torchrun(argv: list[str], nproc: int = 2, timeout: int = 240) -> subprocess.CompletedProcess:
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+        "--master-port", str(_free_port()), SCRIPT, *argv,
+    ]  # fmt: skip
+    return subprocess.run(
+        cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def losses(output: str, pattern=LOSS_LINE) -> dict[int, float]:
+    return {int(it): float(loss) for it, loss in pattern.findall(output)}
+
+
+def _check(result: subprocess.CompletedProcess) -> str:
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    ckpt = tmp_path_factory.mktemp("ckpt")
+    stock = _check(torchrun(["--config", TINY]))
+    token = _check(
+        torchrun(
+            ["--config", TINY, "--token-pipeline", "--token-pipeline-slices", "32,48,48",
+             "--save", str(ckpt), "--save-interval", "10"]
+        )
+    )  # fmt: skip
+    resumed = _check(torchrun(["--config", TINY, "--load", str(ckpt), "--ckpt-step", "10"]))
+    return {"stock": stock, "token": token, "resumed": resumed, "ckpt": ckpt}
+
+
+def _assert_close(a: dict[int, float], b: dict[int, float], iterations) -> None:
+    for it in iterations:
+        assert it in a and it in b, (it, sorted(a), sorted(b))
+        assert abs(a[it] - b[it]) <= RTOL * abs(b[it]), (it, a[it], b[it])
+
+
+def test_token_pipeline_matches_stock_1f1b_for_20_iterations(runs):
+    stock, token = losses(runs["stock"]), losses(runs["token"])
+    assert sorted(stock) == list(range(1, 21))
+    _assert_close(token, stock, range(1, 21))
+    assert losses(runs["stock"])[20] < losses(runs["stock"])[1]  # it trains
+    # Evaluation (forward-only) agrees too.
+    _assert_close(losses(runs["token"], VALID_LINE), losses(runs["stock"], VALID_LINE), (10, 20))
+
+
+def test_log_lines_look_like_megatron_lm(runs):
+    line = next(ln for ln in runs["token"].splitlines() if "iteration       20/" in ln)
+    for field in (
+        "consumed samples:          320",
+        "elapsed time per iteration (ms):",
+        "throughput per GPU (TFLOP/s/GPU):",
+        "tokens per second:",
+        "learning rate:",
+        "lm loss:",
+        "peak memory (MiB):",
+        "schedule: terapipe",
+    ):
+        assert field in line, (field, line)
+    assert "schedule: 1f1b" in runs["stock"]
+    assert "token slices [32, 48, 48]" in runs["token"]
+
+
+def test_token_checkpoint_resumes_under_stock_1f1b(runs):
+    resumed, stock = losses(runs["resumed"]), losses(runs["stock"])
+    assert sorted(resumed) == list(range(11, 21)), sorted(resumed)
+    _assert_close(resumed, stock, range(11, 21))
+    assert "loading checkpoint from" in runs["resumed"] and "at iteration 10" in runs["resumed"]
+    assert "schedule: 1f1b" in runs["resumed"]
+
+
+def test_checkpoint_directory_layout(runs):
+    ckpt = runs["ckpt"]
+    names = sorted(os.listdir(ckpt))
+    assert names == ["iter_0000010", "iter_0000020", "latest_checkpointed_iteration.txt"], names
+    assert (ckpt / "latest_checkpointed_iteration.txt").read_text().strip() == "20"
+    assert (ckpt / "iter_0000010" / "metadata.json").is_file()
+
+
+# -- bad input exits before training ---------------------------------------------------------
+def _plain(argv: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, SCRIPT, *argv], cwd=REPO, env=_env(), capture_output=True, text=True,
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_bad_slices_exit_before_training():
+    result = _plain(["--config", TINY, "--token-pipeline", "--token-pipeline-slices", "32,32"])
+    assert result.returncode == 2
+    assert "--token-pipeline-slices=32,32 sums to 64" in result.stderr
+    assert "--seq-length=128" in result.stderr
+    assert "iteration" not in result.stdout
+
+
+def test_unknown_flag_fails_loudly():
+    result = _plain(["--config", TINY, "--use-flash-attn-v7"])
+    assert result.returncode == 2
+    assert "unrecognized arguments: --use-flash-attn-v7" in result.stderr
+
+
+def test_empty_load_dir_exits_on_every_rank_before_training(tmp_path):
+    result = torchrun(["--config", TINY, "--load", str(tmp_path)], timeout=120)
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert output.count(f"--load {tmp_path} holds no checkpoint") == 2, output[-3000:]
+    assert "iteration " not in result.stdout
