@@ -6,9 +6,12 @@ process itself stays unpatched for every other test.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
-from megatron_terapipe.compat import cpu_enabled, run_distributed
+from megatron_terapipe.compat import run_distributed
 from megatron_terapipe.testing.probes import rng_probe
 
 
@@ -27,11 +30,16 @@ def test_enable_cpu_is_idempotent(probe):
 
 
 def test_importing_compat_patches_nothing():
-    """Only enable_cpu() changes anything (this process never called it)."""
-    from megatron_terapipe.compat.cpu import applied_patches
-
-    assert not cpu_enabled()
-    assert applied_patches() == []
+    """Only enable_cpu() changes anything; checked in a fresh interpreter, since other tests
+    may legitimately have called enable_cpu() in this one."""
+    code = (
+        "import torch; original = torch.cuda.current_device\n"
+        "import megatron_terapipe.compat as compat\n"
+        "from megatron_terapipe.compat.cpu import applied_patches\n"
+        "assert not compat.cpu_enabled() and applied_patches() == []\n"
+        "assert torch.cuda.current_device is original\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 def test_model_parallel_seed_streams_are_reproducible(probe):
