@@ -35,7 +35,7 @@ def test_fitted_model_prices_every_stage_and_kind():
 
 def _measured(timeline, kind="token", schedule="terapipe", slices=(64, 64)):
     return Measured(name="x", kind=kind, schedule=schedule, token_slices=slices,
-                    step_times=[1.0], median_round=0, timeline=timeline,
+                    step_times=[1.0], median_round=0, timeline=timeline, cpu_time=[1.0, 1.0],
                     peak_activation_bytes=[1, 1], cuda_peak_bytes=[None, None], losses=None)
 
 

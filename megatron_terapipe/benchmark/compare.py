@@ -9,12 +9,18 @@ and the largest loss difference to stock 1F1B on the same data and weights.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit
 from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
-from megatron_terapipe.benchmark.predict import measured_timeline, predict, predict_with
+from megatron_terapipe.benchmark.predict import (
+    measured_timeline,
+    predict,
+    predict_with,
+    replay,
+)
 from megatron_terapipe.benchmark.spec import STOCK_1F1B, BenchSpec
 from megatron_terapipe.simulate import SimulationResult, Timeline
 
@@ -31,6 +37,7 @@ class Comparison:
     simulated: dict[str, SimulationResult]
     fitted: FittedCostModel | None
     p2p: P2PFit
+    replayed: dict[str, SimulationResult] = field(default_factory=dict)
     extra: dict = field(default_factory=dict)
 
     def measured_timelines(self) -> dict[str, Timeline]:
@@ -53,9 +60,14 @@ def run_comparison(spec: BenchSpec, threads_per_rank: int = 1, timeout_s: float 
     from megatron_terapipe.benchmark.harness import run_benchmark
     from megatron_terapipe.compat import run_distributed
 
+    load_before = os.getloadavg()
     results = run_distributed(run_benchmark, spec.pipeline_parallel, spec,
                               timeout_s=timeout_s, threads_per_rank=threads_per_rank)
-    return analyse(spec, results)
+    comparison = analyse(spec, results)
+    # A 2-core box shared with other jobs: the load says how much the numbers can be trusted.
+    comparison.extra["load_average_1m"] = {"before": load_before[0], "after": os.getloadavg()[0]}
+    comparison.extra["threads_per_rank"] = threads_per_rank
+    return comparison
 
 
 def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
@@ -63,12 +75,15 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
     p2p = P2PFit(**rank_results[0]["p2p"])
     simulated, fitted = predict(measured, spec.num_microbatches, spec.model.hidden_size,
                                 spec.micro_batch_size, p2p)
+    replayed = replay(measured, spec.num_microbatches, spec.model.hidden_size,
+                      spec.micro_batch_size, p2p)
     analytic = _analytic_model(spec)
     stock = next((m for m in measured if m.kind == STOCK_1F1B), None)
     rows = []
     for m in measured:
         timeline = measured_timeline(m)
         sim = simulated[m.name]
+        rep = replayed[m.name]
         bubble = timeline.bubble_fraction()
         tokens = spec.num_microbatches * spec.micro_batch_size * spec.model.seq_length
         analytic_time = (predict_with(analytic, m, spec.num_microbatches, spec.micro_batch_size)
@@ -86,7 +101,13 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "bubble_measured": bubble,
             "bubble_simulated": list(sim.bubble_fraction),
             "bubble_error": max(abs(a - b) for a, b in zip(bubble, sim.bubble_fraction)),
+            "bubble_replayed": list(rep.bubble_fraction),
+            "bubble_error_replayed": max(abs(a - b) for a, b in zip(bubble, rep.bubble_fraction)),
+            "replayed_step_time": rep.step_time,
             "peak_activation_mib": [_mib(b) for b in m.peak_activation_bytes],
+            # CPU the rank got per second it was computing: < 1 means other processes took it.
+            "cpu_per_busy_s": [c / b if b > 0 else math.nan
+                               for c, b in zip(m.cpu_time, timeline.busy_time())],
             "cuda_peak_mib": [_mib(b) for b in m.cuda_peak_bytes],
             "predicted_step_time": sim.step_time,
             "prediction_error": sim.step_time / timeline.step_time() - 1.0,
@@ -95,7 +116,7 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "max_loss_diff": max_loss_difference(m.losses, stock.losses if stock else None),
             "losses": m.losses,
         })
-    return Comparison(spec, rows, measured, simulated, fitted, p2p,
+    return Comparison(spec, rows, measured, simulated, fitted, p2p, replayed,
                       extra={"analytic_model": getattr(analytic, "name", None)})
 
 

@@ -45,13 +45,29 @@ class SliceTimeFit:
 
 
 def fit_slice_times(points: Sequence[tuple[int, int, float]]) -> SliceTimeFit:
-    """Least squares over (length, context, seconds) points; min-norm when underdetermined."""
+    """Non-negative least squares over (length, context, seconds) points.
+
+    Every coefficient is a cost, so none may be negative (a negative context term fitted to
+    noise would make long contexts look free). With three features the exact NNLS is the best
+    non-negative unconstrained fit over the 7 feature subsets.
+    """
     data = np.asarray(points, dtype=np.float64)
     if data.size == 0:
         raise ValueError("no measured actions to fit")
     x = _features(data[:, 0], data[:, 1])
     y = data[:, 2]
-    coef, *_ = np.linalg.lstsq(x, y, rcond=None)
+    best: tuple[float, np.ndarray] | None = None
+    for subset in ((0, 1, 2), (0, 1), (0, 2), (1, 2), (0,), (1,), (2,)):
+        cols = list(subset)
+        part, *_ = np.linalg.lstsq(x[:, cols], y, rcond=None)
+        if (part < 0).any():
+            continue
+        coef = np.zeros(3)
+        coef[cols] = part
+        residual = float(((x @ coef - y) ** 2).sum())
+        if best is None or residual < best[0] - 1e-18:
+            best = (residual, coef)
+    coef = best[1] if best is not None else np.zeros(3)
     pred = x @ coef
     total = float(((y - y.mean()) ** 2).sum())
     r2 = 1.0 - float(((y - pred) ** 2).sum()) / total if total > 0 else float("nan")

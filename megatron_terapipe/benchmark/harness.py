@@ -37,6 +37,7 @@ class VariantRun:
     variant: Variant
     token_slices: tuple[int, ...] = ()
     step_times: list[float] = field(default_factory=list)  # timed rounds, this rank
+    cpu_times: list[float] = field(default_factory=list)  # process CPU seconds in those steps
     timelines: list[list] = field(default_factory=list)  # ActionRecords per timed round
     warmup_timeline: list = field(default_factory=list)
     peak_activation_bytes: int | None = None
@@ -72,7 +73,11 @@ class _Runner:
         return get_forward_backward_func(TokenPipelineConfig(**kwargs))
 
     def step(self, batches: list, tracker: ActivationMemoryTracker | None = None):
-        """One forward-backward; returns (seconds on this rank, losses, records)."""
+        """One forward-backward; returns (seconds on this rank, losses, records).
+
+        `self.cpu_time` is left holding the process CPU seconds of the step: next to the
+        busy time of the records it shows how much CPU the rank actually got (a shared box).
+        """
         from megatron.core import parallel_state
 
         spec = self.spec
@@ -84,6 +89,7 @@ class _Runner:
         pp_group = parallel_state.get_pipeline_model_parallel_group()
         with virtual_pipeline(self.built.virtual_pipeline), _instrumented(self, tracker):
             torch.distributed.barrier(group=pp_group)
+            cpu0 = time.process_time()
             t0 = time.perf_counter()
             if self.recorder is not None:
                 self.recorder.start(t0)
@@ -97,6 +103,7 @@ class _Runner:
                 forward_only=False,
             )
             elapsed = time.perf_counter() - t0
+            self.cpu_time = time.process_time() - cpu0
         records = self.recorder.records if self.recorder is not None else self.func.last_timeline
         return elapsed, losses, list(records)
 
@@ -187,8 +194,9 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
 
         warm = {name: (run.token_slices, run.warmup_timeline) for name, run in runs.items()
                 if not run.variant.is_stock and run.warmup_timeline}
+        warm["~calibration"] = _calibrate(spec, models)
         for variant in planned:
-            slices = plan_slices(spec, variant, warm, _calibration(spec, models), p2p)
+            slices = plan_slices(spec, variant, warm, p2p)
             concrete = replace(variant, token_slices=tuple(slices))
             runs[variant.name].variant = concrete
             runners[variant.name] = _Runner(spec, concrete, models[_model_key(variant)])
@@ -200,6 +208,7 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
         for name in order[shift:] + order[:shift]:
             elapsed, _, records = runners[name].step(batches)
             runs[name].step_times.append(elapsed)
+            runs[name].cpu_times.append(runners[name].cpu_time)
             runs[name].timelines.append(records)
     return {
         "rank": rank,
@@ -220,20 +229,31 @@ def _warmup(runner: _Runner, batches: list, run: VariantRun, spec: BenchSpec) ->
     run.token_slices = runner.token_slices
 
 
-def _calibration(spec: BenchSpec, models: dict) -> Any:
-    """A cheap equal-slice run whose timeline the planner can fit when no token variant ran."""
+def calibration_slices(seq_length: int, count: int = 6) -> tuple[int, ...]:
+    """Halving slice lengths (L/2, L/4, ..., twice the last): one step measures slices of many
+    lengths at many contexts, which equal slices cannot (their fixed and per-token costs are
+    inseparable, and a planner fed such a fit picks absurdly thin slices)."""
+    lengths = []
+    remaining = seq_length
+    for _ in range(count - 1):
+        length = remaining // 2
+        if length < 1:
+            break
+        lengths.append(length)
+        remaining -= length
+    return tuple(lengths + [remaining]) if remaining > 0 else tuple(lengths)
 
-    def calibrate() -> tuple[tuple[int, ...], list]:
-        from megatron_terapipe.benchmark.spec import token_variant
 
-        variant = token_variant("terapipe", num_token_slices=8)
-        runner = _Runner(spec, variant, models["token"])
-        batches = make_microbatches(spec.model, spec.micro_batch_size, spec.num_microbatches)
-        runner.step(batches)
-        _, _, records = runner.step(batches)
-        return runner.token_slices, records
+def _calibrate(spec: BenchSpec, models: dict) -> tuple[tuple[int, ...], list]:
+    """Two untimed steps with calibration_slices; the planner fits the second one."""
+    from megatron_terapipe.benchmark.spec import token_variant
 
-    return calibrate
+    slices = calibration_slices(spec.model.seq_length)
+    runner = _Runner(spec, token_variant("terapipe", token_slices=slices), models["token"])
+    batches = make_microbatches(spec.model, spec.micro_batch_size, spec.num_microbatches)
+    runner.step(batches)
+    _, _, records = runner.step(batches)
+    return runner.token_slices, records
 
 
 def _model_key(variant: Variant) -> str:

@@ -32,6 +32,7 @@ class Measured:
     step_times: list[float]  # per timed round, slowest rank
     median_round: int
     timeline: list[list]  # per rank, ActionRecords of the median round
+    cpu_time: list[float]  # per rank, process CPU seconds of the median round
     peak_activation_bytes: list[int | None]
     cuda_peak_bytes: list[int | None]
     losses: list[float] | None
@@ -67,6 +68,8 @@ def merge_ranks(rank_results: Sequence[dict[str, Any]]) -> list[Measured]:
                 step_times=step_times,
                 median_round=median_round,
                 timeline=[run["timelines"][median_round] if rounds else run["warmup_timeline"]
+                          for run in per_rank],
+                cpu_time=[run["cpu_times"][median_round] if rounds else float("nan")
                           for run in per_rank],
                 peak_activation_bytes=[run["peak_activation_bytes"] for run in per_rank],
                 cuda_peak_bytes=[run["cuda_peak_bytes"] for run in per_rank],

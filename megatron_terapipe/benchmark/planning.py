@@ -7,7 +7,6 @@ DP would choose for this CPU, not for a data-sheet device.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -26,15 +25,15 @@ def plan_slices(
     spec: BenchSpec,
     variant: Variant,
     warm: dict[str, tuple[tuple[int, ...], list]],
-    calibrate: Callable[[], tuple[tuple[int, ...], list]],
     p2p: P2PFit,
 ) -> tuple[int, ...]:
-    """Slices for `variant`; every rank takes part (collectives) and gets rank 0's answer."""
+    """Slices for `variant`; every rank takes part (collectives) and gets rank 0's answer.
+
+    `warm` maps a name to (token_slices, this rank's records); it should hold a step with
+    varied slice lengths (harness.calibration_slices) besides any equal-slice warm-ups.
+    """
     from megatron_terapipe.slicing.planner import make_plan
 
-    if not warm:
-        slices, records = calibrate()
-        warm = {"calibration": (slices, records)}
     runs = [(slices, _gather(records)) for _, (slices, records) in sorted(warm.items())]
     cost = fit_cost_model(runs, spec.pipeline_parallel, spec.model.hidden_size, p2p)
     answer: list[Any] = [None]

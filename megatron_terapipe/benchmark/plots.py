@@ -1,6 +1,6 @@
 """PNG output of a comparison: a bar chart of step times, and per-schedule Gantt charts with the
-measured step above the simulator's prediction (drawn by `simulate.plot_timelines`, the same code
-the simulator CLI uses)."""
+measured step above the simulator's replay of it and its prediction from fitted costs (drawn by
+`simulate.plot_timelines`, the same code the simulator CLI uses)."""
 
 from __future__ import annotations
 
@@ -58,7 +58,11 @@ def plot_comparison(comparison: Any, prefix: str, title: str = "") -> list[str]:
     measured = comparison.measured_timelines()
     for name, timeline in measured.items():
         path = f"{prefix}_timeline_{slug(name)}.png"
-        plot_timelines([timeline, comparison.simulated[name].timeline], path,
+        panels = [timeline]
+        if name in comparison.replayed:
+            panels.append(comparison.replayed[name].timeline)
+        panels.append(comparison.simulated[name].timeline)
+        plot_timelines(panels, path,
                        title=f"{title}: {name}" if title else name)
         paths.append(path)
     return paths

@@ -77,6 +77,47 @@ def stock_costs(measured: Measured, p2p: P2PFit, hidden_size: int, micro_batch_s
     )
 
 
+def replay_costs(measured: Measured, p2p: P2PFit, hidden_size: int, micro_batch_size: int,
+                 bytes_per_element: int = 4) -> ActionCosts:
+    """Each action priced at the measured duration of that very slice in this run (mean over
+    micro-batches): the simulation then tests only the schedule and communication model."""
+    from megatron_terapipe.token_slices import slice_offsets
+
+    offsets = slice_offsets(measured.token_slices)
+    sums: dict[tuple, list[float]] = {}
+    for stage, records in enumerate(measured.timeline):
+        for r in records:
+            if r.kind in (FORWARD, BACKWARD):
+                key = (r.kind, stage, max(r.chunk, 0), measured.token_slices[r.token_slice],
+                       offsets[r.token_slice])
+                sums.setdefault(key, []).append(r.end - r.start)
+    means = {key: sum(v) / len(v) for key, v in sums.items()}
+
+    def price(kind: str, stage: int, chunk: int, length: int, context: int) -> float:
+        return means.get((kind, stage, chunk, length, context), 0.0)
+
+    return ActionCosts(
+        forward=lambda stage, chunk, length, context: price(FORWARD, stage, chunk, length,
+                                                            context),
+        backward=lambda stage, chunk, length, context: price(BACKWARD, stage, chunk, length,
+                                                             context),
+        transfer=lambda length: float(p2p(length * micro_batch_size * hidden_size
+                                          * bytes_per_element)),
+        name="replay of measured action times",
+    )
+
+
+def replay(measured: Sequence[Measured], num_microbatches: int, hidden_size: int,
+           micro_batch_size: int, p2p: P2PFit) -> dict[str, SimulationResult]:
+    """Simulated step of every variant with its own measured per-slice action times."""
+    out = {}
+    for m in measured:
+        costs = replay_costs(m, p2p, hidden_size, micro_batch_size)
+        out[m.name] = run_simulator(schedule_of(m, num_microbatches), m.token_slices, costs)
+        out[m.name].timeline.label = f"{m.name} (replayed)"
+    return out
+
+
 def fit_token_model(measured: Sequence[Measured], hidden_size: int, p2p: P2PFit
                     ) -> FittedCostModel | None:
     runs = [(m.token_slices, m.timeline) for m in measured if not m.kind.startswith("stock")]

@@ -26,6 +26,7 @@ COLUMNS = (
     ("speedup", lambda r: _num(r["speedup"], ".2f") + "x"),
     ("bubble meas", lambda r: _per_stage(r["bubble_measured"], ".1%")),
     ("bubble sim", lambda r: _per_stage(r["bubble_simulated"], ".1%")),
+    ("bubble replay", lambda r: _per_stage(r.get("bubble_replayed", []), ".1%")),
     ("peak act MiB", lambda r: _per_stage(r["peak_activation_mib"], ".0f")),
     ("sim step s", lambda r: _num(r["predicted_step_time"], ".3f")),
     ("sim err", lambda r: _num(100 * r["prediction_error"], "+.1f") + "%"),
