@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# The CPU demo: creates and fills .venv on a fresh machine, then trains a tiny GPT on 2 gloo
-# ranks with pipeline parallelism. Extra arguments go to the demo (e.g. --train-iters 20).
+# The CPU demo: creates and fills .venv on a fresh machine, then trains the same tiny GPT twice
+# with scripts/pretrain_gpt.py on 2 gloo ranks (PP=2, same seed): megatron-core's 1F1B, then
+# the token pipeline with TeraPipe's DP slicer. Prints both runs' lm loss side by side and the
+# speed ratio. Extra arguments go to the demo (e.g. --train-iters 10, or -- --seq-length 256).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_venv.sh"
 ensure_venv
-exec "$PY" scripts/_demo_stock.py "$@"
+exec "$PY" -m megatron_terapipe.training.demo "$@"
