@@ -46,7 +46,9 @@ class TokenPipelineArgumentError(ValueError):
 
     def __init__(self, errors: Sequence[str]) -> None:
         self.errors = list(errors)
-        super().__init__("\n".join(f"  - {e}" for e in self.errors))
+        super().__init__(
+            "invalid token-pipeline flags:\n" + "\n".join(f"  - {e}" for e in self.errors)
+        )
 
 
 def parse_slices(text: Any) -> str | int | tuple[int, ...]:
