@@ -143,18 +143,21 @@ def setup_token_pipeline(args: Any, print_fn: Callable[[str], None] | None = Non
     return config
 
 
-def get_forward_backward_func(args: Any = None, *unused, **unused_kwargs) -> Callable:
+def get_forward_backward_func(
+    args: Any = None, *, pp_size: int | None = None, vp_size: int | None = None
+) -> Callable:
     """The forward-backward function `args` ask for: ours under --token-pipeline, else
     megatron-core's `get_forward_backward_func()` result.
 
     Called with no argument (as Megatron-LM's training loop calls megatron-core's), it reads
-    Megatron-LM's global args. The token-pipeline function is built once per configuration.
+    Megatron-LM's global args; `pp_size` / `vp_size` pass through to megatron-core's. The
+    token-pipeline function is built once per configuration.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func as stock
 
     args = args if args is not None else _megatron_args()
     if args is None or not getattr(args, "token_pipeline", False):
-        return stock(*unused, **unused_kwargs)
+        return stock(pp_size=pp_size, vp_size=vp_size)
     key = (
         id(args),
         args.token_pipeline_schedule,
