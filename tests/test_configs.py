@@ -100,3 +100,52 @@ def test_planner_runs_on_a_paper_config():
     plan = plan_from_args(args)
     assert sum(plan.token_slices) == 2048
     assert len(plan.token_slices) > 1  # few micro-batches on 48 stages: slicing pays
+
+
+# -- launchers (DRY_RUN prints the command they would run) -------------------------------------
+def _bash(script: str, argv: list[str], env: dict[str, str]) -> str:
+    import subprocess
+
+    full = {k: v for k, v in os.environ.items() if k != "NPROC_PER_NODE"}
+    full.update(DRY_RUN="1", **env)
+    result = subprocess.run(
+        ["bash", os.path.join(REPO, "scripts", script), *argv],
+        capture_output=True, text=True, env=full, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return result.stdout + result.stderr
+
+
+def test_torchrun_launcher_reads_the_config_hint():
+    tiny = "configs/tiny-cpu.args"
+    out = _bash("launch_torchrun.sh", [tiny, "--token-pipeline"], {})
+    assert "torch.distributed.run --standalone --nnodes 1 --nproc-per-node 2" in out
+    assert f"scripts/pretrain_gpt.py --config {os.path.join(REPO, tiny)} --token-pipeline" in out
+    out = _bash("launch_torchrun.sh", [tiny], {"NPROC_PER_NODE": "4"})
+    assert "--nproc-per-node 4" in out
+
+
+def test_torchrun_launcher_warns_about_multi_node_configs():
+    out = _bash("launch_torchrun.sh", ["configs/terapipe/gpt3-1b_b8_tp1_pp24_dp8.args"], {})
+    assert "is for 24 nodes" in out and "launch_slurm.sbatch" in out
+
+
+def test_slurm_launcher_rendezvous(tmp_path):
+    scontrol = tmp_path / "scontrol"
+    scontrol.write_text("#!/bin/sh\necho node007\necho node008\n")
+    scontrol.chmod(0o755)
+    env = {
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        "SLURM_NNODES": "24",
+        "SLURM_JOB_NODELIST": "node[007-030]",
+        "SLURM_JOB_ID": "77",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_SUBMIT_DIR": REPO,
+    }
+    config = "configs/terapipe/gpt3-1b_b8_tp1_pp24_dp8.args"
+    out = _bash("launch_slurm.sbatch", [config, "--mock-data"], env)
+    assert "srun --ntasks-per-node=1" in out
+    assert "--nnodes 24 --nproc-per-node 8 --rdzv-id 77 --rdzv-backend c10d" in out
+    assert "--rdzv-endpoint node007:29500" in out
+    assert f"--config {os.path.join(REPO, config)} --mock-data" in out
+    assert "warning" not in out
