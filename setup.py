@@ -1,12 +1,16 @@
 """Packaging for megatron-terapipe: TeraPipe token-level pipeline parallelism for Megatron."""
 
+import os
+
 from setuptools import find_packages, setup
+
+README = "README.md"
 
 setup(
     name="megatron-terapipe",
     version="0.1.0",
-    description="TeraPipe token-level pipeline parallelism as a plugin for Megatron (megatron-core)",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    description="TeraPipe token-level pipeline parallelism as a plugin for megatron-core",
+    long_description=open(README, encoding="utf-8").read() if os.path.exists(README) else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_terapipe", "megatron_terapipe.*"]),
@@ -17,7 +21,13 @@ setup(
         "numpy>=1.24",
     ],
     extras_require={
-        "test": ["pytest>=7", "pytest-timeout>=2.1", "hypothesis>=6", "ruff>=0.4", "matplotlib>=3.7"],
+        "test": [
+            "pytest>=7",
+            "pytest-timeout>=2.1",
+            "hypothesis>=6",
+            "ruff>=0.4",
+            "matplotlib>=3.7",
+        ],
         "plot": ["matplotlib>=3.7"],
         # GPU-only; apex has no wheel: build it from source (see README).
         "gpu": ["transformer-engine[pytorch]"],

@@ -1,4 +1,4 @@
-"""TokenPipelineConfig: what the token pipeline runs (schedule) and how it cuts sequences (slices)."""
+"""TokenPipelineConfig: which token schedule runs, and how it cuts sequences into slices."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ TOKEN_SCHEDULES = ("terapipe", "token-1f1b", "token-interleaved")
 
 @dataclass
 class TokenPipelineConfig:
-    """Configuration of the token-level pipeline, in the style of megatron-core's config dataclasses.
+    """Configuration of the token-level pipeline, in the style of megatron-core's dataclasses.
 
     Exactly one slice source is used, in this order of precedence: `plan` (a planner result with a
     `token_slices` attribute), `token_slices` (explicit lengths), `num_token_slices` (equal cuts).
