@@ -96,10 +96,20 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.paper_scale:
-        from megatron_terapipe.benchmark.paper import format_paper_table, paper_predictions
+        from megatron_terapipe.benchmark import paper
 
-        rows = paper_predictions()
-        print(json.dumps({"results": rows}, indent=1) if args.json else format_paper_table(rows))
+        rows = paper.paper_predictions()
+        spread = paper.sensitivity()
+        if args.json:
+            print(json.dumps({"results": rows, "sensitivity": spread}, indent=1))
+        else:
+            print(paper.format_paper_table(rows))
+            print()
+            print(paper.format_sensitivity(spread))
+        if args.output:
+            with open(args.output, "w", encoding="utf-8") as handle:
+                json.dump({"results": rows, "sensitivity": spread,
+                           "cost_model": paper.preset_description()}, handle, indent=1)
         return 0
     from megatron_terapipe.benchmark.compare import run_comparison
     from megatron_terapipe.benchmark.table import format_rows
