@@ -186,7 +186,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensorboard-dir", default=None)
     g.add_argument("--tensorboard-log-interval", type=int, default=1)
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2])
-    g.add_argument("--log-params-norm", action="store_true")
 
     add_token_pipeline_args(parser)
     return parser

@@ -173,7 +173,7 @@ def train(
                 interval_losses[key] = interval_losses.get(key, 0.0) + value.item()
 
         learning_rate = optimizer.param_groups[0]["lr"]
-        if writer is not None:
+        if writer is not None and iteration % args.tensorboard_log_interval == 0:
             writer.add_scalar("learning-rate", learning_rate, iteration)
             for key, value in losses.items():
                 writer.add_scalar(key, value.item(), iteration)
