@@ -62,3 +62,14 @@ def test_table_lists_every_row():
            "prediction_error": 0.1, "max_loss_diff": 0.0}
     text = format_rows([row, {**row, "schedule": "terapipe S=8"}])
     assert "terapipe S=8" in text and "10.0%/20.0%" in text and "+10.0%" in text
+
+
+def test_aligned_plot_writes_a_png(tmp_path):
+    from megatron_terapipe.benchmark.plots import plot_aligned
+    from megatron_terapipe.simulate import Timeline, TimelineEvent
+
+    short = Timeline([TimelineEvent(0, "F", 0, 0, 0, 0.0, 1.0)], num_stages=1, label="short")
+    long = Timeline([TimelineEvent(0, "B", 0, 0, 0, 0.0, 3.0)], num_stages=1, label="long")
+    path = tmp_path / "t.png"
+    plot_aligned([long, short], str(path), "title")
+    assert path.stat().st_size > 1000
