@@ -146,9 +146,12 @@ def test_unknown_flag_fails_loudly():
     assert "unrecognized arguments: --use-flash-attn-v7" in result.stderr
 
 
-def test_empty_load_dir_exits_on_every_rank_before_training(tmp_path):
+def test_empty_load_dir_exits_under_torchrun_before_training(tmp_path):
+    # Every rank validates; torchrun stops the other rank once one exits, so one or both
+    # messages appear.
     result = torchrun(["--config", TINY, "--load", str(tmp_path)], timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert output.count(f"--load {tmp_path} holds no checkpoint") == 2, output[-3000:]
+    assert f"--load {tmp_path} holds no checkpoint" in output, output[-3000:]
     assert "iteration " not in result.stdout
+    assert "number of parameters" not in output  # no model was built
