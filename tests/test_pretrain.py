@@ -155,3 +155,16 @@ def test_empty_load_dir_exits_under_torchrun_before_training(tmp_path):
     assert f"--load {tmp_path} holds no checkpoint" in output, output[-3000:]
     assert "iteration " not in result.stdout
     assert "number of parameters" not in output  # no model was built
+
+
+def test_planner_failure_exits_before_building_the_model():
+    result = torchrun(
+        ["--config", TINY, "--token-pipeline", "--token-pipeline-memory-cap", "1e-7"], timeout=120
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode != 0
+    assert (
+        "token pipeline set-up failed" in output and "--token-pipeline-memory-cap 1e-07" in output
+    )
+    assert "no plan fits" in output, output[-3000:]
+    assert "number of parameters" not in output

@@ -67,7 +67,14 @@ def pretrain(args, forward_step_func: Callable | None = None) -> int:
         try:
             forward_backward_func = megatron_lm.get_forward_backward_func(args)
         except ValueError as exc:
-            raise StartupConfigurationError(str(exc)) from exc
+            flags = [f"--token-pipeline-slices {args.token_pipeline_slices}"]
+            if args.token_pipeline_memory_cap is not None:
+                flags.append(f"--token-pipeline-memory-cap {args.token_pipeline_memory_cap:g}")
+            if args.token_pipeline_cost_model:
+                flags.append(f"--token-pipeline-cost-model {args.token_pipeline_cost_model}")
+            raise StartupConfigurationError(
+                f"token pipeline set-up failed ({', '.join(flags)}): {exc}"
+            ) from exc
         config = model_module.transformer_config_from_args(args)
         model = model_module.build_model(args, config)
         optimizer = optim.build_optimizer(args, model)
