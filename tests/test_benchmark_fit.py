@@ -65,11 +65,11 @@ def test_table_lists_every_row():
 
 
 def test_aligned_plot_writes_a_png(tmp_path):
-    from megatron_terapipe.benchmark.plots import plot_aligned
-    from megatron_terapipe.simulate import Timeline, TimelineEvent
+    """Panels of different lengths share one time axis spanning the longest (not clipped)."""
+    from megatron_terapipe.simulate import Timeline, TimelineEvent, plot_timelines
 
     short = Timeline([TimelineEvent(0, "F", 0, 0, 0, 0.0, 1.0)], num_stages=1, label="short")
     long = Timeline([TimelineEvent(0, "B", 0, 0, 0, 0.0, 3.0)], num_stages=1, label="long")
     path = tmp_path / "t.png"
-    plot_aligned([long, short], str(path), "title")
+    plot_timelines([long, short], str(path), "title")
     assert path.stat().st_size > 1000

@@ -46,34 +46,6 @@ class VariantRun:
     error: str | None = None
 
 
-class _Contiguous:
-    """Data iterator view that hands out contiguous tensors.
-
-    The token executor cuts [batch, seq] tensors to a slice as views; with micro-batch size > 1
-    those are not contiguous and pretrain_gpt-style loss functions (`loss_mask.view(-1)`) raise.
-    Until the executor's slicing returns contiguous tensors, the benchmark's forward step asks
-    for them itself (a copy of a few small integer tensors per slice).
-    """
-
-    def __init__(self, iterator: Any) -> None:
-        self.iterator = iterator
-
-    def __iter__(self):
-        return self
-
-    def __next__(self) -> Any:
-        batch = next(self.iterator)
-        if isinstance(batch, dict):
-            return {k: v.contiguous() if isinstance(v, torch.Tensor) else v
-                    for k, v in batch.items()}
-        return batch
-
-
-def _forward_step(data_iterator: Any, model: Any) -> Any:
-    """testing.gpt's pretrain_gpt-style forward step, fed contiguous slices (see _Contiguous)."""
-    return gpt_forward_step(_Contiguous(data_iterator), model)
-
-
 class _Runner:
     """One variant's forward-backward function bound to its model."""
 
@@ -122,7 +94,7 @@ class _Runner:
             if self.recorder is not None:
                 self.recorder.start(t0)
             losses = self.func(
-                forward_step_func=_forward_step,
+                forward_step_func=gpt_forward_step,
                 data_iterator=data,
                 model=self.built.model_arg,
                 num_microbatches=spec.num_microbatches,

@@ -9,7 +9,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_terapipe.simulate import Timeline, plot_timelines
+from megatron_terapipe.simulate import plot_timelines
 
 
 def slug(name: str) -> str:
@@ -51,30 +51,6 @@ def plot_bars(rows: Sequence[dict[str, Any]], path: str, title: str = "") -> Non
     plt.close(fig)
 
 
-def plot_aligned(timelines: Sequence[Timeline], path: str, title: str = "") -> None:
-    """`simulate.plot_timelines`, then every panel given the longest span on one time axis.
-
-    plot_timelines shares the x axis between panels but lets each panel set the limit to its
-    own span, so the last panel's span wins and a longer measured step is cut off. Redrawing
-    the saved figure is not possible, so the limit is fixed by patching the one call for the
-    duration of this plot (benchmark-only; drop once simulate.plot sets a common limit).
-    """
-    from megatron_terapipe.simulate import plot as simulate_plot
-
-    span = max(t.step_time() for t in timelines)
-    original = simulate_plot._draw
-
-    def draw(ax, timeline, *args, **kwargs):
-        original(ax, timeline, *args, **kwargs)
-        ax.set_xlim(0, span)
-
-    simulate_plot._draw = draw
-    try:
-        plot_timelines(timelines, path, title)
-    finally:
-        simulate_plot._draw = original
-
-
 def plot_comparison(comparison: Any, prefix: str, title: str = "") -> list[str]:
     """`prefix`_bars.png plus `prefix`_timeline_<schedule>.png per variant; returns the paths."""
     paths = [f"{prefix}_bars.png"]
@@ -86,6 +62,6 @@ def plot_comparison(comparison: Any, prefix: str, title: str = "") -> list[str]:
         if name in comparison.replayed:
             panels.append(comparison.replayed[name].timeline)
         panels.append(comparison.simulated[name].timeline)
-        plot_aligned(panels, path, title=f"{title}: {name}" if title else name)
+        plot_timelines(panels, path, title=f"{title}: {name}" if title else name)
         paths.append(path)
     return paths

@@ -28,8 +28,9 @@ def slice_batch(batch: Any, seq_length: int, offset: int, length: int) -> Any:
 
 
 def _slice_tensor(tensor: torch.Tensor, seq_length: int, offset: int, length: int) -> torch.Tensor:
+    # Contiguous copies: user code (pretrain_gpt's loss) calls .view() on what it gets.
     if tensor.dim() == 4 and tensor.shape[-1] == seq_length and tensor.shape[-2] == seq_length:
-        return tensor[:, :, offset : offset + length, : offset + length]
+        return tensor[:, :, offset : offset + length, : offset + length].contiguous()
     if tensor.dim() >= 2 and tensor.shape[1] == seq_length:
-        return tensor[:, offset : offset + length]
+        return tensor[:, offset : offset + length].contiguous()
     return tensor

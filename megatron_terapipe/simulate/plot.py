@@ -51,8 +51,9 @@ def plot_timelines(timelines: Sequence[Timeline], path: str, title: str = "") ->
         squeeze=False,
     )
     cmap = plt.get_cmap("tab20" if max(_num_microbatches(t) for t in timelines) > 10 else "tab10")
+    shared_span = max(t.step_time() for t in timelines) if _share_x(timelines) else None
     for ax, timeline in zip(axes[:, 0], timelines):
-        _draw(ax, timeline, cmap, width_in)
+        _draw(ax, timeline, cmap, width_in, shared_span)
     axes[-1, 0].set_xlabel(f"time ({timelines[0].time_unit})")
 
     max_mb = max(_num_microbatches(t) for t in timelines)
@@ -79,10 +80,12 @@ def _num_microbatches(timeline: Timeline) -> int:
     return 1 + max((e.microbatch for e in timeline.events), default=0)
 
 
-def _draw(ax, timeline: Timeline, cmap, width_in: float) -> None:
+def _draw(ax, timeline: Timeline, cmap, width_in: float, shared_span: float | None) -> None:
+    """One panel; with a shared time axis every panel spans the longest timeline."""
     origin = timeline.start_time
     span = max(timeline.step_time(), 1e-12)
-    px_per_unit = width_in * 0.8 * 110 / span  # plotting area is ~80% of the figure width
+    axis_span = max(shared_span or span, 1e-12)
+    px_per_unit = width_in * 0.8 * 110 / axis_span  # plotting area is ~80% of the figure width
     for e in timeline.events:
         left, width = e.start - origin, e.end - e.start
         if width <= 0:
@@ -118,7 +121,7 @@ def _draw(ax, timeline: Timeline, cmap, width_in: float) -> None:
     ax.set_yticks(range(timeline.num_stages))
     ax.set_yticklabels([f"stage {p}" for p in range(timeline.num_stages)])
     ax.set_ylim(timeline.num_stages - 0.5, -0.5)
-    ax.set_xlim(0, span)
+    ax.set_xlim(0, axis_span)
     ax.grid(axis="x", linestyle=":", alpha=0.5)
     bubbles = timeline.bubble_fraction()
     mean = sum(bubbles) / len(bubbles) if bubbles else 0.0
