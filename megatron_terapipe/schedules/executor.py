@@ -122,7 +122,7 @@ class _MicrobatchLoss:
 class _Step:
     """State of one call of the forward-backward function on one rank."""
 
-    def __init__(self, runner: TokenPipelineForwardBackward, **kw: Any) -> None:
+    def __init__(self, **kw: Any) -> None:
         self.forward_step_func: Callable = kw["forward_step_func"]
         self.models: list = kw["models"]
         self.iterators: list[_SlicedDataIterator] = kw["iterators"]
@@ -484,7 +484,6 @@ class TokenPipelineForwardBackward:
             timers("forward-backward", log_level=1).start(barrier=mconfig.barrier_with_L1_time)
         context = TokenSliceContext(token_slices, requires_grad=not forward_only)
         step = _Step(
-            self,
             forward_step_func=forward_step_func,
             models=models,
             iterators=[_SlicedDataIterator(it, seq_length) for it in iterators],
