@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--distributed-backend",
         default=None,
         choices=["nccl", "gloo"],
-        help="Default: nccl with CUDA, gloo without.",
+        help="Default: nccl with CUDA, gloo without. gloo runs on the CPU even where GPUs exist.",
     )
     g.add_argument("--distributed-timeout-minutes", type=int, default=10)
 

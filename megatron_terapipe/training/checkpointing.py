@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from megatron_terapipe.training import checkpoint_files
-from megatron_terapipe.training.initialize import print_rank_0
+from megatron_terapipe.training.initialize import on_gpu, print_rank_0
 
 CHECKPOINT_VERSION = 3.0
 _PER_RANK_ARGS = ("rank", "local_rank")
@@ -72,7 +72,7 @@ def _rng_state():
         "random_rng_state": random.getstate(),
         "np_rng_state": np.random.get_state(),
         "torch_rng_state": torch.get_rng_state(),
-        "cuda_rng_state": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda_rng_state": torch.cuda.get_rng_state() if on_gpu() else None,
         "rng_tracker_states": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
     return ShardedObject(
@@ -260,7 +260,7 @@ def load_checkpoint(args: Namespace, model: list, optimizer, scheduler) -> tuple
         random.setstate(rng["random_rng_state"])
         np.random.set_state(rng["np_rng_state"])
         torch.set_rng_state(rng["torch_rng_state"])
-        if torch.cuda.is_available() and rng.get("cuda_rng_state") is not None:
+        if on_gpu() and rng.get("cuda_rng_state") is not None:
             torch.cuda.set_rng_state(rng["cuda_rng_state"])
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
 

@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from megatron_terapipe.training.initialize import device, on_gpu
+
 
 class NullTokenizer:
     """Megatron-LM's NullTokenizer semantics: ids are the data; EOD is `vocab_size`.
@@ -151,7 +153,7 @@ def data_iterator(dataset: Any, consumed: int, args: Namespace) -> Iterator | No
         dataset,
         batch_sampler=sampler,
         num_workers=args.num_workers,
-        pin_memory=torch.cuda.is_available() and args.distributed_backend == "nccl",
+        pin_memory=on_gpu(),
         persistent_workers=args.num_workers > 0,
     )
     return iter(loader)
@@ -172,12 +174,6 @@ def build_iterators(args: Namespace, datasets, consumed_train: int, consumed_val
     return train[0], valid[0]
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
 def get_batch(data_iterator: Iterator | None, model) -> dict[str, torch.Tensor | None]:
     """The batch a chunk needs (nothing for chunks without embedding or loss)."""
     from megatron.core.utils import get_attr_wrapped_model
@@ -187,11 +183,11 @@ def get_batch(data_iterator: Iterator | None, model) -> dict[str, torch.Tensor |
     if not (pre or post):
         return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": None}
     data = next(data_iterator)
-    device = _device()
+    target = device()
     # Token slices are column ranges of [b, s] tensors, hence non-contiguous when b > 1;
     # the loss views them flat.
     return {
-        key: data[key].to(device, non_blocking=True).contiguous()
+        key: data[key].to(target, non_blocking=True).contiguous()
         for key in ("tokens", "labels", "loss_mask", "position_ids")
     }
 

@@ -24,16 +24,33 @@ def print_rank_last(message: str) -> None:
         print(message, flush=True)
 
 
+_ON_GPU = False
+
+
+def on_gpu() -> bool:
+    """Whether this run computes on the GPU (nccl) or on the CPU (gloo)."""
+    return _ON_GPU
+
+
+def device() -> torch.device:
+    if _ON_GPU:
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def initialize_distributed(args: Namespace) -> None:
     """Start the process group and megatron-core's model-parallel groups.
 
-    Without CUDA, megatron-core's CUDA-only calls are remapped to the CPU first
-    (`compat.enable_cpu`), so the same code path runs on a laptop and on a GPU cluster.
+    gloo means a CPU run, even on a machine with GPUs: megatron-core's CUDA-only calls are
+    remapped to the CPU first (`compat.enable_cpu`), so the same code path runs on a laptop
+    and on a GPU cluster.
     """
-    if args.distributed_backend == "gloo" or not torch.cuda.is_available():
+    global _ON_GPU
+    _ON_GPU = args.distributed_backend == "nccl" and torch.cuda.is_available()
+    if not _ON_GPU:
         from megatron_terapipe.compat import enable_cpu
 
-        enable_cpu()
+        enable_cpu(force=True)
     else:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank % torch.cuda.device_count())

@@ -25,7 +25,9 @@ def transformer_config_from_args(args: Namespace):
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
         args.params_dtype, torch.float32
     )
-    on_cpu = not torch.cuda.is_available() or args.distributed_backend == "gloo"
+    from megatron_terapipe.training.initialize import on_gpu
+
+    on_cpu = not on_gpu()
     kwargs = dict(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -95,6 +97,7 @@ def build_model(args: Namespace, config) -> list:
     from megatron.core.transformer.module import Float16Module
 
     from megatron_terapipe import megatron_lm
+    from megatron_terapipe.training.initialize import on_gpu
 
     spec = megatron_lm.layer_spec(base_layer_spec(args), args)
     vp_size = args.virtual_pipeline_model_parallel_size
@@ -131,7 +134,7 @@ def build_model(args: Namespace, config) -> list:
             f"{parallel_state.get_pipeline_model_parallel_rank()}): {num_parameters}",
             flush=True,
         )
-    if torch.cuda.is_available() and args.distributed_backend != "gloo":
+    if on_gpu():
         chunks = [chunk.cuda(torch.cuda.current_device()) for chunk in chunks]
     if args.fp16 or args.bf16:
         chunks = [Float16Module(config, chunk) for chunk in chunks]

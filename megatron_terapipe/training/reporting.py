@@ -37,7 +37,9 @@ def num_floating_point_operations(args: Namespace, batch_size: int) -> float:
 
 def peak_memory_mib() -> float:
     """This rank's peak memory: allocated device memory on GPU, resident set size on CPU."""
-    if torch.cuda.is_available() and torch.cuda.max_memory_allocated() > 0:
+    from megatron_terapipe.training.initialize import on_gpu
+
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
