@@ -22,6 +22,7 @@ Nothing here imports megatron.training at module level: training.py imports this
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -109,8 +110,9 @@ def layer_spec(spec: Any, args: Any = None) -> Any:
     from megatron_terapipe.model import token_pipeline_layer_spec
 
     if hasattr(spec, "layer_specs"):  # a TransformerBlockSubmodules (block spec)
-        spec.layer_specs = [token_pipeline_layer_spec(s) for s in spec.layer_specs]
-        return spec
+        block = copy.copy(spec)
+        block.layer_specs = [token_pipeline_layer_spec(s) for s in spec.layer_specs]
+        return block
     return token_pipeline_layer_spec(spec)
 
 

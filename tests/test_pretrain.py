@@ -168,3 +168,41 @@ def test_planner_failure_exits_before_building_the_model():
     )
     assert "no plan fits" in output, output[-3000:]
     assert "number of parameters" not in output
+
+
+def _write_indexed_dataset(prefix: str) -> None:
+    """A small megatron-core indexed dataset (.bin/.idx) of counting documents."""
+    import numpy as np
+    import torch
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.int32)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        length = int(rng.integers(50, 400))
+        doc = (int(rng.integers(0, 255)) + np.arange(length)) % 255
+        builder.add_document(torch.tensor(doc, dtype=torch.int32), [length])
+    builder.finalize(prefix + ".idx")
+
+
+def test_indexed_dataset_with_token_pipeline(tmp_path):
+    prefix = str(tmp_path / "corpus_text_document")
+    _write_indexed_dataset(prefix)
+    flags = [
+        "--data-path", prefix, "--split", "90,8,2", "--data-cache-path", str(tmp_path / "cache"),
+        "--train-iters", "4", "--lr-warmup-iters", "1", "--eval-interval", "2", "--eval-iters", "1",
+        "--token-pipeline", "--token-pipeline-slices", "2",
+    ]  # fmt: skip
+    base = [t for t in _config_tokens(TINY) if t != "--mock-data"]
+    output = _check(torchrun(base + flags))
+    train = losses(output)
+    assert sorted(train) == [1, 2, 3, 4]
+    assert train[4] < train[1]
+    assert sorted(losses(output, VALID_LINE)) == [2, 4]
+    assert os.listdir(tmp_path / "cache")  # megatron-core cached its sample indices
+
+
+def _config_tokens(path: str) -> list[str]:
+    from megatron_terapipe.training.config_files import read_config
+
+    return read_config(path)
