@@ -19,6 +19,9 @@ setup(
         "torch>=2.4,<2.14",
         "megatron-core>=0.16.1,<0.17",
         "numpy>=1.24",
+        # megatron-core's async checkpoint writers need it (and hang without it); not declared
+        # by megatron-core itself.
+        "psutil>=5",
     ],
     extras_require={
         "test": [

@@ -197,46 +197,17 @@ def _slice_seq_length(args: Any):
         args.seq_length = full
 
 
-class _ContiguousBatches:
-    """Yields the iterator's batches with contiguous tensors.
-
-    A token slice of a [b, s] tensor is a column range, non-contiguous when b > 1, and
-    Megatron-LM's loss_func flattens the loss mask with `.view(-1)`.
-    """
-
-    def __init__(self, iterator: Any) -> None:
-        self.iterator = iterator
-
-    def __iter__(self):
-        return self
-
-    def __next__(self):
-        batch = next(self.iterator)
-        if isinstance(batch, dict):
-            return {k: v.contiguous() if hasattr(v, "contiguous") else v for k, v in batch.items()}
-        return batch
-
-
 def wrap_forward_step(forward_step_func: Callable, args: Any = None) -> Callable:
-    """`forward_step_func`, seeing the current token slice's length as ``args.seq_length`` and
-    contiguous slice tensors (outside a token-pipeline step: unchanged)."""
+    """`forward_step_func`, seeing the current token slice's length as ``args.seq_length``
+    (outside a token-pipeline step: unchanged)."""
 
     @functools.wraps(forward_step_func)
     def forward_step(data_iterator, model, *f_args, **f_kwargs):
         current = args if args is not None else _megatron_args()
-        if data_iterator is not None and _in_token_step():
-            data_iterator = _ContiguousBatches(data_iterator)
         with _slice_seq_length(current):
             return forward_step_func(data_iterator, model, *f_args, **f_kwargs)
 
     return forward_step
-
-
-def _in_token_step() -> bool:
-    from megatron_terapipe.model import get_slice_context
-
-    context = get_slice_context()
-    return context is not None and context.current is not None
 
 
 __all__ = [

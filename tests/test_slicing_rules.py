@@ -59,3 +59,17 @@ def test_unsupported_features_are_named():
         check_token_pipeline_support(config)
     assert "context parallelism" in str(info.value) and "MoE" in str(info.value)
     check_token_pipeline_support(SimpleNamespace(context_parallel_size=1))
+
+
+def test_slice_batch_cuts_sequence_tensors_contiguously():
+    """User loss code calls .view(-1) on what it gets, so slices must be contiguous."""
+    import torch
+
+    from megatron_terapipe.model.batch_slicing import slice_batch
+
+    tokens = torch.arange(2 * 8).view(2, 8)
+    mask = torch.ones(2, 1, 8, 8, dtype=torch.bool)
+    sliced = slice_batch({"tokens": tokens, "mask": mask, "n": 3, "other": torch.zeros(5)}, 8, 2, 3)
+    assert torch.equal(sliced["tokens"], tokens[:, 2:5]) and sliced["tokens"].is_contiguous()
+    assert sliced["mask"].shape == (2, 1, 3, 5) and sliced["mask"].is_contiguous()
+    assert sliced["n"] == 3 and sliced["other"].shape == (5,)

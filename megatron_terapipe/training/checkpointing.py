@@ -32,16 +32,6 @@ TMP_SUFFIX = ".tmp"
 OLD_SUFFIX = ".old"
 
 
-def _allow_missing_psutil() -> None:
-    """megatron-core's checkpoint writer workers call psutil only to log their memory use, and
-    raise without it -- after which the parent waits forever on their queue. Without psutil,
-    report 0 bytes instead (the write itself does not need it)."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    if not getattr(filesystem_async, "HAVE_PSUTIL", True):
-        filesystem_async._process_memory = lambda: 0
-
-
 def _unwrap(chunk):
     """DDP -> (Float16Module ->) GPTModel: what Megatron-LM checkpoints (Float16Module kept)."""
     from megatron.core.distributed import DistributedDataParallel
@@ -149,7 +139,6 @@ def save_checkpoint(
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
-    _allow_missing_psutil()
     start = time.time()
     final = checkpoint_files.checkpoint_dir(args.save, iteration)
     tmp = final + TMP_SUFFIX

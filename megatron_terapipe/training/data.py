@@ -184,10 +184,8 @@ def get_batch(data_iterator: Iterator | None, model) -> dict[str, torch.Tensor |
         return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": None}
     data = next(data_iterator)
     target = device()
-    # Token slices are column ranges of [b, s] tensors, hence non-contiguous when b > 1;
-    # the loss views them flat.
     return {
-        key: data[key].to(target, non_blocking=True).contiguous()
+        key: data[key].to(target, non_blocking=True)
         for key in ("tokens", "labels", "loss_mask", "position_ids")
     }
 
