@@ -16,6 +16,7 @@ s's QKV projection like any other gradient. Each slice's backward is an ordinary
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -196,6 +197,4 @@ class PrefixKVAttention(MegatronModule):
         """Attention dropout draws from the TP-rank RNG stream, as megatron-core's does."""
         if self.dropout_p > 0.0 and self.training and not self.config.sequence_parallel:
             return tensor_parallel.get_cuda_rng_tracker().fork()
-        import contextlib
-
         return contextlib.nullcontext()

@@ -61,7 +61,7 @@ def _forward_only_schedule(name: str, stages: int, microbatches: int, slices: in
     """The forwards of the training schedule, in its order, with their own communication."""
     full = build_schedule(name, stages, microbatches, slices, chunks)
     orders = [[c for c in full.computes(p) if c.kind == FORWARD] for p in range(stages)]
-    return Schedule(
+    schedule = Schedule(
         name=f"{name}/forward-only",
         num_stages=stages,
         num_microbatches=microbatches,
@@ -69,6 +69,7 @@ def _forward_only_schedule(name: str, stages: int, microbatches: int, slices: in
         num_chunks=chunks,
         stages=attach_communication(orders, stages, chunks),
     )
+    return validate_schedule(schedule, forward_only=True)
 
 
 @dataclass
