@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from megatron_terapipe.config import TOKEN_SCHEDULES, TokenPipelineConfig
+from megatron_terapipe.unsupported_features import args_errors as unsupported_args_errors
 
 GROUP_TITLE = "token pipeline (TeraPipe)"
 DEFAULT_SCHEDULE = "terapipe"
@@ -204,36 +205,8 @@ def token_pipeline_errors(args: Any) -> list[str]:
     vp = virtual_pipeline_size(args)
     schedule = getattr(args, "token_pipeline_schedule", None) or DEFAULT_SCHEDULE
 
-    # Features token slicing cannot run exactly.
-    cp = int(_get(args, "context_parallel_size", 1))
-    if cp > 1:
-        errors.append(
-            f"--token-pipeline cannot be combined with --context-parallel-size={cp} (context "
-            "parallelism already splits the sequence); use --context-parallel-size 1"
-        )
-    if getattr(args, "num_experts", None):
-        errors.append(
-            f"--token-pipeline does not support MoE (--num-experts={args.num_experts}): routing "
-            "and the load-balancing loss depend on the whole sequence"
-        )
-    if getattr(args, "mtp_num_layers", None):
-        errors.append("--token-pipeline does not support multi-token prediction (--mtp-num-layers)")
-    if getattr(args, "multi_latent_attention", False):
-        errors.append("--token-pipeline does not support --multi-latent-attention")
-    if getattr(args, "window_size", None) is not None:
-        errors.append("--token-pipeline does not support sliding-window attention (--window-size)")
-    pos = getattr(args, "position_embedding_type", None)
-    if pos in ("relative", "mrope"):
-        errors.append(
-            f"--token-pipeline does not support --position-embedding-type={pos}; valid with "
-            "the token pipeline: learned_absolute, rope, none"
-        )
-    if getattr(args, "use_legacy_models", False):
-        errors.append("--token-pipeline needs megatron-core models; drop --use-legacy-models")
-    if getattr(args, "hybrid_context_parallel", False):
-        errors.append("--token-pipeline does not support --hybrid-context-parallel")
-    if getattr(args, "sft", False):
-        errors.append("--token-pipeline does not support --sft (packed variable-length sequences)")
+    # Features token slicing cannot run exactly (one table with check_token_pipeline_support).
+    errors.extend(unsupported_args_errors(args))
 
     # Schedule vs virtual pipeline stages.
     if schedule == "token-1f1b" and vp > 1:

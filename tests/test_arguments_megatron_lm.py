@@ -1,14 +1,24 @@
-"""megatron_lm.py: the hooks the upstream patch calls, on a Megatron-LM-like namespace."""
+"""megatron_lm.py: the hooks the upstream patch calls, on a Megatron-LM-like namespace.
+
+Unsupported megatron-core features are rejected by flag name at argument time (through the
+hook the upstream patch calls) and in check_token_pipeline_support (a TransformerConfig),
+from one table."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from megatron_terapipe import megatron_lm
-from megatron_terapipe.arguments import TokenPipelineArgumentError
+from megatron_terapipe.arguments import TokenPipelineArgumentError, token_pipeline_errors
+from megatron_terapipe.schedules.support import check_token_pipeline_support
+from megatron_terapipe.unsupported_features import UNSUPPORTED_FEATURES
 
 
 def _ns(**overrides) -> argparse.Namespace:
@@ -121,3 +131,153 @@ def test_wrap_forward_step_sees_the_slice():
     assert args.seq_length == 128
     wrapped(iter([{"tokens": tokens}]), "m")  # outside a token step: unchanged
     assert seen["seq"] == 128
+
+
+# -- unsupported megatron-core features: one table, two checks ----------------------------------
+# (Megatron-LM namespace attribute, a value that turns it on, the flag the message must name).
+# Written by hand from Megatron-LM core_v0.16.1's arguments.py, not read from the table.
+ARGS_CASES = [
+    ("tp_comm_overlap", True, "--tp-comm-overlap"),
+    ("cuda_graph_impl", "local", "--cuda-graph-impl"),
+    ("cuda_graph_impl", "transformer_engine", "--cuda-graph-impl"),
+    ("enable_cuda_graph", True, "--enable-cuda-graph"),
+    ("external_cuda_graph", True, "--external-cuda-graph"),
+    ("fp8", "hybrid", "--fp8-format"),
+    ("fp4", "e2m1", "--fp4-format"),
+    ("cpu_offloading_num_layers", 2, "--cpu-offloading-num-layers"),
+    ("cpu_offloading", True, "--cpu-offloading-num-layers"),
+    ("fine_grained_activation_offloading", True, "--fine-grained-activation-offloading"),
+    ("delay_wgrad_compute", True, "--delay-wgrad-compute"),
+    ("defer_embedding_wgrad_compute", True, "--defer-embedding-wgrad-compute"),
+    ("overlap_moe_expert_parallel_comm", True, "--overlap-moe-expert-parallel-comm"),
+    ("softmax_type", "off-by-one", "--softmax-type"),
+    ("experimental_attention_variant", "gated_delta_net", "--experimental-attention-variant"),
+    ("qk_clip", True, "--qk-clip"),
+    ("log_max_attention_logit", True, "--log-max-attention-logit"),
+    ("use_kitchen_attention", True, "--use-kitchen-attention"),
+    ("is_hybrid_model", True, "--hybrid-override-pattern"),
+    ("window_size", (128, 0), "--window-size"),
+    ("num_experts", 8, "--num-experts=8"),
+    ("context_parallel_size", 2, "--context-parallel-size=2"),
+    ("hybrid_context_parallel", True, "--hybrid-context-parallel"),
+    ("mtp_num_layers", 1, "--mtp-num-layers"),
+    ("multi_latent_attention", True, "--multi-latent-attention"),
+    ("position_embedding_type", "mrope", "--position-embedding-type=mrope"),
+    ("use_legacy_models", True, "--use-legacy-models"),
+    ("sft", True, "--sft"),
+]
+
+# (TransformerConfig attribute, value that turns it on, the flag the message must name).
+CONFIG_CASES = [
+    ("tp_comm_overlap", True, "--tp-comm-overlap"),
+    ("cuda_graph_impl", "local", "--cuda-graph-impl"),
+    ("enable_cuda_graph", True, "--enable-cuda-graph"),
+    ("external_cuda_graph", True, "--external-cuda-graph"),
+    ("fp8", "e4m3", "--fp8-format"),
+    ("fp4", "e2m1", "--fp4-format"),
+    ("cpu_offloading", True, "--cpu-offloading-num-layers"),
+    ("fine_grained_activation_offloading", True, "--fine-grained-activation-offloading"),
+    ("delay_wgrad_compute", True, "--delay-wgrad-compute"),
+    ("defer_embedding_wgrad_compute", True, "--defer-embedding-wgrad-compute"),
+    ("overlap_moe_expert_parallel_comm", True, "--overlap-moe-expert-parallel-comm"),
+    ("softmax_type", "learnable", "--softmax-type"),
+    ("experimental_attention_variant", "dsa", "--experimental-attention-variant"),
+    ("qk_clip", True, "--qk-clip"),
+    ("log_max_attention_logit", True, "--log-max-attention-logit"),
+    ("use_kitchen_attention", True, "--use-kitchen-attention"),
+    ("is_hybrid_model", True, "--hybrid-override-pattern"),
+    ("window_size", (128, 0), "--window-size"),
+    ("num_moe_experts", 8, "--num-experts"),
+    ("context_parallel_size", 2, "--context-parallel-size"),
+    ("hybrid_context_parallel", True, "--hybrid-context-parallel"),
+    ("mtp_num_layers", 1, "--mtp-num-layers"),
+    ("multi_latent_attention", True, "--multi-latent-attention"),
+    ("variable_seq_lengths", True, "variable_seq_lengths"),
+]
+
+
+def _megatron_lm_namespace(**overrides) -> argparse.Namespace:
+    """A Megatron-LM namespace with --token-pipeline and megatron's defaults for the features
+    under test (all off)."""
+    values = dict(
+        token_pipeline=True,
+        token_pipeline_slices=4,
+        cuda_graph_impl="none",
+        softmax_type="vanilla",
+        cpu_offloading_num_layers=0,
+    )
+    values.update(overrides)
+    return _ns(**values)
+
+
+def test_defaults_are_accepted():
+    assert token_pipeline_errors(_megatron_lm_namespace()) == []
+    check_token_pipeline_support(_stock_config())
+
+
+@pytest.mark.parametrize("attr,value,flag", ARGS_CASES, ids=[f"{c[0]}={c[1]}" for c in ARGS_CASES])
+def test_argument_time_rejection_names_the_flag(attr, value, flag):
+    args = _megatron_lm_namespace(**{attr: value})
+    with pytest.raises(TokenPipelineArgumentError) as info:
+        megatron_lm.validate_args(args)
+    messages = [e for e in info.value.errors if flag in e]
+    assert len(messages) == 1, info.value.errors
+    assert "--token-pipeline does not support" in messages[0]
+    # Without --token-pipeline the same feature is megatron-core's business, not ours.
+    assert (
+        token_pipeline_errors(_megatron_lm_namespace(token_pipeline=False, **{attr: value})) == []
+    )
+
+
+def _stock_config(**overrides):
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    config = TransformerConfig(num_layers=2, hidden_size=64, num_attention_heads=4)
+    for key, value in overrides.items():  # after __post_init__: some need TE to construct
+        setattr(config, key, value)
+    return config
+
+
+@pytest.mark.parametrize(
+    "attr,value,flag", CONFIG_CASES, ids=[f"{c[0]}={c[1]}" for c in CONFIG_CASES]
+)
+def test_config_rejection_names_the_flag(attr, value, flag):
+    with pytest.raises(ValueError) as info:
+        check_token_pipeline_support(_stock_config(**{attr: value}))
+    text = str(info.value)
+    assert flag in text and f"{attr}=" in text, text
+
+
+def test_every_config_attribute_exists_in_megatron_core():
+    """A misspelt attribute would never be on: the check would silently pass."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    fields = {f.name for f in dataclasses.fields(TransformerConfig)}
+    missing = [
+        (feature.name, s.attr)
+        for feature in UNSUPPORTED_FEATURES
+        for s in feature.on_config
+        if s.attr not in fields
+    ]
+    assert missing == []
+
+
+def test_all_problems_reported_at_once():
+    config = SimpleNamespace(tp_comm_overlap=True, fp8="e4m3", cpu_offloading=True)
+    with pytest.raises(ValueError) as info:
+        check_token_pipeline_support(config)
+    for flag in ("--tp-comm-overlap", "--fp8-format", "--cpu-offloading-num-layers"):
+        assert flag in str(info.value)
+
+
+def test_argument_check_loads_no_torch():
+    """The table is read before torch loads: a bad flag set fails in well under a second."""
+    code = (
+        "import sys, argparse\n"
+        "from megatron_terapipe.arguments import token_pipeline_errors\n"
+        "ns = argparse.Namespace(token_pipeline=True, seq_length=8, token_pipeline_slices=2,"
+        " tp_comm_overlap=True)\n"
+        "assert any('--tp-comm-overlap' in e for e in token_pipeline_errors(ns))\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,288 @@
+"""The megatron-core features the token pipeline cannot run exactly: one table, two checks.
+
+Each row says how to see the feature on Megatron-LM's argument namespace (checked at argument
+time, before torch is imported, by `arguments.token_pipeline_errors`) and on a megatron-core
+TransformerConfig (checked by `schedules.support.check_token_pipeline_support` when the
+executor is built), which flag turns it on, and why token slicing cannot honour it. Keeping
+both checks on one table means a feature rejected on the command line is also rejected for a
+user who builds the config in Python, with the same flag name in both messages.
+
+Plain Python only: `arguments.py` imports this before torch loads.
+
+The audit behind the table (megatron-core 0.16.1 `TransformerConfig` and
+`ModelParallelConfig`) is written up in docs/gpu.md ("Unsupported features").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One attribute that turns a feature on: `attr` on args or config, on when `is_on(value)`."""
+
+    attr: str
+    is_on: Callable[[Any], bool] = bool
+
+
+@dataclass(frozen=True)
+class UnsupportedFeature:
+    name: str
+    flag: str  # the Megatron-LM flag(s) that turn it on, as users type them
+    reason: str
+    on_args: tuple[Setting, ...]  # Megatron-LM namespace attributes (empty: no such flag)
+    on_config: tuple[Setting, ...]  # TransformerConfig attributes (empty: not in the config)
+
+
+def _above_one(value: Any) -> bool:
+    return value is not None and value > 1
+
+
+def _not_none(value: Any) -> bool:
+    return value is not None
+
+
+def _positive(value: Any) -> bool:
+    return bool(value) and value > 0
+
+
+def _cuda_graph_impl(value: Any) -> bool:
+    return value not in (None, "none")
+
+
+def _softmax_type(value: Any) -> bool:
+    return value not in (None, "vanilla")
+
+
+def _position_type(value: Any) -> bool:
+    return value in ("relative", "mrope")
+
+
+def _same(*settings: Setting) -> dict[str, tuple[Setting, ...]]:
+    return {"on_args": settings, "on_config": settings}
+
+
+_FIXED_SHAPES = (
+    "it is set up for one fixed [sequence x batch] shape per layer call, while token slices "
+    "have other lengths and the key/value prefix grows slice by slice"
+)
+
+UNSUPPORTED_FEATURES: tuple[UnsupportedFeature, ...] = (
+    UnsupportedFeature(
+        "context parallelism",
+        "--context-parallel-size",
+        "context parallelism already splits the sequence; use --context-parallel-size 1",
+        **_same(Setting("context_parallel_size", _above_one)),
+    ),
+    UnsupportedFeature(
+        "hybrid context parallelism",
+        "--hybrid-context-parallel",
+        "it splits the sequence across ranks by length, per step",
+        **_same(Setting("hybrid_context_parallel")),
+    ),
+    UnsupportedFeature(
+        "MoE",
+        "--num-experts",
+        "routing capacity, token dropping and the load-balancing loss depend on the whole sequence",
+        on_args=(Setting("num_experts"),),
+        on_config=(Setting("num_moe_experts"),),
+    ),
+    UnsupportedFeature(
+        "MoE expert-parallel communication overlap",
+        "--overlap-moe-expert-parallel-comm",
+        "it needs megatron-core's combined 1F1B schedule of whole micro-batches",
+        **_same(Setting("overlap_moe_expert_parallel_comm")),
+    ),
+    UnsupportedFeature(
+        "delayed weight-gradient computation",
+        "--delay-wgrad-compute",
+        "weight gradients are deferred to a point of megatron-core's own (MoE overlap) schedule "
+        "that the token schedules do not have",
+        **_same(Setting("delay_wgrad_compute")),
+    ),
+    UnsupportedFeature(
+        "multi-token prediction",
+        "--mtp-num-layers",
+        "its extra heads read tokens beyond the current slice",
+        **_same(Setting("mtp_num_layers")),
+    ),
+    UnsupportedFeature(
+        "multi-latent attention",
+        "--multi-latent-attention",
+        "prefix-KV attention replaces the standard core attention only",
+        **_same(Setting("multi_latent_attention")),
+    ),
+    UnsupportedFeature(
+        "experimental attention variants (gated delta net, DSA)",
+        "--experimental-attention-variant",
+        "linear-attention state and the sparse-attention indexer span the whole sequence; "
+        "prefix-KV attention is softmax attention only",
+        **_same(Setting("experimental_attention_variant", _not_none)),
+    ),
+    UnsupportedFeature(
+        "sliding-window attention",
+        "--window-size",
+        "prefix-KV attention is full causal attention",
+        **_same(Setting("window_size", _not_none)),
+    ),
+    UnsupportedFeature(
+        "non-vanilla softmax (attention sinks)",
+        "--softmax-type",
+        "prefix-KV attention implements the vanilla softmax only",
+        **_same(Setting("softmax_type", _softmax_type)),
+    ),
+    UnsupportedFeature(
+        "QK-clip / max attention logit",
+        "--qk-clip / --log-max-attention-logit",
+        "the per-step maximum attention logit is computed by Transformer Engine's attention, "
+        "which prefix-KV attention replaces",
+        **_same(Setting("qk_clip"), Setting("log_max_attention_logit")),
+    ),
+    UnsupportedFeature(
+        "Kitchen attention",
+        "--use-kitchen-attention",
+        "prefix-KV attention replaces the core attention Kitchen would provide",
+        **_same(Setting("use_kitchen_attention")),
+    ),
+    UnsupportedFeature(
+        "hybrid (Mamba) models",
+        "--hybrid-override-pattern",
+        "Mamba layers carry a recurrent state across the sequence that slices do not hand on",
+        **_same(Setting("is_hybrid_model")),
+    ),
+    UnsupportedFeature(
+        "position embedding type",
+        "--position-embedding-type",
+        "relative (T5) and mrope positions are not sliced; valid with the token pipeline: "
+        "learned_absolute, rope, none",
+        on_args=(Setting("position_embedding_type", _position_type),),
+        on_config=(),
+    ),
+    UnsupportedFeature(
+        "legacy models",
+        "--use-legacy-models",
+        "the token pipeline needs megatron-core models",
+        on_args=(Setting("use_legacy_models"),),
+        on_config=(),
+    ),
+    UnsupportedFeature(
+        "packed variable-length sequences (SFT)",
+        "--sft",
+        "THD-packed sequences have per-sample lengths that slices do not follow",
+        on_args=(Setting("sft"),),
+        on_config=(),
+    ),
+    UnsupportedFeature(
+        "variable sequence lengths",
+        "variable_seq_lengths",
+        "the schedule is planned for one sequence length",
+        on_args=(),
+        on_config=(Setting("variable_seq_lengths"),),
+    ),
+    UnsupportedFeature(
+        "deferred embedding weight-gradient computation",
+        "--defer-embedding-wgrad-compute",
+        "it defers the output layer's weight gradient across micro-batches of whole sequences",
+        **_same(Setting("defer_embedding_wgrad_compute")),
+    ),
+    UnsupportedFeature(
+        "TP communication overlap (userbuffers)",
+        "--tp-comm-overlap",
+        "its userbuffers are allocated once for a fixed [sequence x micro-batch, hidden] shape; "
+        + "token slices have other shapes",
+        **_same(Setting("tp_comm_overlap")),
+    ),
+    UnsupportedFeature(
+        "CUDA graphs",
+        "--cuda-graph-impl / --enable-cuda-graph / --external-cuda-graph",
+        "a graph replays the shapes it was captured with; " + _FIXED_SHAPES,
+        **_same(
+            Setting("cuda_graph_impl", _cuda_graph_impl),
+            Setting("enable_cuda_graph"),
+            Setting("external_cuda_graph"),
+        ),
+    ),
+    UnsupportedFeature(
+        "FP8",
+        "--fp8-format",
+        "delayed-scaling amax histories and scales advance per layer call, i.e. per slice "
+        "instead of per sequence, so the step is not the stock step",
+        **_same(Setting("fp8", _not_none)),
+    ),
+    UnsupportedFeature(
+        "FP4",
+        "--fp4-format",
+        "block-scaling recipes quantise per layer call, i.e. per slice instead of per sequence",
+        **_same(Setting("fp4", _not_none)),
+    ),
+    UnsupportedFeature(
+        "activation CPU offloading",
+        "--cpu-offloading-num-layers",
+        "offload and reload are paired with one forward and one backward per layer and "
+        "micro-batch; token slices interleave several per layer and keep the key/value prefix "
+        "outside the offloaded activations",
+        on_args=(Setting("cpu_offloading"), Setting("cpu_offloading_num_layers", _positive)),
+        on_config=(Setting("cpu_offloading"),),
+    ),
+    UnsupportedFeature(
+        "fine-grained activation offloading",
+        "--fine-grained-activation-offloading",
+        "module inputs are offloaded per layer call assuming one forward per micro-batch; "
+        "token slices run several",
+        **_same(Setting("fine_grained_activation_offloading")),
+    ),
+)
+
+
+def _enabled(obj: Any, settings: tuple[Setting, ...]) -> list[str]:
+    """`attr=value` of each setting that is on in `obj`."""
+    found = []
+    for setting in settings:
+        value = getattr(obj, setting.attr, None)
+        if setting.is_on(value):
+            found.append(f"{setting.attr}={value!r}")
+    return found
+
+
+def _flag_value(feature: UnsupportedFeature, args: Any) -> str:
+    """`--flag=value` as the user typed it, when one flag and one attribute say it."""
+    if " / " in feature.flag or len(feature.on_args) != 1:
+        return feature.flag
+    value = getattr(args, feature.on_args[0].attr, None)
+    return f"{feature.flag}={value}" if value is not True else feature.flag
+
+
+def args_errors(args: Any) -> list[str]:
+    """One message per unsupported feature on in a Megatron-LM namespace, naming its flag."""
+    errors = []
+    for feature in UNSUPPORTED_FEATURES:
+        if _enabled(args, feature.on_args):
+            errors.append(
+                f"--token-pipeline does not support {feature.name} ({_flag_value(feature, args)}):"
+                f" {feature.reason}"
+            )
+    return errors
+
+
+def config_problems(config: Any) -> list[str]:
+    """One description per unsupported feature on in a TransformerConfig, naming its flag."""
+    problems = []
+    for feature in UNSUPPORTED_FEATURES:
+        found = _enabled(config, feature.on_config)
+        if found:
+            problems.append(
+                f"{feature.name} ({', '.join(found)}; flag {feature.flag}): {feature.reason}"
+            )
+    return problems
+
+
+__all__ = [
+    "UNSUPPORTED_FEATURES",
+    "UnsupportedFeature",
+    "Setting",
+    "args_errors",
+    "config_problems",
+]
