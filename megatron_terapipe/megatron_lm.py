@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_terapipe.arguments import (
+    TokenPipelineArgumentError,
     add_token_pipeline_args,
     token_pipeline_config_from_args,
     validate_token_pipeline_args,
@@ -82,10 +83,7 @@ def validate_args(args: Any) -> Any:
         return args  # a script that did not add our flags (pretrain_bert.py, ...)
     validate_token_pipeline_args(args)
     if args.token_pipeline:
-        if getattr(args, "create_attention_mask_in_dataloader", False):
-            # Prefix-KV attention builds its causal mask per slice; a [s, s] mask per sample
-            # would be sliced and TP-broadcast for nothing.
-            args.create_attention_mask_in_dataloader = False
+        _dataloader_masks(args)
         if getattr(args, "rank", 0) == 0:
             print(
                 f"> token pipeline: schedule {args.token_pipeline_schedule}, slices "
@@ -93,6 +91,34 @@ def validate_args(args: Any) -> Any:
                 flush=True,
             )
     return args
+
+
+def _dataloader_masks(args: Any) -> None:
+    """Keep the dataloader's [b, 1, s, s] masks only when they carry documents.
+
+    A plain causal mask is what prefix-KV attention builds per slice anyway, so it is not
+    made, sliced and TP-broadcast for nothing. A --reset-attention-mask document mask is
+    kept: the executor hands each slice its query rows and the key columns [0, offset + l),
+    which prefix-KV attention applies on top of causality, exactly as stock attention does.
+    Upstream's TP broadcast (get_batch_on_this_tp_rank) sizes the receiving ranks' mask
+    buffer [s, s] from --seq-length, while a slice's mask is [l, offset + l]: TP > 1 would
+    receive the wrong shape, so that combination is refused by name.
+    """
+    if not getattr(args, "create_attention_mask_in_dataloader", False):
+        return
+    if not getattr(args, "reset_attention_mask", False):
+        args.create_attention_mask_in_dataloader = False
+        return
+    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
+    if tp > 1:
+        raise TokenPipelineArgumentError(
+            [
+                f"--reset-attention-mask with --tensor-model-parallel-size={tp}: Megatron-LM "
+                "broadcasts [s, s] document masks over tensor-parallel ranks, but a token "
+                "slice's mask is [slice, prefix + slice]; use --tensor-model-parallel-size 1, "
+                "or drop --reset-attention-mask (or --token-pipeline)"
+            ]
+        )
 
 
 def _slices_text(slices: Any) -> str:

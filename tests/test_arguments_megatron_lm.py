@@ -62,6 +62,19 @@ def test_validate_args_fills_defaults_and_drops_dataloader_masks():
     assert untouched.create_attention_mask_in_dataloader is True
 
 
+def test_validate_args_keeps_document_masks():
+    """--reset-attention-mask masks are documents, not plain causality: they must reach the
+    model (the executor slices them); dropping them changed the training silently."""
+    args = megatron_lm.validate_args(_ns(token_pipeline=True, reset_attention_mask=True))
+    assert args.create_attention_mask_in_dataloader is True
+    with pytest.raises(TokenPipelineArgumentError) as info:
+        megatron_lm.validate_args(
+            _ns(token_pipeline=True, reset_attention_mask=True, tensor_model_parallel_size=2)
+        )
+    assert "--reset-attention-mask" in str(info.value)
+    assert "--tensor-model-parallel-size=2" in str(info.value)
+
+
 def test_validate_args_raises_with_flag_names():
     with pytest.raises(TokenPipelineArgumentError, match="--context-parallel-size=2"):
         megatron_lm.validate_args(_ns(token_pipeline=True, context_parallel_size=2))

@@ -21,3 +21,23 @@ def test_sliced_equals_unsliced_uneven_rope_gqa():
     sliced, whole = result["loss"]
     assert abs(sliced - whole) <= 1e-5 * abs(whole)
     assert result["max_grad_error"] <= 1e-5
+
+
+def test_document_masks_and_reset_positions_equal_unsliced_and_stock():
+    """--reset-attention-mask --reset-position-ids: each slice gets its rows of megatron-core's
+    document mask (keys [0, offset + l)) and its position ids; slice boundaries fall inside
+    and on document ends. Reference: the unsliced model and stock local-spec attention."""
+    (result,) = run_distributed(
+        sliced_vs_unsliced,
+        1,
+        [20, 30, 14, 64],
+        {"seq_length": 128, "num_query_groups": 2},
+        document_ends=[9, 49, 50, 100],
+    )
+    sliced, whole = result["loss"]
+    assert abs(sliced - whole) <= 1e-5 * abs(whole)
+    assert abs(sliced - result["stock_loss"]) <= 1e-5 * abs(result["stock_loss"])
+    assert result["max_grad_error"] <= 1e-5
+    assert result["max_grad_error_vs_stock"] <= 1e-5
+    # The documents matter: without their mask the loss is another number.
+    assert abs(result["loss_without_document_mask"] - whole) > 1e-4 * abs(whole)

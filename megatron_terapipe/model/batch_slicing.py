@@ -3,7 +3,9 @@
 The rule, so users can predict it: a tensor is cut along dimension 1 when that dimension has
 size seq_length (Megatron batches are [batch, seq]: tokens, labels, loss_mask, position_ids).
 A 4-D attention mask [b, 1, seq, seq] keeps the slice's query rows and the key columns of
-the slice and everything before it. Anything else passes through unchanged.
+the slice and everything before it: [b, 1, l, offset + l], the keys prefix-KV attention sees
+(so --reset-attention-mask document masks and --reset-position-ids positions stay exact).
+Anything else passes through unchanged.
 """
 
 from __future__ import annotations
