@@ -1,0 +1,163 @@
+"""What the steps share: device choice, a single-rank megatron-core set-up, a small GPT."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+
+def write_record(path: str, record: dict[str, Any]) -> None:
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(record, handle, indent=1, default=str)
+
+
+def step_main(run) -> None:
+    """`python -m megatron_terapipe.gpu_check.<step> [--dry-run] --json FILE`."""
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--out-dir", default=None)
+    ns = parser.parse_args()
+    record = run(dry_run=ns.dry_run, out_dir=ns.out_dir or os.path.dirname(ns.json) or ".")
+    write_record(ns.json, record)
+    print(json.dumps({"step_status": record.get("status")}), flush=True)
+    sys.exit(0)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def pick_device(dry_run: bool):
+    """cuda when there is a GPU and this is not a dry run; the CPU (megatron-core remapped)
+    otherwise."""
+    import torch
+
+    if not dry_run and torch.cuda.is_available():
+        torch.cuda.set_device(0)
+        return torch.device("cuda", 0)
+    from megatron_terapipe.compat import enable_cpu
+
+    enable_cpu(force=True)
+    return torch.device("cpu")
+
+
+def single_rank_megatron(seed: int = 1234) -> None:
+    """megatron-core model-parallel groups of one rank (gloo: no collective runs on it)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state, tensor_parallel
+
+    if not dist.is_initialized():
+        store = dist.TCPStore("127.0.0.1", free_port(), 1, True)
+        dist.init_process_group("gloo", store=store, rank=0, world_size=1)
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+@dataclass(frozen=True)
+class GPTShape:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    seq_length: int
+    vocab_size: int = 1024
+    position_embedding_type: str = "rope"
+
+
+def build_gpt(shape: GPTShape, dtype, device, token_spec: bool = True, seed: int = 1234):
+    """A megatron-core GPTModel (local spec, prefix-KV attention when `token_spec`) on `device`.
+
+    Initialised on the CPU from `seed` so that every build of one shape has the same weights.
+    """
+    import torch
+    from megatron.core.models.gpt import GPTModel
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_terapipe import token_pipeline_layer_spec
+
+    torch.manual_seed(seed)
+    config = TransformerConfig(
+        num_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        num_attention_heads=shape.num_attention_heads,
+        num_query_groups=shape.num_query_groups,
+        use_cpu_initialization=True,
+        params_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        masked_softmax_fusion=False,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    spec = get_gpt_layer_local_spec()
+    if token_spec:
+        spec = token_pipeline_layer_spec(spec)
+    model = GPTModel(
+        config,
+        spec,
+        vocab_size=shape.vocab_size,
+        max_sequence_length=shape.seq_length,
+        position_embedding_type=shape.position_embedding_type,
+    )
+    return model.to(device=device, dtype=dtype)
+
+
+def token_batch(shape: GPTShape, batch: int, device, document_ends=(), seed: int = 5) -> dict:
+    """Tokens, labels, a ragged loss mask, position ids; with `document_ends`, EOD tokens there
+    and megatron-core's document mask and reset position ids (--reset-attention-mask
+    --reset-position-ids)."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    size = (batch, shape.seq_length)
+    tokens = torch.randint(0, shape.vocab_size - 1, size, generator=gen)
+    out = {
+        "tokens": tokens,
+        "labels": torch.randint(0, shape.vocab_size, size, generator=gen),
+        "loss_mask": (torch.rand(size, generator=gen) > 0.2).float(),
+        "position_ids": torch.arange(shape.seq_length).expand(size).contiguous(),
+    }
+    if document_ends:
+        from megatron.core.datasets.gpt_dataset import _get_ltor_masks_and_position_ids
+
+        eod = shape.vocab_size - 1
+        tokens[:, list(document_ends)] = eod
+        rows = [_get_ltor_masks_and_position_ids(t, eod, True, True, False, True) for t in tokens]
+        out["attention_mask"] = torch.stack([r[0] for r in rows])
+        out["position_ids"] = torch.stack([r[2] for r in rows])
+    return {k: v.to(device) for k, v in out.items()}
+
+
+def environment() -> dict[str, Any]:
+    """Versions and the device, for the summary's header."""
+    import platform
+
+    import torch
+
+    info: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    try:
+        from importlib.metadata import version
+
+        info["megatron_core"] = version("megatron-core")
+    except Exception as exc:  # noqa: BLE001 - any failure: report it
+        info["megatron_core"] = f"unknown ({exc})"
+    return info

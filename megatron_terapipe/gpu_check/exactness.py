@@ -1,0 +1,189 @@
+"""Step a: the token-sliced model equals the unsliced one on this device, per SDPA backend.
+
+For fp32 and bf16, for each SDPA backend (flash, efficient, cudnn, math), with RoPE + GQA,
+once with plain causal attention and once with an explicit 4-D document mask: the loss and
+every gradient of one micro-batch cut into uneven slices against the same model run whole, the
+whole run forced onto the same backend with `torch.nn.attention.sdpa_kernel`. The sliced run
+asks prefix attention for the backend (`prefix_attention_backend`) where it offers that, and
+uses `sdpa_kernel` otherwise. A backend that rejects the shapes or dtype is reported as not
+applicable with its own message, never as a pass. bf16 gradients accumulate in fp32, as
+megatron-core's DDP main_grad does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+from megatron_terapipe.gpu_check.common import GPTShape, build_gpt, step_main, token_batch
+from megatron_terapipe.gpu_check.criteria import tolerances
+
+BACKENDS = ("flash", "efficient", "cudnn", "math")
+GPU_SHAPE = GPTShape(num_layers=2, hidden_size=512, num_attention_heads=8, num_query_groups=2,
+                     seq_length=1024)
+GPU_SLICES = (128, 384, 200, 312)
+GPU_DOCUMENT_ENDS = (99, 500, 511, 900)
+DRY_SHAPE = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                     seq_length=64)
+DRY_SLICES = (8, 24, 12, 20)
+DRY_DOCUMENT_ENDS = (9, 31, 32, 50)
+
+
+def _sdpa_backend(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+
+
+def _sliced_backend_context(name: str):
+    """prefix attention's own backend switch when it has one, else torch's sdpa_kernel."""
+    from megatron_terapipe.model import prefix_attention
+
+    chooser = getattr(prefix_attention, "prefix_attention_backend", None)
+    if chooser is not None:
+        return chooser(name), "prefix_attention_backend"
+    from torch.nn.attention import sdpa_kernel
+
+    return sdpa_kernel(_sdpa_backend(name)), "sdpa_kernel"
+
+
+def _offered_backends(device, dtype) -> list[str] | None:
+    from megatron_terapipe.model import prefix_attention
+
+    offer = getattr(prefix_attention, "available_prefix_attention_backends", None)
+    return None if offer is None else list(offer(device, dtype))
+
+
+class _Fp32Grads:
+    """Gradients summed in fp32 per parameter after each backward, like DDP's main_grad."""
+
+    def __init__(self, model) -> None:
+        import torch
+
+        self.sums = {p: torch.zeros_like(p, dtype=torch.float32) for p in model.parameters()}
+        self.handles = [p.register_post_accumulate_grad_hook(self._add) for p in self.sums]
+
+    def _add(self, param) -> None:
+        self.sums[param].add_(param.grad.float())
+        param.grad = None
+
+    def take(self) -> list:
+        out = [s.clone() for s in self.sums.values()]
+        for s in self.sums.values():
+            s.zero_()
+        return out
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _loss_of_slice(model, batch):
+    losses = model(
+        batch["tokens"], batch["position_ids"], batch.get("attention_mask"),
+        labels=batch["labels"],
+    ).float()
+    return (losses * batch["loss_mask"]).sum(), batch["loss_mask"].sum()
+
+
+def _relative(a, b) -> float:
+    scale = b.float().norm().item()
+    return (a.float() - b.float()).norm().item() / scale if scale > 0 else 0.0
+
+
+def compare_once(model, batch, slices, seq_length, backend: str) -> dict[str, Any]:
+    """Sliced vs unsliced under `backend`: loss and max per-tensor gradient error."""
+    from torch.nn.attention import sdpa_kernel
+
+    from megatron_terapipe.model.single_stage import sliced_forward_backward
+
+    grads = _Fp32Grads(model)
+    try:
+        with sdpa_kernel(_sdpa_backend(backend)):
+            whole_sum, whole_count = _loss_of_slice(model, batch)
+            whole_loss = whole_sum / whole_count
+            whole_loss.backward()
+        whole = grads.take()
+        context, how = _sliced_backend_context(backend)
+        with context:
+            sliced_loss = sliced_forward_backward(
+                model, batch, slices, seq_length, _loss_of_slice
+            )
+        sliced = grads.take()
+    finally:
+        grads.close()
+    grad_errors = [_relative(a, b) for a, b in zip(sliced, whole)]
+    return {
+        "sliced_loss": sliced_loss.item(),
+        "whole_loss": whole_loss.item(),
+        "loss_rel_diff": abs(sliced_loss.item() - whole_loss.item()) / abs(whole_loss.item()),
+        "max_grad_rel_diff": max(grad_errors),
+        "sliced_backend_via": how,
+    }
+
+
+def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
+    import torch
+
+    from megatron_terapipe.gpu_check.common import pick_device, single_rank_megatron
+
+    device = pick_device(dry_run)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 (1e-5 criterion)
+    torch.backends.cudnn.allow_tf32 = False
+    single_rank_megatron()
+    shape, slices, ends = (
+        (DRY_SHAPE, DRY_SLICES, DRY_DOCUMENT_ENDS) if dry_run
+        else (GPU_SHAPE, GPU_SLICES, GPU_DOCUMENT_ENDS)
+    )
+    backends = ("math",) if device.type == "cpu" else BACKENDS
+    rows = []
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        model = build_gpt(shape, dtype, device)
+        offered = _offered_backends(device, dtype)
+        loss_rtol, grad_rtol = tolerances(dtype_name)
+        for mask_name, document_ends in (("causal", ()), ("document mask", ends)):
+            batch = token_batch(shape, 2, device, document_ends)
+            for backend in backends:
+                row: dict[str, Any] = {
+                    "dtype": dtype_name, "mask": mask_name, "backend": backend,
+                    "loss_rtol": loss_rtol, "grad_rtol": grad_rtol,
+                }
+                if offered is not None and backend not in offered:
+                    row.update(status="n/a", reason="not offered by "
+                               "available_prefix_attention_backends for this device/dtype")
+                    rows.append(row)
+                    continue
+                try:
+                    row.update(compare_once(model, batch, slices, shape.seq_length, backend))
+                except RuntimeError as exc:
+                    model.zero_grad(set_to_none=True)
+                    row.update(status="n/a", reason=str(exc).strip().splitlines()[0][:240])
+                    rows.append(row)
+                    continue
+                ok = row["loss_rel_diff"] <= loss_rtol and row["max_grad_rel_diff"] <= grad_rtol
+                row["status"] = "pass" if ok else "FAIL"
+                rows.append(row)
+        del model
+    ran = [r for r in rows if r["status"] != "n/a"]
+    failed = [r for r in rows if r["status"] == "FAIL"]
+    ran_dtypes = {r["dtype"] for r in ran}
+    status = "fail" if failed else ("pass" if ran_dtypes == {"fp32", "bf16"} else "incomplete")
+    return {
+        "step": "a",
+        "title": "CUDA exactness: token-sliced vs unsliced, per SDPA backend",
+        "status": status,
+        "device": str(device),
+        "shape": shape.__dict__,
+        "token_slices": list(slices),
+        "document_ends": list(ends),
+        "rows": rows,
+    }
+
+
+if __name__ == "__main__":
+    step_main(run)
