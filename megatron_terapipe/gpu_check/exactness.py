@@ -12,7 +12,6 @@ megatron-core's DDP main_grad does.
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 from megatron_terapipe.gpu_check.common import GPTShape, build_gpt, step_main, token_batch
