@@ -47,6 +47,7 @@ def pick_device(dry_run: bool):
     from megatron_terapipe.compat import enable_cpu
 
     enable_cpu(force=True)
+    torch.set_num_threads(1)  # toy sizes: threads only contend on a shared CI machine
     return torch.device("cpu")
 
 

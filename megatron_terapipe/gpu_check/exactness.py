@@ -174,7 +174,7 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
     status = "fail" if failed else ("pass" if ran_dtypes == {"fp32", "bf16"} else "incomplete")
     return {
         "step": "a",
-        "title": "CUDA exactness: token-sliced vs unsliced, per SDPA backend",
+        "title": "exactness on the device: token-sliced vs unsliced, per SDPA backend",
         "status": status,
         "device": str(device),
         "shape": shape.__dict__,

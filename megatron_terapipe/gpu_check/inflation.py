@@ -1,0 +1,122 @@
+"""Step d: same-kernel single-stage inflation t_S / t_1 at GPT-3 13B shape.
+
+One micro-batch through one stage (no pipeline), cut into S equal slices, S in 1, 2, 4, 8,
+16: the forward+backward time relative to S = 1 (the same prefix-KV attention kernel, one
+slice) and the peak device memory. This is what slicing costs before any bubble is saved.
+
+scripts/bench_single_stage.py measures exactly this when present (its JSON is kept as is);
+otherwise model/single_stage.py's slice-by-slice forward/backward is timed here directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from typing import Any
+
+from megatron_terapipe.gpu_check.common import GPTShape, step_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BENCH = os.path.join(REPO, "scripts", "bench_single_stage.py")
+SLICE_COUNTS = (1, 2, 4, 8, 16)
+# GPT-3 13B: hidden 5120, 40 heads, seq 2048; 8 of its 40 layers (t_S / t_1 is per layer).
+GPU_SHAPE = GPTShape(num_layers=8, hidden_size=5120, num_attention_heads=40,
+                     num_query_groups=40, seq_length=2048, vocab_size=1024,
+                     position_embedding_type="learned_absolute")
+DRY_SHAPE = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4,
+                     seq_length=64, vocab_size=128, position_embedding_type="learned_absolute")
+
+
+def _bench_script(shape: GPTShape, device: str, rounds: int, bf16: bool, json_path: str,
+                  timeout_s: float) -> dict[str, Any]:
+    cmd = [sys.executable, BENCH, "--num-layers", str(shape.num_layers), "--hidden-size",
+           str(shape.hidden_size), "--num-attention-heads", str(shape.num_attention_heads),
+           "--seq-length", str(shape.seq_length), "--num-token-slices",
+           ",".join(map(str, SLICE_COUNTS)), "--rounds", str(rounds), "--device", device,
+           "--json", json_path] + (["--bf16"] if bf16 else [])
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    if done.returncode != 0 or not os.path.exists(json_path):
+        tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
+        return {"error": f"{os.path.basename(BENCH)} exit status {done.returncode}",
+                "log_tail": tail, "command": cmd}
+    with open(json_path, encoding="utf-8") as handle:
+        return {"command": cmd, "result": json.load(handle)}
+
+
+def measure_here(shape: GPTShape, device, dtype, rounds: int) -> list[dict[str, Any]]:
+    """Median of `rounds` timed steps per S (after one warm-up), and peak memory."""
+    import torch
+
+    from megatron_terapipe.gpu_check.common import build_gpt, single_rank_megatron, token_batch
+    from megatron_terapipe.model.single_stage import sliced_forward_backward
+    from megatron_terapipe.timing import synchronized_clock
+    from megatron_terapipe.token_slices import equal_token_slices
+
+    single_rank_megatron()
+    model = build_gpt(shape, dtype, device)
+    batch = token_batch(shape, 1, device)
+
+    def loss_of_slice(m, b):
+        losses = m(b["tokens"], b["position_ids"], None, labels=b["labels"]).float()
+        return (losses * b["loss_mask"]).sum(), b["loss_mask"].sum()
+
+    rows = []
+    for count in SLICE_COUNTS:
+        slices = equal_token_slices(shape.seq_length, count)
+        times = []
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        for i in range(rounds + 1):
+            start = synchronized_clock()
+            sliced_forward_backward(model, batch, slices, shape.seq_length, loss_of_slice)
+            elapsed = synchronized_clock() - start
+            model.zero_grad(set_to_none=True)
+            if i:  # the first round warms up kernels and the allocator
+                times.append(elapsed)
+        rows.append({
+            "num_token_slices": count,
+            "median_s": statistics.median(times),
+            "min_s": min(times),
+            "max_s": max(times),
+            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
+                                if device.type == "cuda" else None),
+        })
+    base = rows[0]["median_s"]
+    for row in rows:
+        row["t_S_over_t_1"] = row["median_s"] / base
+    return rows
+
+
+def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
+    import torch
+
+    from megatron_terapipe.gpu_check.common import pick_device
+
+    device = pick_device(dry_run)
+    shape = DRY_SHAPE if dry_run else GPU_SHAPE
+    dtype = torch.float32 if dry_run else torch.bfloat16
+    rounds = 1 if dry_run else 3
+    record: dict[str, Any] = {
+        "step": "d",
+        "title": "same-kernel single-stage inflation t_S / t_1 (GPT-3 13B shape)",
+        "shape": shape.__dict__,
+        "dtype": str(dtype).replace("torch.", ""),
+        "rounds": rounds,
+    }
+    if os.path.exists(BENCH):
+        out = _bench_script(shape, device.type, rounds, dtype == torch.bfloat16,
+                            os.path.join(out_dir, "d_bench_single_stage.json"), 240)
+        record.update(via="scripts/bench_single_stage.py", **out)
+        record["status"] = "error" if "error" in out else "measured"
+        return record
+    record["via"] = "model/single_stage.py (scripts/bench_single_stage.py not present)"
+    record["rows"] = measure_here(shape, device, dtype, rounds)
+    record["status"] = "measured"
+    return record
+
+
+if __name__ == "__main__":
+    step_main(run)
