@@ -21,10 +21,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
 
 def _step_a(r: dict) -> list[str]:
     rows = [[x["dtype"], x["mask"], x["backend"], x["status"], x.get("loss_rel_diff"),
-             x.get("max_grad_rel_diff"), f"{x['loss_rtol']:g} / {x['grad_rtol']:g}",
+             x.get("max_grad_rel_diff"), x.get("stock_loss_rel_diff"),
+             x.get("stock_max_grad_rel_diff"), f"{x['loss_rtol']:g} / {x['grad_rtol']:g}",
              x.get("reason", "")] for x in r.get("rows", [])]
     return _table(["dtype", "mask", "SDPA backend", "result", "loss rel. diff",
-                   "max grad rel. diff", "criterion (loss / grad)", "note"], rows)
+                   "max grad rel. diff", "vs stock: loss", "vs stock: grad",
+                   "criterion (loss / grad)", "note"], rows)
 
 
 def _step_b(r: dict) -> list[str]:

@@ -28,7 +28,9 @@ from megatron_terapipe.gpu_check.criteria import FP32_RTOL
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PATCH = os.path.join(REPO, "patches", "megatron-lm-core_v0.16.1.patch")
 TREE_FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
-TREE_DIRS = ("megatron/training", "megatron/legacy", "megatron/post_training")
+TREE_DIRS = (
+    "megatron/training", "megatron/legacy", "megatron/post_training", "megatron/rl",
+)
 UPSTREAM_DEPS = ("six", "regex", "triton", "yaml", "pydantic")
 ITERATIONS = 10
 FLAGS = [
