@@ -72,8 +72,9 @@ def dataset_config(args: Namespace):
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
         eod_mask_loss=args.eod_mask_loss,
-        # Causal masks come from the attention's mask type; no [s, s] tensors in batches.
-        create_attention_mask=False,
+        # Plain causal masks come from the attention's mask type; [s, s] masks are made only
+        # for document masks (--reset-attention-mask), which the token pipeline slices.
+        create_attention_mask=bool(args.reset_attention_mask),
         mmap_bin_files=True,
     )
 
@@ -180,14 +181,13 @@ def get_batch(data_iterator: Iterator | None, model) -> dict[str, torch.Tensor |
 
     pre = get_attr_wrapped_model(model, "pre_process")
     post = get_attr_wrapped_model(model, "post_process")
+    keys = ("tokens", "labels", "loss_mask", "position_ids", "attention_mask")
     if not (pre or post):
-        return {"tokens": None, "labels": None, "loss_mask": None, "position_ids": None}
+        # Like Megatron-LM: middle stages read no batch (and so no document mask).
+        return dict.fromkeys(keys)
     data = next(data_iterator)
     target = device()
-    return {
-        key: data[key].to(target, non_blocking=True)
-        for key in ("tokens", "labels", "loss_mask", "position_ids")
-    }
+    return {key: data[key].to(target, non_blocking=True) if key in data else None for key in keys}
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -207,5 +207,7 @@ def forward_step(data_iterator: Iterator | None, model):
     the model sees a shorter sequence and the prefix-KV attention supplies the rest.
     """
     batch = get_batch(data_iterator, model)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    output = model(
+        batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"]
+    )
     return output, partial(loss_func, batch["loss_mask"])
