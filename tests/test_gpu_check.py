@@ -109,3 +109,25 @@ def test_failed_rows_show_in_the_markdown():
     text = summary.markdown(result)
     assert "| a. exactness | fail |" in text
     assert "| fp32 | causal | flash | FAIL | 0.003 | 0.01 | – | – |" in text
+
+
+def test_missing_packages_are_named_not_fatal(tmp_path, monkeypatch):
+    from megatron_terapipe.gpu_check import deps
+
+    monkeypatch.setattr(deps, "UPSTREAM", {"no_such_module_xyz": ("no_such_module_xyz",)})
+    report = deps.ensure(str(tmp_path), str(tmp_path / "site"))
+    assert report["installed"] == []
+    assert len(report["missing"]) == 1
+    assert report["missing"][0].startswith("no_such_module_xyz (needed by step e only)")
+
+
+def test_upstream_loss_lines_are_read():
+    from megatron_terapipe.gpu_check.upstream import LOSS_LINE
+
+    # Megatron-LM core_v0.16.1 training_log's format.
+    line = (
+        " [2026-12-01 00:00:00.000000] iteration        3/      10 | consumed samples:"
+        "           24 | elapsed time per iteration (ms): 85.2 | learning rate: 1.000000E-04 |"
+        " global batch size:     8 | lm loss: 6.912345E+00 | loss scale: 1.0 |"
+    )
+    assert LOSS_LINE.findall(line) == [("3", "6.912345E+00")]

@@ -108,7 +108,7 @@ def _spawn(flags: list[str], json_path: str, timeout_s: float) -> dict[str, Any]
         return json.load(handle)
 
 
-def run(dry_run: bool, out_dir: str, timeout_s: float = 200.0) -> dict[str, Any]:
+def run(dry_run: bool, out_dir: str, timeout_s: float = 140.0) -> dict[str, Any]:
     backend = "gloo" if dry_run else "nccl"
     flags = (DRY_FLAGS if dry_run else GPU_FLAGS) + COMMON_FLAGS
     flags += ["--distributed-backend", backend]

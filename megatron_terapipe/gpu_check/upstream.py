@@ -116,7 +116,7 @@ def parse_only(tree: str) -> dict[str, Any]:
     return {"parsed": ok, "log_tail": [] if ok else text.strip().splitlines()[-15:]}
 
 
-def run(dry_run: bool, out_dir: str, timeout_s: float = 300.0) -> dict[str, Any]:
+def run(dry_run: bool, out_dir: str, timeout_s: float = 290.0) -> dict[str, Any]:
     record: dict[str, Any] = {
         "step": "e",
         "title": f"upstream Megatron-LM core_v0.16.1 + patch, PP=1, local spec, mock data, "
