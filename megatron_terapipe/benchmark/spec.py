@@ -1,19 +1,29 @@
 """What a benchmark runs: one model and parallel layout, several schedule variants.
 
 A spec is plain data (it crosses process boundaries to the spawned ranks) and is the only input
-of the rank-side harness, so a run is reproducible from its JSON.
+of the rank-side harness, so a run is reproducible from its JSON. The model is a validated
+pretrain_gpt.py namespace (`cli_args.model_args`), built by `training.model` like the trainer's.
+
+Every variant names its attention kernel. Speedups are taken against the stock 1F1B row with the
+kernel the token pipeline runs (``sdpa``, `SAME_KERNEL`); a stock row with megatron-core's local
+DotProductAttention (``local``) is a kernel difference, reported on its own line.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from megatron_terapipe.testing.gpt import TinyGPT
 
 STOCK_1F1B = "stock-1f1b"
 STOCK_INTERLEAVED = "stock-interleaved"
 TOKEN = "token"
+SAME_KERNEL = "sdpa"  # what the token-pipeline layer spec runs (torch SDPA)
+LOCAL_KERNEL = "local"  # megatron-core's local-spec DotProductAttention
+KERNEL_DESCRIPTIONS = {
+    SAME_KERNEL: "torch scaled_dot_product_attention (token-pipeline layer spec)",
+    LOCAL_KERNEL: "megatron-core DotProductAttention (local spec: baddbmm + masked softmax)",
+}
 
 
 @dataclass(frozen=True)
@@ -33,17 +43,23 @@ class Variant:
     token_slices: tuple[int, ...] | None = None
     planned: bool = False
     virtual_pipeline: int | None = None
+    attention: str = SAME_KERNEL
 
     @property
     def is_stock(self) -> bool:
         return self.kind != TOKEN
+
+    @property
+    def is_baseline(self) -> bool:
+        """The row every speedup is taken against: stock 1F1B on the same kernel."""
+        return self.kind == STOCK_1F1B and self.attention == SAME_KERNEL
 
 
 @dataclass(frozen=True)
 class BenchSpec:
     """Model, layout, data and timing protocol shared by every variant of one run."""
 
-    model: TinyGPT
+    model: argparse.Namespace  # validated pretrain_gpt.py arguments (cli_args.model_args)
     variants: tuple[Variant, ...]
     pipeline_parallel: int = 2
     num_microbatches: int = 1
@@ -61,8 +77,10 @@ class BenchSpec:
         return asdict(self)
 
 
-def stock_1f1b() -> Variant:
-    return Variant("stock 1F1B", STOCK_1F1B)
+def stock_1f1b(attention: str = SAME_KERNEL) -> Variant:
+    if attention == SAME_KERNEL:
+        return Variant("stock 1F1B", STOCK_1F1B)
+    return Variant(f"stock 1F1B, {attention} attention", STOCK_1F1B, attention=attention)
 
 
 def stock_interleaved(chunks: int) -> Variant:
@@ -81,3 +99,23 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
         name, TOKEN, schedule=schedule, num_token_slices=num_token_slices,
         token_slices=token_slices, planned=planned,
     )
+
+
+def interleaving_fits(num_layers: int, stages: int, num_microbatches: int, chunks: int) -> bool:
+    """megatron-core's interleaving: equal layers per chunk, M divisible by P."""
+    return (
+        chunks > 1 and stages > 1 and num_layers % (stages * chunks) == 0
+        and num_microbatches % stages == 0
+    )
+
+
+def stock_variants(num_layers: int, stages: int, num_microbatches: int, chunks: int,
+                   local_kernel: bool = True) -> list[Variant]:
+    """The baseline rows: same-kernel stock 1F1B first, stock interleaved where megatron-core
+    can interleave, then (optionally) stock 1F1B on the local kernel."""
+    variants = [stock_1f1b()]
+    if interleaving_fits(num_layers, stages, num_microbatches, chunks):
+        variants.append(stock_interleaved(chunks))
+    if local_kernel:
+        variants.append(stock_1f1b(LOCAL_KERNEL))
+    return variants

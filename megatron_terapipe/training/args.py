@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Layer implementation. Default: transformer_engine when Transformer Engine is "
         "importable and a GPU is present, else local.",
     )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "local", "flash"],
+        help="Core attention of the local layers: local (megatron-core DotProductAttention), "
+        "flash (torch SDPA, the kernel the token pipeline runs), auto (local; SDPA under "
+        "--token-pipeline).",
+    )
     # Accepted so that Megatron-LM command lines carrying them fail with a clear message.
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--mtp-num-layers", type=int, default=None)
@@ -433,6 +441,12 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         errors.append(
             f"--context-parallel-size={cp} needs --transformer-impl transformer_engine "
             "(the local attention has no context parallelism)"
+        )
+
+    if args.attention_backend == "local" and args.token_pipeline:
+        errors.append(
+            "--attention-backend local cannot run --token-pipeline (its slices attend to a "
+            "key/value prefix through SDPA); use auto or flash"
         )
 
     # Precision, recompute.
