@@ -53,9 +53,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--iterations", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--output", help="save the results (JSON) here")
-    parser.add_argument("--json", action="store_true")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="JSON results: to FILE, or printed instead of the table when no "
+                        "FILE is given")
     parser.add_argument("--timeout", type=float, default=3600.0)
     args = parse_with_configs(parser, argv)
+    if args.json not in (None, "-") and not args.output:
+        args.output, args.json = args.json, None  # --json FILE: the table, and JSON to FILE
     if args.num_microbatches is not None:
         args.microbatch_counts = [args.num_microbatches]
     return args
@@ -63,7 +67,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
     model = model_args(args, num_microbatches)
-    variants = stock_variants(model.num_layers, model.pipeline_model_parallel_size,
+    variants, notes = stock_variants(model.num_layers, model.pipeline_model_parallel_size,
                               num_microbatches, virtual_stages(args) or 2,
                               local_kernel=not args.no_local_attention)
     variants += [token_variant(schedule, s) for schedule in args.schedules
@@ -78,6 +82,7 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
         iterations=args.iterations,
         data_seed=args.data_seed,
         init_seed=model.seed,
+        extra={"notes": notes},
     )
 
 
@@ -137,6 +142,8 @@ def format_summary(summary: dict) -> str:
             f"; goal >= {target}x: {'met' if summary['target_met'] else 'NOT met'}")
         lines.append(f"  best: {summary['best']} ({low:.3f}-{high:.3f} s): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")
+    for note in summary["config"]["notes"]:
+        lines.append(f"  note: {note}")
     for name, ratio in summary["kernel_difference"].items():
         lines.append(f"  kernel difference (not a schedule gain): {name} takes {ratio:.2f}x the "
                      "baseline's time")
@@ -151,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     for count in args.microbatch_counts:
         spec = spec_for(args, count)
         comparison = run_comparison(spec, args.threads_per_rank, args.timeout)
-        summary = summarise(comparison.rows, count)
         data = comparison.to_dict()
+        summary = summarise(comparison.rows, count)
         summary["config"] = data["config"]
         summary["load_average_1m"] = data.get("load_average_1m")
         summaries.append(summary)

@@ -46,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="JSON results: to FILE, or printed instead of the table when no "
+                        "FILE is given")
     parser.add_argument("--output", help="also save the full results JSON here")
     parser.add_argument("--plot", metavar="PREFIX",
                         help="PREFIX_bars.png and PREFIX_timeline_<schedule>.png")
@@ -55,7 +57,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper-scale", action="store_true",
                         help="print the V100 predictions for the paper's settings and exit")
     parser.add_argument("--timeout", type=float, default=3600.0)
-    return parse_with_configs(parser, argv)
+    args = parse_with_configs(parser, argv)
+    if args.json not in (None, "-") and not args.output:
+        args.output, args.json = args.json, None  # --json FILE: the table, and JSON to FILE
+    return args
 
 
 def build_spec(args: argparse.Namespace) -> BenchSpec:
@@ -64,8 +69,8 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
     microbatches = num_microbatches(args)
     model = model_args(args, microbatches)
     chunks = virtual_stages(args) or 2
-    variants = stock_variants(model.num_layers, model.pipeline_model_parallel_size, microbatches,
-                              chunks, local_kernel=not args.no_local_attention)
+    variants, notes = stock_variants(model.num_layers, model.pipeline_model_parallel_size,
+                                     microbatches, chunks, local_kernel=not args.no_local_attention)
     for schedule in args.token_schedules:
         variants += [token_variant(schedule, s) for s in args.num_token_slices]
         if not args.no_planned:
@@ -80,6 +85,7 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
         iterations=args.iterations,
         data_seed=args.data_seed,
         init_seed=model.seed,
+        extra={"notes": notes},
     )
 
 
@@ -107,9 +113,6 @@ def main(argv: list[str] | None = None) -> int:
     spec = build_spec(args)
     comparison = run_comparison(spec, args.threads_per_rank, args.timeout)
     data = comparison.to_dict()
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, default=float)
     if args.plot:
         from megatron_terapipe.benchmark.plots import plot_comparison
 
@@ -126,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(path, "w", encoding="utf-8") as handle:
                 json.dump(timeline.to_chrome_trace(), handle)
             data["traces"].append(path)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, default=float)
     if args.json:
         print(json.dumps(data, indent=1, default=float))
     else:
@@ -142,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(data["results"], BREAKDOWN_COLUMNS))
         print()
         print(format_summary(data["results"]))
+        for note in c["notes"]:
+            print(f"note: {note}")
         for key in ("plots", "traces"):
             for path in data.get(key, []):
                 print(f"wrote {os.path.relpath(path)}")

@@ -36,7 +36,6 @@ def output(tmp_path_factory):
 def test_every_schedule_has_a_row(output):
     names = [r["schedule"] for r in output["results"]]
     assert names[0] == "stock 1F1B"
-    assert "stock interleaved V=2" in names
     assert "stock 1F1B, local attention" in names
     for order in ("terapipe", "token-1f1b"):
         assert f"{order} S=4" in names and f"{order} DP-planned" in names
@@ -50,11 +49,13 @@ def test_baseline_is_stock_1f1b_on_the_token_pipelines_kernel(output):
     kernels = {r["schedule"]: r["attention"] for r in rows}
     assert kernels["stock 1F1B, local attention"] == "local"
     assert {kernels[r["schedule"]] for r in rows if r["kind"] == "token"} == {"sdpa"}
-    assert kernels["stock interleaved V=2"] == "sdpa"
+    # megatron-core cannot interleave at PP = 2 on gloo (the trainer's rule too): left out, said.
+    assert "stock interleaved V=2" not in kernels
+    assert any("interleaved" in note and "PP > 2" in note for note in output["config"]["notes"])
     for row in rows:
         assert row["attention_kernel"]  # described in words
         assert row["speedup"] == pytest.approx(rows[0]["step_time"] / row["step_time"])
-        assert row["verdict"] in ("faster", "slower", "tie")
+        assert row["verdict"] in (("baseline",) if row["baseline"] else ("faster", "slower", "tie"))
         assert row["step_time_min"] <= row["step_time"] <= row["step_time_max"]
 
 

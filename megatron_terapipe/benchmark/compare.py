@@ -109,8 +109,8 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "step_times": m.step_times,
             "tokens_per_s": tokens / m.step_time,
             "speedup": (baseline.step_time / m.step_time) if baseline is not None else math.nan,
-            "verdict": verdict(m.step_times, baseline.step_times) if baseline is not None
-            else "",
+            "verdict": "baseline" if m.is_baseline else (
+                verdict(m.step_times, baseline.step_times) if baseline is not None else ""),
             "bubble_measured": bubble,
             "bubble_simulated": list(sim.bubble_fraction),
             "bubble_error": max(abs(a - b) for a, b in zip(bubble, sim.bubble_fraction)),
@@ -193,4 +193,6 @@ def _spec_summary(spec: BenchSpec) -> dict[str, Any]:
         "warmup": spec.warmup,
         "iterations": spec.iterations,
         "variants": [v.name for v in spec.variants],
+        "attention": {v.name: v.attention for v in spec.variants},
+        "notes": list(spec.extra.get("notes", [])),
     }

@@ -68,12 +68,6 @@ def build_model(model_args: argparse.Namespace, attention: str, chunks: int | No
     args = variant_args(model_args, attention, chunks)
     with virtual_pipeline(chunks):
         config = provider.transformer_config_from_args(args)
-        if chunks is not None:
-            # megatron-core's batched P2P posts, with PP = 2, a send to the previous and one to
-            # the next stage - the same peer - in an order that peer's receives do not match;
-            # gloo pairs messages per peer in order, so equal-shaped activations and gradients
-            # would be swapped silently. The overlapped mode pairs them correctly at PP = 2.
-            config.overlap_p2p_comm, config.batch_p2p_comm = True, False
         wrapped = provider.build_model(args, config, verbose=False)
     provider.attach_schedule_hooks(config, wrapped)
     found = provider.built_attention_kernels(wrapped)

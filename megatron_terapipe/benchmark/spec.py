@@ -101,21 +101,35 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
     )
 
 
-def interleaving_fits(num_layers: int, stages: int, num_microbatches: int, chunks: int) -> bool:
-    """megatron-core's interleaving: equal layers per chunk, M divisible by P."""
-    return (
-        chunks > 1 and stages > 1 and num_layers % (stages * chunks) == 0
-        and num_microbatches % stages == 0
-    )
+def interleaving_problem(num_layers: int, stages: int, num_microbatches: int, chunks: int
+                         ) -> str | None:
+    """Why megatron-core cannot run its interleaved schedule here (None: it can)."""
+    if chunks <= 1:
+        return "V = 1 (no virtual stages)"
+    if stages <= 2:
+        # The trainer's rule too (training.args): at PP = 2 the batched P2P pairs a send to the
+        # previous and one to the next stage - the same peer - out of order, and the overlapped
+        # mode gave NaN gradients intermittently on gloo.
+        return (f"megatron-core's interleaved schedule needs PP > 2 on gloo, got PP = {stages}")
+    if num_layers % (stages * chunks):
+        return f"{num_layers} layers do not split into PP x V = {stages * chunks} equal chunks"
+    if num_microbatches % stages:
+        return f"M = {num_microbatches} is not divisible by PP = {stages}"
+    return None
 
 
 def stock_variants(num_layers: int, stages: int, num_microbatches: int, chunks: int,
-                   local_kernel: bool = True) -> list[Variant]:
-    """The baseline rows: same-kernel stock 1F1B first, stock interleaved where megatron-core
-    can interleave, then (optionally) stock 1F1B on the local kernel."""
+                   local_kernel: bool = True) -> tuple[list[Variant], list[str]]:
+    """The baseline rows and notes on rows left out: same-kernel stock 1F1B first, stock
+    interleaved where megatron-core can interleave, then (optionally) stock 1F1B on the local
+    kernel."""
     variants = [stock_1f1b()]
-    if interleaving_fits(num_layers, stages, num_microbatches, chunks):
+    notes = []
+    problem = interleaving_problem(num_layers, stages, num_microbatches, chunks)
+    if problem is None:
         variants.append(stock_interleaved(chunks))
+    else:
+        notes.append(f"stock interleaved V={chunks} not run: {problem}")
     if local_kernel:
         variants.append(stock_1f1b(LOCAL_KERNEL))
-    return variants
+    return variants, notes
