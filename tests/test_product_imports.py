@@ -53,3 +53,14 @@ def test_scripts_and_benchmark_load_without_testing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=ROOT), check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_timeline_does_not_import_the_plot_module():
+    """simulate.plot draws Timelines; simulate.timeline must not import it back (no circle)."""
+    path = os.path.join(PACKAGE, "simulate", "timeline.py")
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), path)
+    modules = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names]
+    assert not [m for m in modules if m and m.startswith("megatron_terapipe.simulate.plot")]

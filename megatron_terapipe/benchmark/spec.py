@@ -109,7 +109,7 @@ def interleaving_problem(num_layers: int, stages: int, num_microbatches: int, ch
     if stages <= 2:
         # The trainer's rule too (training.args): at PP = 2 the batched P2P pairs a send to the
         # previous and one to the next stage - the same peer - out of order, and the overlapped
-        # mode gave NaN gradients intermittently on gloo.
+        # mode gave NaN gradients (megatron-core's own check) in one of four benchmark runs.
         return (f"megatron-core's interleaved schedule needs PP > 2 on gloo, got PP = {stages}")
     if num_layers % (stages * chunks):
         return f"{num_layers} layers do not split into PP x V = {stages * chunks} equal chunks"
