@@ -79,7 +79,7 @@ def _read_index(prefix: str):
         return None, (
             f"--data-path {prefix}: {prefix}.idx is not a megatron-core index file (its header "
             f"is {header[:9]!r}, expected {_INDEX_HEADER!r}); rebuild it with megatron-core's "
-            "IndexedDatasetBuilder (tools/preprocess_data.py)"
+            "IndexedDatasetBuilder (Megatron-LM's tools/preprocess_data.py)"
         )
     try:
         return IndexedDataset(prefix, mmap=True), None
@@ -88,7 +88,7 @@ def _read_index(prefix: str):
         return None, (
             f"--data-path {prefix}: {prefix}.idx is not a readable megatron-core index file "
             f"({detail}); rebuild it with megatron-core's IndexedDatasetBuilder "
-            "(tools/preprocess_data.py)"
+            "(Megatron-LM's tools/preprocess_data.py)"
         )
 
 
