@@ -541,9 +541,8 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         )
     elif args.vocab_size is None:
         errors.append("--tokenizer-type NullTokenizer needs --vocab-size")
-    if args.mock_data and args.data_path is not None:
-        errors.append("--mock-data and --data-path are mutually exclusive")
-    elif not args.mock_data and args.data_path is None:
+    # --mock-data and --data-path replace each other (the later wins), so never both here.
+    if not args.mock_data and args.data_path is None:
         errors.append("give --mock-data or --data-path")
     elif args.data_path is not None:
         errors.extend(_data_path_errors(args.data_path))
