@@ -474,7 +474,9 @@ def test_later_flags_turn_off_switches_from_a_config_file():
     assert (args.mock_data, args.data_path) == (False, None)
     args = targs.parse_args(["--data-path", "corpus", "--mock-data"])
     assert (args.mock_data, args.data_path) == (True, None)
-    args = targs.parse_args(["--bf16", "--sequence-parallel", "--no-bf16", "--no-sequence-parallel"])
+    args = targs.parse_args(
+        ["--bf16", "--sequence-parallel", "--no-bf16", "--no-sequence-parallel"]
+    )
     assert not args.bf16 and not args.sequence_parallel
 
 
@@ -507,7 +509,8 @@ def test_token_pipeline_at_pp1_is_allowed_with_one_warning():
     from megatron_terapipe.arguments import token_pipeline_warnings
 
     base = _without(BASE, "--pipeline-model-parallel-size")
-    assert errors_for(["--token-pipeline", "--token-pipeline-slices", "4"], world=1, base=base) == []
+    flags = ["--token-pipeline", "--token-pipeline-slices", "4"]
+    assert errors_for(flags, world=1, base=base) == []
     args = targs.parse_args(base + ["--token-pipeline"])
     warnings = token_pipeline_warnings(args)
     assert len(warnings) == 1 and "--pipeline-model-parallel-size 1" in warnings[0]
