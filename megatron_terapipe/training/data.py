@@ -166,7 +166,13 @@ def data_iterator(dataset: Any, consumed: int, args: Namespace) -> Iterator | No
         pin_memory=on_gpu(),
         persistent_workers=args.num_workers > 0,
     )
-    return iter(loader)
+    # Starting a DataLoader iterator draws its workers' base seed from torch's global RNG. The
+    # iterators are built after a checkpoint is loaded, so that draw would shift a resumed
+    # run's dropout masks away from the uninterrupted run's; keep the RNG where it was.
+    state = torch.get_rng_state()
+    iterator = iter(loader)
+    torch.set_rng_state(state)
+    return iterator
 
 
 def build_iterators(args: Namespace, datasets, consumed_train: int, consumed_valid: int):
