@@ -121,7 +121,7 @@ def test_pipeline_change_suggests_no_load_rng_and_reshards_with_it(runs):
     # reshard; only the per-(PP, TP)-rank RNG state cannot follow, and the message says so.
     ckpt = str(runs["ckpt"])
     flags = ["--config", TINY, "--pipeline-model-parallel-size", "1", "--load", ckpt,
-             "--ckpt-step", "10", "--train-iters", "11", "--eval-iters", "0"]  # fmt: skip
+             "--ckpt-step", "10", "--exit-interval", "11", "--eval-iters", "0"]  # fmt: skip
     refused = _plain(flags)
     assert refused.returncode == 2, refused.stderr[-3000:]
     assert refused.stderr.count("pretrain_gpt.py: error:") == 1
