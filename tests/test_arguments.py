@@ -457,13 +457,24 @@ def test_both_scheduler_flags_are_refused():
     ), errors
 
 
-def test_fp16_on_cpu_is_refused_up_front(monkeypatch):
+def test_fp16_on_cpu_is_refused_up_front(monkeypatch, capsys):
+    from megatron_terapipe.training import pretrain
+
     monkeypatch.setattr(targs, "_cuda_available", lambda: False)
-    errors = errors_for(["--fp16"])
-    assert any(e.startswith("--fp16 needs a GPU") and "--bf16" in e for e in errors), errors
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pretrain.main(BASE + ["--fp16"]) == 2  # before any process group or model
+    assert capsys.readouterr().err == (
+        "pretrain_gpt.py: error: invalid arguments:\n  - --fp16 needs a GPU: on the CPU the "
+        "float16 model overflows in its first iteration (NaN grad norm); use --bf16 or full "
+        "precision (no flag) for CPU runs\n"
+    )
+    # The configs stay valid (they are GPU configs); only this machine cannot run them.
+    assert errors_for(["--fp16"]) == []
     monkeypatch.setattr(targs, "_cuda_available", lambda: True)
     monkeypatch.setattr(targs, "_te_importable", lambda: False)
-    assert not any("--fp16" in e for e in errors_for(["--fp16"]))  # on a GPU it is allowed
+    args = targs.validate_args(targs.parse_args(BASE + ["--fp16"]), 2)
+    assert targs.machine_errors(args) == []
 
 
 def test_later_flags_turn_off_switches_from_a_config_file():

@@ -262,9 +262,15 @@ def parse_args(argv: Sequence[str] | None = None, quiet: bool = False) -> argpar
     return args
 
 
-def _runs_on_gpu(args: argparse.Namespace) -> bool:
-    """Whether the run will compute on a GPU (finalize_args' backend choice)."""
-    return args.distributed_backend != "gloo" and _cuda_available()
+def machine_errors(args: argparse.Namespace) -> list[str]:
+    """What this machine cannot run, for validated `args` (configs stay valid anywhere else)."""
+    on_gpu = args.distributed_backend == "nccl" and _cuda_available()
+    if args.fp16 and not on_gpu:
+        return [
+            "--fp16 needs a GPU: on the CPU the float16 model overflows in its first iteration "
+            "(NaN grad norm); use --bf16 or full precision (no flag) for CPU runs"
+        ]
+    return []
 
 
 def _cuda_available() -> bool:
@@ -499,11 +505,7 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     # Precision, recompute.
     if args.bf16 and args.fp16:
         errors.append("--bf16 and --fp16 are mutually exclusive")
-    if args.fp16 and not _runs_on_gpu(args):
-        errors.append(
-            "--fp16 needs a GPU: on the CPU the float16 model overflows in its first iteration "
-            "(NaN grad norm); use --bf16 or full precision (no flag) for CPU runs"
-        )
+
     if args.recompute_granularity == "selective" and args.recompute_method is not None:
         errors.append(
             "--recompute-method applies to --recompute-granularity full only; drop it for selective"

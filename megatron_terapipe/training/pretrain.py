@@ -35,12 +35,21 @@ def report_error(message: str, every_rank: bool = False) -> None:
 
 def parse_and_validate(argv: Sequence[str] | None = None):
     """(args, None) when the flags can train, else (None, message). Never imports torch."""
-    from megatron_terapipe.training.args import ArgumentValidationError, parse_args, validate_args
+    from megatron_terapipe.training.args import (
+        ArgumentValidationError,
+        machine_errors,
+        parse_args,
+        validate_args,
+    )
 
     args = parse_args(argv, quiet=not _is_rank_0())  # argparse errors: status 2, rank 0 prints
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        return validate_args(args, world_size), None
+        args = validate_args(args, world_size)
+        errors = machine_errors(args)
+        if errors:
+            raise ArgumentValidationError(errors)
+        return args, None
     except ArgumentValidationError as exc:
         return None, str(exc)
 
