@@ -300,7 +300,48 @@ def token_pipeline_errors(args: Any) -> list[str]:
     cap = getattr(args, "token_pipeline_memory_cap", None)
     if cap is not None and not cap > 0:
         errors.append(f"--token-pipeline-memory-cap={cap} must be > 0 (GiB)")
+    elif cap is not None and not errors and isinstance(slices, (int, tuple)):
+        errors.extend(_explicit_slices_memory_errors(args, slices, cap, multiple_of, schedule))
     return errors
+
+
+def _explicit_slices_memory_errors(
+    args: Any, slices: int | tuple[int, ...], cap: float, multiple_of: int, schedule: str
+) -> list[str]:
+    """Explicit slices under --token-pipeline-memory-cap: the planner's memory model checks
+    them as it checks its own plans (`auto`)."""
+    from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel
+    from megatron_terapipe.token_slices import equal_token_slices
+
+    seq = int(args.seq_length)
+    lengths = equal_token_slices(seq, slices, multiple_of) if isinstance(slices, int) else slices
+    micro = num_microbatches(args) or 1
+    mbs = int(_get(args, "micro_batch_size", 1))
+    stages = int(_get(args, "pipeline_model_parallel_size", 1))
+    if getattr(args, "num_layers", None) is None or getattr(args, "hidden_size", None) is None:
+        return []
+    peak = ActivationMemoryModel.from_args(args).peak_bytes(
+        schedule, (mbs,) * micro, (tuple(lengths),) * micro, stages
+    )
+    if peak <= cap * GIB:
+        return []
+    shown = slices if isinstance(slices, int) else ",".join(map(str, slices))
+    return [
+        f"--token-pipeline-slices={shown} needs {peak / GIB:.3f} GiB of activations per stage "
+        f"(the planner's memory model), over --token-pipeline-memory-cap={cap:g}; use more "
+        "slices, or --token-pipeline-slices auto to plan within the cap"
+    ]
+
+
+def token_pipeline_warnings(args: Any) -> list[str]:
+    """Allowed but probably not meant: one line each, printed once at start-up."""
+    pp = int(_get(args, "pipeline_model_parallel_size", 1))
+    if getattr(args, "token_pipeline", False) and pp == 1:
+        return [
+            "--token-pipeline with --pipeline-model-parallel-size 1: without a pipeline there "
+            "is no bubble to shrink, so token slicing only adds overhead (useful for checks)"
+        ]
+    return []
 
 
 def _cost_model_errors(spec: str | None) -> list[str]:
@@ -350,6 +391,7 @@ __all__ = [
     "add_token_pipeline_args",
     "validate_token_pipeline_args",
     "token_pipeline_errors",
+    "token_pipeline_warnings",
     "token_pipeline_config_from_args",
     "resolved_token_pipeline_args",
     "TokenPipelineArgumentError",

@@ -4,9 +4,12 @@
     python scripts/compare_schedules.py --num-layers 2 --hidden-size 32 --seq-length 64 --json
     python scripts/compare_schedules.py --paper-scale                    # V100 predictions only
 
-Runs stock 1F1B, stock interleaved (when V > 1 fits), and the token pipeline (terapipe and
-token-1f1b orders; equal slices and DP-planned slices) in one pair of processes, round-robin,
-and prints one table (see docs/benchmarks.md for every column's definition).
+Runs, in one pair of processes, round-robin: stock megatron-core 1F1B on the same attention
+kernel as the token pipeline (the baseline of every ratio), stock interleaved (when V > 1 fits),
+stock 1F1B on megatron-core's local-spec attention (a kernel difference, on its own line), and
+the token pipeline (terapipe and token-1f1b orders; equal slices and DP-planned slices). Prints
+one table, the time breakdown per stage and a summary (docs/benchmarks.md defines every column).
+Model and layout flags are pretrain_gpt.py's.
 """
 
 from __future__ import annotations
@@ -22,25 +25,20 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph
 from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     add_model_args,
     int_list,
+    model_args,
+    num_microbatches,
     parse_with_configs,
-    resolve_model_args,
     str_list,
-    tiny_gpt,
+    virtual_stages,
 )
-from megatron_terapipe.benchmark.spec import (  # noqa: E402
-    BenchSpec,
-    stock_1f1b,
-    stock_interleaved,
-    token_variant,
-)
+from megatron_terapipe.benchmark.spec import BenchSpec, stock_variants, token_variant  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(parser)
-    parser.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=2,
-                        help="V of the stock interleaved run (skipped when it does not fit; "
-                        "1 disables it)")
+    parser.add_argument("--no-local-attention", action="store_true",
+                        help="skip the stock 1F1B row on megatron-core's local-spec attention")
     parser.add_argument("--token-schedules", type=str_list, default=["terapipe", "token-1f1b"])
     parser.add_argument("--num-token-slices", type=int_list, default=[8],
                         help="equal-slice counts to run, comma separated")
@@ -48,7 +46,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
-    parser.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="JSON results: to FILE, or printed instead of the table when no "
+                        "FILE is given")
     parser.add_argument("--output", help="also save the full results JSON here")
     parser.add_argument("--plot", metavar="PREFIX",
                         help="PREFIX_bars.png and PREFIX_timeline_<schedule>.png")
@@ -57,39 +57,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--paper-scale", action="store_true",
                         help="print the V100 predictions for the paper's settings and exit")
     parser.add_argument("--timeout", type=float, default=3600.0)
-    return parse_with_configs(parser, argv)
-
-
-def interleaving_fits(values: dict[str, int], chunks: int) -> bool:
-    """megatron-core's interleaving: equal layers per chunk, M divisible by P."""
-    stages = values["pipeline_model_parallel_size"]
-    layers = values["num_layers"]
-    return (
-        chunks > 1 and stages > 1 and layers % (stages * chunks) == 0
-        and values["num_microbatches"] % stages == 0
-    )
+    args = parse_with_configs(parser, argv)
+    if args.json not in (None, "-") and not args.output:
+        args.output, args.json = args.json, None  # --json FILE: the table, and JSON to FILE
+    return args
 
 
 def build_spec(args: argparse.Namespace) -> BenchSpec:
-    values = resolve_model_args(args)
-    variants = [stock_1f1b()]
-    chunks = args.virtual_pipeline_model_parallel_size
-    if interleaving_fits(values, chunks):
-        variants.append(stock_interleaved(chunks))
+    """Stock interleaving uses V from --num-virtual-stages-per-pipeline-rank (or
+    --num-layers-per-virtual-pipeline-stage), default 2; V = 1 leaves it out."""
+    microbatches = num_microbatches(args)
+    model = model_args(args, microbatches)
+    chunks = virtual_stages(args) or 2
+    variants, notes = stock_variants(model.num_layers, model.pipeline_model_parallel_size,
+                                     microbatches, chunks, local_kernel=not args.no_local_attention)
     for schedule in args.token_schedules:
         variants += [token_variant(schedule, s) for s in args.num_token_slices]
         if not args.no_planned:
             variants.append(token_variant(schedule, planned=True))
     return BenchSpec(
-        model=tiny_gpt(values),
+        model=model,
         variants=tuple(variants),
-        pipeline_parallel=values["pipeline_model_parallel_size"],
-        num_microbatches=values["num_microbatches"],
-        micro_batch_size=values["micro_batch_size"],
+        pipeline_parallel=model.pipeline_model_parallel_size,
+        num_microbatches=microbatches,
+        micro_batch_size=model.micro_batch_size,
         warmup=args.warmup,
         iterations=args.iterations,
         data_seed=args.data_seed,
-        init_seed=args.seed,
+        init_seed=model.seed,
+        extra={"notes": notes},
     )
 
 
@@ -112,14 +108,11 @@ def main(argv: list[str] | None = None) -> int:
                            "cost_model": paper.preset_description()}, handle, indent=1)
         return 0
     from megatron_terapipe.benchmark.compare import run_comparison
-    from megatron_terapipe.benchmark.table import format_rows
+    from megatron_terapipe.benchmark.table import BREAKDOWN_COLUMNS, format_rows, format_summary
 
     spec = build_spec(args)
     comparison = run_comparison(spec, args.threads_per_rank, args.timeout)
     data = comparison.to_dict()
-    if args.output:
-        with open(args.output, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=1, default=float)
     if args.plot:
         from megatron_terapipe.benchmark.plots import plot_comparison
 
@@ -136,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
             with open(path, "w", encoding="utf-8") as handle:
                 json.dump(timeline.to_chrome_trace(), handle)
             data["traces"].append(path)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            json.dump(data, handle, indent=1, default=float)
     if args.json:
         print(json.dumps(data, indent=1, default=float))
     else:
@@ -146,6 +142,14 @@ def main(argv: list[str] | None = None) -> int:
               f"M={c['num_microbatches']}; median of {c['iterations']} rounds after "
               f"{c['warmup']} warm-up; {args.threads_per_rank} thread(s)/rank")
         print(format_rows(data["results"]))
+        print()
+        print("where the time goes (measured timeline, per stage 0/1/...; t_S/t_1 = summed "
+              "compute over the baseline's)")
+        print(format_rows(data["results"], BREAKDOWN_COLUMNS))
+        print()
+        print(format_summary(data["results"]))
+        for note in c["notes"]:
+            print(f"note: {note}")
         for key in ("plots", "traces"):
             for path in data.get(key, []):
                 print(f"wrote {os.path.relpath(path)}")

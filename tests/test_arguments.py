@@ -162,8 +162,8 @@ BAD_CASES = {
     "unsupported tokenizer": (
         ["--tokenizer-type", "GPT2BPETokenizer"], 2, ["--tokenizer-type GPT2BPETokenizer"],
     ),
-    "mock data and data path": (
-        ["--data-path", "/nonexistent/prefix"], 2, ["--mock-data", "--data-path"],
+    "data path after mock data": (
+        ["--data-path", "/nonexistent/prefix"], 2, ["--data-path /nonexistent/prefix: missing"],
     ),
     "zero layers": (["--num-layers", "0"], 2, ["--num-layers=0", ">= 1"]),
     "save interval without save": (["--save-interval", "10"], 2, ["--save-interval", "--save"]),
@@ -410,3 +410,119 @@ def test_config_errors(tmp_path):
 def test_tiny_config_is_valid():
     args = targs.validate_args(targs.parse_args(["--config", TINY]), 2)
     assert args.pipeline_model_parallel_size == 2 and args.hidden_dropout == 0.0
+
+
+# -- issue 14: resume flags, auto-resume, on/off overrides, up-front rejections ---------------
+def test_auto_resume_on_empty_or_missing_directory(tmp_path):
+    fresh = tmp_path / "fresh"
+    assert errors_for(["--save", str(fresh), "--load", str(fresh)]) == []  # missing
+    fresh.mkdir()
+    (fresh / "iter_0000003.tmp").mkdir()  # left by a killed first save: still empty
+    assert errors_for(["--save", str(fresh), "--load", str(fresh)]) == []
+    # --load alone on an empty directory stays an error, now naming the auto-resume pattern.
+    errors = errors_for(["--load", str(fresh)])
+    assert any("holds no checkpoint" in e and "same directory to --save" in e for e in errors)
+
+
+def test_missing_ckpt_step_lists_complete_checkpoints_even_under_auto_resume(tmp_path):
+    for it in (2, 4):
+        (tmp_path / f"iter_{it:07d}").mkdir()
+        (tmp_path / f"iter_{it:07d}" / "metadata.json").write_text("{}")
+    (tmp_path / "iter_0000006").mkdir()  # incomplete
+    errors = errors_for(["--save", str(tmp_path), "--load", str(tmp_path), "--ckpt-step", "6"])
+    assert errors == [
+        f"--ckpt-step 6: {tmp_path}/iter_0000006 is not a complete checkpoint; complete "
+        f"checkpoints in --load {tmp_path}: [2, 4]"
+    ]
+    # No tracker, but complete checkpoints: not "empty", so no silent fresh start.
+    errors = errors_for(["--save", str(tmp_path), "--load", str(tmp_path)])
+    assert any("--ckpt-step 4" in e for e in errors), errors
+
+
+def test_save_pointing_at_a_file_fails_at_argument_time(tmp_path):
+    target = tmp_path / "model.pt"
+    target.write_text("x")
+    assert errors_for(["--save", str(target)]) == [
+        f"--save {target} is an existing file, not a directory; name a directory"
+    ]
+
+
+def test_both_scheduler_flags_are_refused():
+    errors = errors_for(
+        ["--override-opt_param-scheduler", "--use-checkpoint-opt_param-scheduler"]
+    )
+    assert any(
+        "--override-opt_param-scheduler" in e and "--use-checkpoint-opt_param-scheduler" in e
+        for e in errors
+    ), errors
+
+
+def test_fp16_on_cpu_is_refused_up_front(monkeypatch, capsys):
+    from megatron_terapipe.training import pretrain
+
+    monkeypatch.setattr(targs, "_cuda_available", lambda: False)
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert pretrain.main(BASE + ["--fp16"]) == 2  # before any process group or model
+    assert capsys.readouterr().err == (
+        "pretrain_gpt.py: error: invalid arguments:\n  - --fp16 needs a GPU: on the CPU the "
+        "float16 model overflows in its first iteration (NaN grad norm); use --bf16 or full "
+        "precision (no flag) for CPU runs\n"
+    )
+    # The configs stay valid (they are GPU configs); only this machine cannot run them.
+    assert errors_for(["--fp16"]) == []
+    monkeypatch.setattr(targs, "_cuda_available", lambda: True)
+    monkeypatch.setattr(targs, "_te_importable", lambda: False)
+    args = targs.validate_args(targs.parse_args(BASE + ["--fp16"]), 2)
+    assert targs.machine_errors(args) == []
+
+
+def test_later_flags_turn_off_switches_from_a_config_file():
+    # TINY sets --mock-data: a later --data-path means real data, --no-mock-data turns it off.
+    args = targs.parse_args(["--config", TINY, "--data-path", "corpus"])
+    assert (args.mock_data, args.data_path) == (False, ["corpus"])
+    args = targs.parse_args(["--config", TINY, "--no-mock-data"])
+    assert (args.mock_data, args.data_path) == (False, None)
+    args = targs.parse_args(["--data-path", "corpus", "--mock-data"])
+    assert (args.mock_data, args.data_path) == (True, None)
+    args = targs.parse_args(
+        ["--bf16", "--sequence-parallel", "--no-bf16", "--no-sequence-parallel"]
+    )
+    assert not args.bf16 and not args.sequence_parallel
+
+
+def test_memory_cap_applies_to_explicit_slices():
+    # One slice holds the whole sequence's K/V copies; the cap is set between the two slicings'
+    # activation peaks as the planner's memory model computes them.
+    from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel
+
+    args = targs.parse_args(BASE + ["--token-pipeline"])
+    memory = ActivationMemoryModel.from_args(args)
+    micro = 16 // 2
+    one = memory.peak_bytes("terapipe", (2,) * micro, ((128,),) * micro, 2)
+    four = memory.peak_bytes("terapipe", (2,) * micro, ((32,) * 4,) * micro, 2)
+    assert one < four
+    cap = (one + four) / 2 / GIB
+    flags = ["--token-pipeline", "--token-pipeline-memory-cap", repr(cap)]
+    assert errors_for(flags + ["--token-pipeline-slices", "128,"]) == []
+    errors = errors_for(flags + ["--token-pipeline-slices", "32,32,32,32"])
+    assert len(errors) == 1 and errors[0].startswith(
+        f"--token-pipeline-slices=32,32,32,32 needs {four / GIB:.3f} GiB of activations per "
+        f"stage (the planner's memory model), over --token-pipeline-memory-cap={cap:g}"
+    ), errors
+    # N equal slices are checked the same way.
+    assert errors_for(flags + ["--token-pipeline-slices", "4"]) == [
+        errors[0].replace("32,32,32,32", "4", 1)
+    ]
+
+
+def test_token_pipeline_at_pp1_is_allowed_with_one_warning():
+    from megatron_terapipe.arguments import token_pipeline_warnings
+
+    base = _without(BASE, "--pipeline-model-parallel-size")
+    flags = ["--token-pipeline", "--token-pipeline-slices", "4"]
+    assert errors_for(flags, world=1, base=base) == []
+    args = targs.parse_args(base + ["--token-pipeline"])
+    warnings = token_pipeline_warnings(args)
+    assert len(warnings) == 1 and "--pipeline-model-parallel-size 1" in warnings[0]
+    assert token_pipeline_warnings(targs.parse_args(BASE + ["--token-pipeline"])) == []

@@ -67,3 +67,37 @@ def test_held_tensors_share_the_count_with_saved_ones():
     tracker.drop(owner)
     assert tracker.live_bytes == 0
     assert tracker.peak_bytes == 2 * N * FLOAT
+
+
+def test_externally_reported_bytes_join_the_peak():
+    """What an owner reports (the slice context's held_bytes) counts on top of saved tensors."""
+    x = torch.randn(N, requires_grad=True)
+    tracker = ActivationMemoryTracker()
+    reported = {"bytes": 0}
+    tracker.external = lambda: reported["bytes"]
+    with tracker.saved_tensors():
+        y = x.exp()  # saves y: N floats
+        reported["bytes"] = 5 * N * FLOAT  # a buffer appears
+        z = y.exp()  # saves z: the peak is sampled here
+    assert tracker.peak_bytes == (2 + 5) * N * FLOAT
+    (z.sum()).backward()
+
+
+def test_token_pipeline_observer_uses_held_bytes_when_the_context_has_it(monkeypatch):
+    from megatron_terapipe.benchmark import memory
+    from megatron_terapipe.model import slice_context
+
+    class Context:
+        def held_bytes(self) -> int:
+            return 7 * N * FLOAT
+
+    monkeypatch.setattr(slice_context.TokenSliceContext, "held_bytes",
+                        lambda self: 0, raising=False)
+    monkeypatch.setattr(slice_context, "get_slice_context", lambda: Context())
+    x = torch.randn(N, requires_grad=True)
+    tracker = ActivationMemoryTracker()
+    with memory.observe_token_pipeline(tracker), tracker.saved_tensors():
+        y = x.exp()
+    assert tracker.peak_bytes == (1 + 7) * N * FLOAT
+    assert tracker.external is None  # restored
+    y.sum().backward()

@@ -116,6 +116,25 @@ def test_token_checkpoint_resumes_under_stock_1f1b(runs):
     assert "schedule: 1f1b" in runs["resumed"]
 
 
+def test_pipeline_change_suggests_no_load_rng_and_reshards_with_it(runs):
+    # The PP=2 checkpoint of iteration 10, resumed in one process at PP=1: weights and optimizer
+    # reshard; only the per-(PP, TP)-rank RNG state cannot follow, and the message says so.
+    ckpt = str(runs["ckpt"])
+    flags = ["--config", TINY, "--pipeline-model-parallel-size", "1", "--load", ckpt,
+             "--ckpt-step", "10", "--exit-interval", "11", "--eval-iters", "0"]  # fmt: skip
+    refused = _plain(flags)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    assert refused.stderr.count("pretrain_gpt.py: error:") == 1
+    assert (
+        f"checkpoint {ckpt}/iter_0000010 (iteration 10) was saved with another parallel layout "
+        "(--pipeline-model-parallel-size 1 (checkpoint: 2)); the weights and optimizer state "
+        "reshard, but the saved random-number state is per (pipeline, tensor) rank: add "
+        "--no-load-rng to resume with fresh RNG streams"
+    ) in refused.stderr
+    resumed = _check(_plain(flags + ["--no-load-rng"]))
+    _assert_close(losses(resumed), losses(runs["stock"]), [11])
+
+
 def test_checkpoint_directory_layout(runs):
     ckpt = runs["ckpt"]
     names = sorted(os.listdir(ckpt))
@@ -128,7 +147,7 @@ def test_checkpoint_directory_layout(runs):
 def _plain(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, SCRIPT, *argv], cwd=REPO, env=_env(), capture_output=True, text=True,
-        timeout=60,
+        timeout=120,
     )  # fmt: skip
 
 
@@ -147,12 +166,15 @@ def test_unknown_flag_fails_loudly():
 
 
 def test_empty_load_dir_exits_under_torchrun_before_training(tmp_path):
-    # Every rank validates; torchrun stops the other rank once one exits, so one or both
-    # messages appear.
+    # Every rank validates; only rank 0 prints, so the message appears exactly once, and the
+    # children exit with status 2 without a traceback (torchrun then reports the failure).
     result = torchrun(["--config", TINY, "--load", str(tmp_path)], timeout=120)
     output = result.stdout + result.stderr
     assert result.returncode != 0
-    assert f"--load {tmp_path} holds no checkpoint" in output, output[-3000:]
+    assert output.count(f"--load {tmp_path} holds no checkpoint") == 1, output[-3000:]
+    assert output.count("pretrain_gpt.py: error:") == 1
+    assert "exitcode  : 2" in output
+    assert "validate_args" not in output and "ArgumentValidationError" not in output
     assert "iteration " not in result.stdout
     assert "number of parameters" not in output  # no model was built
 

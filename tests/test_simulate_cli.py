@@ -210,3 +210,35 @@ def test_layers_must_fill_virtual_stages(capsys):
         "4",
     )
     assert "--num-layers=4 cannot fill 8 virtual stages" in err
+
+
+# -- ratios and outputs are checked before simulating (issue 14) --------------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--backward-ratio", "-1"], "--backward-ratio=-1.0 must be > 0"),
+        (["--backward-ratio", "0"], "--backward-ratio=0.0 must be > 0"),
+        (["--cost-model", "analytic", "--model", "gpt3-1b", "--efficiency", "0"],
+         "--efficiency=0.0 must be > 0"),
+        (["--cost-model", "analytic", "--model", "gpt3-1b", "--device-tflops", "-5"],
+         "--device-tflops=-5.0 must be > 0"),
+    ],
+)
+def test_impossible_ratios_are_refused(capsys, argv, message):
+    err = run_error(capsys, *argv)
+    assert err.strip().splitlines()[-1] == f"terapipe-simulate: error: {message}"
+
+
+@pytest.mark.parametrize("flag", ["--plot", "--trace"])
+def test_missing_output_directory_is_refused_before_simulating(capsys, tmp_path, flag, monkeypatch):
+    import megatron_terapipe.simulate.cli as cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("simulated although the output cannot be written")
+
+    monkeypatch.setattr(cli, "simulate", never)
+    target = tmp_path / "missing" / "step.out"
+    err = run_error(capsys, flag, str(target))
+    assert err.strip().splitlines()[-1] == (
+        f"terapipe-simulate: error: {flag} {target}: directory {target.parent} does not exist"
+    )

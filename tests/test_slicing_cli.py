@@ -1,4 +1,4 @@
-"""terapipe-plan (DESIGN.md §4) and the simulator-scored planning option."""
+"""terapipe-plan (docs/latency_table.md for its tables) and the simulator-scored planning option."""
 
 from __future__ import annotations
 
@@ -172,3 +172,60 @@ def test_simulator_scoring_with_the_real_simulator():
         assert scored.predicted_step_time == pytest.approx(sim(scored.token_slices))
         # The formula's optimum is among the candidates, so simulating can only do better.
         assert scored.predicted_step_time <= sim(formula.token_slices) + 1e-12
+
+
+# -- impossible values are refused up front, naming the flag (issue 14) ------------------------
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "tiny", "--hidden-size", "0"], "--hidden-size=0 must be >= 1"),
+        (["--model", "tiny", "--batch-size", "0"], "--batch-size=0 must be >= 1"),
+        (["--model", "tiny", "--seq-length", "0"], "--seq-length=0 must be >= 1"),
+        (["--model", "tiny", "--num-layers", "-2"], "--num-layers=-2 must be >= 1"),
+        (["--model", "tiny", "--pipeline-model-parallel-size", "0"],
+         "--pipeline-model-parallel-size=0 must be >= 1"),
+        (["--model", "tiny", "--memory-cap", "0"], "--memory-cap=0.0 must be > 0"),
+        (["--model", "tiny", "--efficiency", "1.5"],
+         "--efficiency=1.5 is a fraction of peak: 0 < e <= 1"),
+    ],
+)
+def test_impossible_values_name_the_flag(capsys, argv, message):
+    code, out, err = run_cli(capsys, *argv)
+    assert code == 2 and out == ""
+    assert err == f"terapipe-plan: error: {message}\n"
+
+
+def test_output_directory_is_checked_before_profiling(capsys, tmp_path):
+    missing = tmp_path / "nowhere" / "profile.json"
+    code, _, err = run_cli(capsys, "--model", "tiny", "--cost-model", "profile",
+                           "--profile-out", str(missing))
+    assert code == 2
+    assert err == (f"terapipe-plan: error: --profile-out {missing}: directory "
+                   f"{missing.parent} does not exist\n")
+
+
+def test_non_npz_latency_table_is_named(capsys, tmp_path):
+    bogus = tmp_path / "table.npz"
+    bogus.write_text("not a zip archive")
+    code, _, err = run_cli(capsys, "--latency-table", str(bogus))
+    assert code == 2
+    assert err == (f"terapipe-plan: error: --latency-table {bogus} is not an .npz latency table "
+                   "(a numpy.savez archive; format in docs/latency_table.md)\n")
+    # The loader itself names the file too (the planner's --token-pipeline-cost-model path).
+    from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
+
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="array.npy' is a single .npy array"):
+        LatencyTableCostModel.load(tmp_path / "array.npy")
+
+
+def test_product_text_points_only_at_files_in_the_repository():
+    import os
+
+    from megatron_terapipe.slicing.cli import build_parser
+
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    text = build_parser().format_help()
+    assert "DESIGN.md" not in text
+    assert "docs/latency_table.md" in text
+    assert os.path.isfile(os.path.join(repo, "docs", "latency_table.md"))

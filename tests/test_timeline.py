@@ -8,7 +8,7 @@ import pytest
 
 from megatron_terapipe.schedules import build_schedule
 from megatron_terapipe.simulate import ActionCosts, Timeline, TimelineEvent, simulate
-from megatron_terapipe.simulate.timeline import plot_timelines
+from megatron_terapipe.simulate.plot import plot_timelines
 
 
 def simulated(name="token-1f1b", P=3, M=2, S=3, V=1) -> Timeline:
@@ -109,3 +109,15 @@ def test_plot_simulated_next_to_measured(tmp_path):
 def test_plot_needs_a_timeline(tmp_path):
     with pytest.raises(ValueError, match="at least one timeline"):
         plot_timelines([], str(tmp_path / "x.png"))
+
+
+def test_time_breakdown_splits_the_span():
+    # Stage 0: F [0, 2], comm [1.5, 3] (0.5 s under the forward), idle [3, 4]; stage 1: B [1, 4].
+    events = [
+        TimelineEvent(0, "F", 0, 0, 0, 0.0, 2.0),
+        TimelineEvent(0, "comm", 0, 0, 0, 1.5, 3.0),
+        TimelineEvent(1, "B", 0, 0, 0, 1.0, 4.0),
+    ]
+    parts = Timeline(events, num_stages=2).time_breakdown()
+    assert parts[0] == pytest.approx({"compute": 2.0, "comm_wait": 1.0, "idle": 1.0})
+    assert parts[1] == pytest.approx({"compute": 3.0, "comm_wait": 0.0, "idle": 1.0})

@@ -1,6 +1,16 @@
-"""Command-line flags shared by the benchmark scripts: Megatron-LM's names for the model and
-the layout, plus `--num-microbatches`; `--config` takes a `configs/*.args` entry (the format
-pretrain_gpt.py reads), expanded in place so that later flags override it."""
+"""Command-line flags of the benchmark scripts: pretrain_gpt.py's own model and layout flags.
+
+The flags are not re-declared: `add_model_args` copies the "network size" and "parallelism"
+groups (and the model-shaping training flags) out of `training.args.build_parser()`, so the
+benchmark accepts exactly what pretrain_gpt.py accepts for the model and layout, with the same
+defaults and choices. `model_args` then runs pretrain_gpt.py's own validation and derivation
+(`training.args.validate_args`), and `training.model` builds the chunks from the result: one
+path from flags to GPTModel for trainer, benchmark and demo.
+
+`--config` takes a `configs/*.args` entry (the format pretrain_gpt.py reads), expanded in
+place so that later flags override it; pretrain_gpt.py flags that do not shape the model
+(learning rate, data, logging) are accepted and ignored, anything else is an error.
+"""
 
 from __future__ import annotations
 
@@ -9,11 +19,22 @@ import os
 import sys
 from collections.abc import Sequence
 
-from megatron_terapipe.testing.gpt import TinyGPT
-
 CONFIG_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 
-# Flag defaults: the CPU benchmark model of docs/benchmarks.md.
+MODEL_GROUPS = ("network size", "parallelism")
+# pretrain_gpt.py's "training"/"data" flags that shape the model or the step.
+MODEL_TRAINING_FLAGS = (
+    "--micro-batch-size", "--global-batch-size", "--seq-length", "--bf16", "--fp16",
+    "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--seed",
+    "--vocab-size",
+)  # fmt: skip
+# Chosen per row by the benchmark itself (it runs both kernels), so not a model flag here.
+PER_ROW_FLAGS = ("--attention-backend",)
+VIRTUAL_STAGE_DESTS = ("num_layers_per_virtual_pipeline_stage",
+                       "num_virtual_stages_per_pipeline_rank")
+
+# Defaults: the CPU benchmark model of docs/benchmarks.md. Dropout is off (pretrain_gpt.py's
+# default is 0.1) so that every schedule computes the same loss on the same weights and data.
 MODEL_DEFAULTS = {
     "num_layers": 8,
     "hidden_size": 256,
@@ -22,23 +43,38 @@ MODEL_DEFAULTS = {
     "vocab_size": 128,
     "micro_batch_size": 1,
     "pipeline_model_parallel_size": 2,
-    "tensor_model_parallel_size": 1,
-    "num_microbatches": 1,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
 }
 
 
+def _model_actions(source: argparse.ArgumentParser) -> list[argparse.Action]:
+    actions = []
+    for group in source._action_groups:
+        for action in group._group_actions:
+            flags = set(action.option_strings)
+            if flags & set(PER_ROW_FLAGS):
+                continue
+            if group.title in MODEL_GROUPS or flags & set(MODEL_TRAINING_FLAGS):
+                actions.append(action)
+    return actions
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    group = parser.add_argument_group("model and layout (Megatron-LM flag names)")
+    """pretrain_gpt.py's model and layout flags (copied from its parser), plus --config and
+    --num-microbatches; defaults are the benchmark model's."""
+    from megatron_terapipe.training.args import build_parser
+
+    group = parser.add_argument_group("model and layout (pretrain_gpt.py's flags)")
     group.add_argument("--config", action="append", default=[],
                        help="configs/ entry (name or path of a .args file); expanded in place")
-    for name, default in MODEL_DEFAULTS.items():
-        group.add_argument("--" + name.replace("_", "-"), type=int, default=None,
-                           help=f"default {default}")
-    group.add_argument("--global-batch-size", type=int, default=None,
-                       help="with PP ranks only (DP = 1): M = global batch / micro-batch size, "
-                       "unless --num-microbatches is given")
-    group.add_argument("--seed", type=int, default=1234, help="weight initialisation seed")
-    group.add_argument("--data-seed", type=int, default=0)
+    for action in _model_actions(build_parser()):
+        group._add_action(action)
+    group.add_argument("--num-microbatches", type=int, default=None,
+                       help="micro-batches per step (default: --global-batch-size / "
+                       "--micro-batch-size, else 1)")
+    group.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic tokens")
+    parser.set_defaults(**MODEL_DEFAULTS)
     return parser
 
 
@@ -72,33 +108,68 @@ def expand_argv(argv: Sequence[str] | None) -> list[str]:
 
 def parse_with_configs(parser: argparse.ArgumentParser, argv: Sequence[str] | None
                        ) -> argparse.Namespace:
-    """Parse, ignoring the flags of a config file that a benchmark has no use for (lr, data)."""
+    """Parse; pretrain_gpt.py flags that do not shape the model are ignored (listed in
+    `args.ignored_flags`), flags pretrain_gpt.py does not know either are errors."""
+    from megatron_terapipe.training.args import build_parser
+
     args, unknown = parser.parse_known_args(expand_argv(argv))
-    args.ignored_flags = [t for t in unknown if t.startswith("--")]
+    known_to_pretrain = build_parser()._option_string_actions
+    flags = [t.split("=", 1)[0] for t in unknown if t.startswith("-")]
+    foreign = [f for f in flags if f not in known_to_pretrain or f in PER_ROW_FLAGS]
+    if foreign:
+        parser.error(f"unrecognized arguments: {' '.join(foreign)} (the benchmark takes "
+                     "pretrain_gpt.py's model and layout flags and its own, see --help)")
+    args.ignored_flags = flags
     return args
 
 
-def resolve_model_args(args: argparse.Namespace) -> dict[str, int]:
-    """Flag (or config) value, else the default, for every model and layout setting."""
-    out = {}
-    for name, default in MODEL_DEFAULTS.items():
-        value = getattr(args, name)
-        out[name] = int(value if value is not None else default)
-    if args.num_microbatches is None and getattr(args, "global_batch_size", None):
-        out["num_microbatches"] = max(1, args.global_batch_size // out["micro_batch_size"])
-    if out["tensor_model_parallel_size"] != 1:
-        raise SystemExit("--tensor-model-parallel-size: the CPU benchmark runs TP=1 only")
-    return out
+def num_microbatches(args: argparse.Namespace) -> int:
+    if args.num_microbatches is not None:
+        return int(args.num_microbatches)
+    if args.global_batch_size:
+        return max(1, args.global_batch_size // args.micro_batch_size)
+    return 1
 
 
-def tiny_gpt(values: dict[str, int]) -> TinyGPT:
-    return TinyGPT(
-        num_layers=values["num_layers"],
-        hidden_size=values["hidden_size"],
-        num_attention_heads=values["num_attention_heads"],
-        seq_length=values["seq_length"],
-        vocab_size=values["vocab_size"],
-    )
+def virtual_stages(args: argparse.Namespace) -> int | None:
+    """V from pretrain_gpt.py's virtual-stage flags, if given (the stock interleaved row's)."""
+    if args.num_virtual_stages_per_pipeline_rank is not None:
+        return args.num_virtual_stages_per_pipeline_rank
+    if args.num_layers_per_virtual_pipeline_stage is not None:
+        per_stage = args.num_layers // args.pipeline_model_parallel_size
+        return max(1, per_stage // args.num_layers_per_virtual_pipeline_stage)
+    return None
+
+
+def model_args(args: argparse.Namespace, microbatches: int) -> argparse.Namespace:
+    """A complete, validated pretrain_gpt.py namespace for the benchmark model (DP = 1).
+
+    The same `training.args.validate_args` that pretrain_gpt.py runs checks the flags and fills
+    the derived values (ffn size, padded vocabulary, ...); `training.model` builds from it.
+    Virtual stages are left out: the benchmark builds the interleaved row's chunks itself.
+    """
+    from megatron_terapipe.training.args import ArgumentValidationError, build_parser, validate_args
+
+    if args.tensor_model_parallel_size != 1 or args.context_parallel_size != 1:
+        raise SystemExit(
+            f"--tensor-model-parallel-size={args.tensor_model_parallel_size}, "
+            f"--context-parallel-size={args.context_parallel_size}: the benchmark runs one "
+            "pipeline of PP ranks (TP = CP = 1)"
+        )
+    full = build_parser().parse_args([
+        "--train-iters", "1", "--lr", "0", "--mock-data", "--tokenizer-type", "NullTokenizer",
+        "--eval-iters", "0", "--distributed-backend", "gloo",
+    ])  # fmt: skip
+    for action in _model_actions(build_parser()):
+        setattr(full, action.dest, getattr(args, action.dest))
+    for dest in VIRTUAL_STAGE_DESTS:
+        setattr(full, dest, None)
+    full.distributed_backend = "gloo"  # compat.run_distributed's ranks
+    full.global_batch_size = microbatches * args.micro_batch_size
+    try:
+        return validate_args(full, world_size=args.pipeline_model_parallel_size)
+    except ArgumentValidationError as exc:
+        raise SystemExit(str(exc)) from None
 
 
 def int_list(text: str) -> list[int]:

@@ -1,9 +1,13 @@
 """Run a BenchSpec on its ranks and turn the measurements into comparison rows.
 
-A row per variant: measured step time (median of timed rounds), tokens/s, speedup over stock
-1F1B, measured and simulated bubble per stage, peak activation memory per stage, the simulator's
-predicted step time (costs fitted on this machine) and its error, an analytic-model prediction,
-and the largest loss difference to stock 1F1B on the same data and weights.
+A row per variant: measured step time (median and min–max of the timed rounds), tokens/s,
+speedup over the baseline, measured and simulated bubble per stage, the measured time breakdown
+per stage (compute, communication wait, idle) and the single-stage inflation t_S/t_1, peak
+activation memory per stage, the simulator's predicted step time (costs fitted on this machine)
+and its error, an analytic-model prediction, and the largest loss difference to the baseline.
+
+The baseline of every ratio is stock megatron-core 1F1B running the same attention kernel as the
+token pipeline (same weights, same data). A row whose rounds overlap the baseline's is a tie.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from megatron_terapipe.benchmark.predict import (
     predict_with,
     replay,
 )
-from megatron_terapipe.benchmark.spec import STOCK_1F1B, BenchSpec
+from megatron_terapipe.benchmark.spec import KERNEL_DESCRIPTIONS, BenchSpec
 from megatron_terapipe.simulate import SimulationResult, Timeline
 
 MIB = 1024.0 * 1024.0
@@ -78,7 +82,8 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
     replayed = replay(measured, spec.num_microbatches, spec.model.hidden_size,
                       spec.micro_batch_size, p2p)
     analytic = _analytic_model(spec)
-    stock = next((m for m in measured if m.kind == STOCK_1F1B), None)
+    baseline = next((m for m in measured if m.is_baseline), None)
+    base_timeline = measured_timeline(baseline) if baseline is not None else None
     rows = []
     for m in measured:
         timeline = measured_timeline(m)
@@ -88,22 +93,34 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
         tokens = spec.num_microbatches * spec.micro_batch_size * spec.model.seq_length
         analytic_time = (predict_with(analytic, m, spec.num_microbatches, spec.micro_batch_size)
                          if analytic is not None else math.nan)
+        breakdown = timeline.time_breakdown()
         rows.append({
             "schedule": m.name,
             "kind": m.kind,
             "order": m.schedule,
+            "attention": m.attention,
+            "attention_kernel": KERNEL_DESCRIPTIONS.get(m.attention, m.attention),
+            "baseline": m.is_baseline,
             "num_token_slices": len(m.token_slices),
             "token_slices": list(m.token_slices),
             "step_time": m.step_time,
+            "step_time_min": min(m.step_times, default=math.nan),
+            "step_time_max": max(m.step_times, default=math.nan),
             "step_times": m.step_times,
             "tokens_per_s": tokens / m.step_time,
-            "speedup": (stock.step_time / m.step_time) if stock is not None else math.nan,
+            "speedup": (baseline.step_time / m.step_time) if baseline is not None else math.nan,
+            "verdict": "baseline" if m.is_baseline else (
+                verdict(m.step_times, baseline.step_times) if baseline is not None else ""),
             "bubble_measured": bubble,
             "bubble_simulated": list(sim.bubble_fraction),
             "bubble_error": max(abs(a - b) for a, b in zip(bubble, sim.bubble_fraction)),
             "bubble_replayed": list(rep.bubble_fraction),
             "bubble_error_replayed": max(abs(a - b) for a, b in zip(bubble, rep.bubble_fraction)),
             "replayed_step_time": rep.step_time,
+            "compute_s": [p["compute"] for p in breakdown],
+            "comm_wait_s": [p["comm_wait"] for p in breakdown],
+            "idle_s": [p["idle"] for p in breakdown],
+            "inflation": _inflation(timeline, base_timeline),
             "peak_activation_mib": [_mib(b) for b in m.peak_activation_bytes],
             # CPU the rank got per second it was computing: < 1 means other processes took it.
             "cpu_per_busy_s": [c / b if b > 0 else math.nan
@@ -113,11 +130,33 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "prediction_error": sim.step_time / timeline.step_time() - 1.0,
             "measured_span": timeline.step_time(),
             "analytic_step_time": analytic_time,
-            "max_loss_diff": max_loss_difference(m.losses, stock.losses if stock else None),
+            "max_loss_diff": max_loss_difference(m.losses, baseline.losses if baseline else None),
             "losses": m.losses,
         })
     return Comparison(spec, rows, measured, simulated, fitted, p2p, replayed,
-                      extra={"analytic_model": getattr(analytic, "name", None)})
+                      extra={"analytic_model": getattr(analytic, "name", None),
+                             "baseline": baseline.name if baseline is not None else None})
+
+
+def verdict(step_times: list[float], baseline_times: list[float]) -> str:
+    """faster / slower than the baseline when the two ranges of rounds do not overlap, else tie
+    (a difference within the spread of the rounds is not a result)."""
+    if not step_times or not baseline_times:
+        return ""
+    if max(step_times) < min(baseline_times):
+        return "faster"
+    if min(step_times) > max(baseline_times):
+        return "slower"
+    return "tie"
+
+
+def _inflation(timeline: Timeline, baseline: Timeline | None) -> list[float]:
+    """Per stage, summed compute of this run over the baseline's (t_S / t_1: what slicing, or
+    another kernel, costs the stage's own work, bubbles aside)."""
+    if baseline is None:
+        return [math.nan] * timeline.num_stages
+    return [c / b if b > 0 else math.nan
+            for c, b in zip(timeline.busy_time(), baseline.busy_time())]
 
 
 def _analytic_model(spec: BenchSpec) -> Any:
@@ -154,4 +193,6 @@ def _spec_summary(spec: BenchSpec) -> dict[str, Any]:
         "warmup": spec.warmup,
         "iterations": spec.iterations,
         "variants": [v.name for v in spec.variants],
+        "attention": {v.name: v.attention for v in spec.variants},
+        "notes": list(spec.extra.get("notes", [])),
     }

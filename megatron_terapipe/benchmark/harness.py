@@ -15,8 +15,9 @@ from typing import Any
 
 import torch
 
+from megatron_terapipe.benchmark.batches import synthetic_microbatches
 from megatron_terapipe.benchmark.fit import P2PFit
-from megatron_terapipe.benchmark.memory import ActivationMemoryTracker, observe_kv_store
+from megatron_terapipe.benchmark.memory import ActivationMemoryTracker, observe_token_pipeline
 from megatron_terapipe.benchmark.models import (
     BuiltModel,
     build_model,
@@ -25,9 +26,10 @@ from megatron_terapipe.benchmark.models import (
     virtual_pipeline,
 )
 from megatron_terapipe.benchmark.p2p import calibrate_p2p
-from megatron_terapipe.benchmark.spec import STOCK_INTERLEAVED, BenchSpec, Variant
+from megatron_terapipe.benchmark.spec import SAME_KERNEL, STOCK_INTERLEAVED, BenchSpec, Variant
 from megatron_terapipe.benchmark.stock_timeline import StockRecorder
-from megatron_terapipe.testing.gpt import gpt_forward_step, make_microbatches
+from megatron_terapipe.timing import synchronized_clock
+from megatron_terapipe.training.data import forward_step
 
 
 @dataclass
@@ -90,11 +92,11 @@ class _Runner:
         with virtual_pipeline(self.built.virtual_pipeline), _instrumented(self, tracker):
             torch.distributed.barrier(group=pp_group)
             cpu0 = time.process_time()
-            t0 = time.perf_counter()
+            t0 = synchronized_clock()
             if self.recorder is not None:
                 self.recorder.start(t0)
             losses = self.func(
-                forward_step_func=gpt_forward_step,
+                forward_step_func=forward_step,
                 data_iterator=data,
                 model=self.built.model_arg,
                 num_microbatches=spec.num_microbatches,
@@ -102,7 +104,7 @@ class _Runner:
                 micro_batch_size=spec.micro_batch_size,
                 forward_only=False,
             )
-            elapsed = time.perf_counter() - t0
+            elapsed = synchronized_clock() - t0
             self.cpu_time = time.process_time() - cpu0
         records = self.recorder.records if self.recorder is not None else self.func.last_timeline
         return elapsed, losses, list(records)
@@ -129,7 +131,7 @@ class _instrumented:
             self.stack.enter_context(self.runner.recorder.installed())
         if self.tracker is not None:
             self.stack.enter_context(self.tracker.saved_tensors())
-            self.stack.enter_context(observe_kv_store(self.tracker))
+            self.stack.enter_context(observe_token_pipeline(self.tracker))
         return self
 
     def __exit__(self, *exc):
@@ -178,9 +180,7 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
     models = _build_models(spec)
     p2p = calibrate_p2p(spec.model.hidden_size, spec.micro_batch_size) if world_size > 1 else (
         P2PFit())
-    batches = make_microbatches(
-        spec.model, spec.micro_batch_size, spec.num_microbatches, seed=spec.data_seed
-    )
+    batches = _batches(spec, spec.data_seed)
     fixed = [v for v in spec.variants if not v.planned]
     runners = {v.name: _Runner(spec, v, models[_model_key(v)]) for v in fixed}
     runs = {v.name: VariantRun(v) for v in spec.variants}
@@ -249,31 +249,35 @@ def _calibrate(spec: BenchSpec, models: dict) -> tuple[tuple[int, ...], list]:
     from megatron_terapipe.benchmark.spec import token_variant
 
     slices = calibration_slices(spec.model.seq_length)
-    runner = _Runner(spec, token_variant("terapipe", token_slices=slices), models["token"])
-    batches = make_microbatches(spec.model, spec.micro_batch_size, spec.num_microbatches)
+    variant = token_variant("terapipe", token_slices=slices)
+    runner = _Runner(spec, variant, models[_model_key(variant)])
+    batches = _batches(spec, 0)
     runner.step(batches)
     _, _, records = runner.step(batches)
     return runner.token_slices, records
 
 
-def _model_key(variant: Variant) -> str:
-    if variant.kind == STOCK_INTERLEAVED:
-        return f"stock-vp{variant.virtual_pipeline}"
-    return "stock" if variant.is_stock else "token"
+def _batches(spec: BenchSpec, seed: int) -> list:
+    return synthetic_microbatches(spec.model.vocab_size, spec.model.seq_length,
+                                  spec.micro_batch_size, spec.num_microbatches, seed)
 
 
-def _build_models(spec: BenchSpec) -> dict[str, BuiltModel]:
-    """One model per distinct layout, all loaded with the first one's global weights."""
-    keys = list(dict.fromkeys(_model_key(v) for v in spec.variants))
-    if "stock" not in keys:
-        keys.insert(0, "stock")
-    models: dict[str, BuiltModel] = {}
-    for key in keys:
-        chunks = int(key.split("vp")[1]) if "vp" in key else None
-        models[key] = build_model(spec.model, spec.pipeline_parallel, token=(key == "token"),
-                                  chunks=chunks)
-    reference = gather_global_weights(models["stock"])
+def _model_key(variant: Variant) -> tuple[str, int | None]:
+    """(attention kernel, virtual stages): stock 1F1B on the same kernel and every token
+    variant run the very same model object."""
+    chunks = variant.virtual_pipeline if variant.kind == STOCK_INTERLEAVED else None
+    return variant.attention, chunks
+
+
+def _build_models(spec: BenchSpec) -> dict[tuple[str, int | None], BuiltModel]:
+    """One model per distinct (kernel, layout), all loaded with the same-kernel model's weights."""
+    reference_key = (SAME_KERNEL, None)
+    keys = list(dict.fromkeys([reference_key] + [_model_key(v) for v in spec.variants]))
+    models: dict[tuple[str, int | None], BuiltModel] = {}
+    for attention, chunks in keys:
+        models[(attention, chunks)] = build_model(spec.model, attention, chunks)
+    reference = gather_global_weights(models[reference_key])
     for key, built in models.items():
-        if key != "stock":
+        if key != reference_key:
             load_weights(built, reference)
     return models

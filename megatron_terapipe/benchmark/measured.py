@@ -37,6 +37,8 @@ class Measured:
     cuda_peak_bytes: list[int | None]
     losses: list[float] | None
     virtual_pipeline: int | None = None
+    attention: str = "sdpa"
+    is_baseline: bool = False
     extra: dict = field(default_factory=dict)
 
     @property
@@ -75,13 +77,16 @@ def merge_ranks(rank_results: Sequence[dict[str, Any]]) -> list[Measured]:
                 cuda_peak_bytes=[run["cuda_peak_bytes"] for run in per_rank],
                 losses=losses,
                 virtual_pipeline=variant.virtual_pipeline,
+                attention=variant.attention,
+                is_baseline=variant.is_baseline,
             )
         )
     return merged
 
 
 def max_loss_difference(losses: list[float] | None, reference: list[float] | None) -> float:
-    """Largest |loss − stock loss| over micro-batches (nan when either is missing)."""
+    """Largest |loss − reference loss| over micro-batches (nan when either is missing); the
+    reference is the same-kernel stock 1F1B run."""
     if losses is None or reference is None or len(losses) != len(reference):
         return float("nan")
     return float(max(abs(a - b) for a, b in zip(losses, reference)))

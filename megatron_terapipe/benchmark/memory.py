@@ -9,8 +9,10 @@ forward and its backward:
   storage's bytes are what is held), and the registration is dropped when autograd frees the
   saved tensor (the packed handle is garbage-collected after the backward that used it, or
   with its graph);
-- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`
-  (the token pipeline's prefix keys/values, see `observe_kv_store`).
+- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`;
+- bytes an owner reports itself (`external`, sampled at every registration): the token
+  pipeline's slice context says through `TokenSliceContext.held_bytes()` what its K/V buffers
+  and fp32 gradient accumulators hold (see `observe_token_pipeline`).
 
 Storages are deduplicated by data pointer, so a tensor saved by several ops or both saved and
 held counts once. Parameters (and their views, e.g. a transposed weight saved by a linear
@@ -21,7 +23,7 @@ updated at every registration. On CUDA use `torch.cuda.max_memory_allocated` ins
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -65,6 +67,14 @@ class ActivationMemoryTracker:
         self.live_bytes = 0
         self.peak_bytes = 0
         self._held: dict[int, list[tuple[int, int]]] = {}
+        # Bytes held outside what the tracker registers, reported by their owner.
+        self.external: Callable[[], int] | None = None
+
+    def sample(self) -> None:
+        """Update the peak with the live total, the externally reported bytes included."""
+        total = self.live_bytes + (int(self.external()) if self.external is not None else 0)
+        if total > self.peak_bytes:
+            self.peak_bytes = total
 
     # -- registration --------------------------------------------------------------------------
     def _acquire(self, key: tuple[int, int]) -> None:
@@ -72,8 +82,7 @@ class ActivationMemoryTracker:
         self._refs[key] = count + 1
         if count == 0:
             self.live_bytes += key[1]
-            if self.live_bytes > self.peak_bytes:
-                self.peak_bytes = self.live_bytes
+        self.sample()
 
     def _release(self, key: tuple[int, int]) -> None:
         count = self._refs.get(key, 0)
@@ -125,11 +134,41 @@ class ActivationMemoryTracker:
 
 
 @contextlib.contextmanager
+def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
+    """Count what the token pipeline holds outside autograd's saved tensors.
+
+    With `TokenSliceContext.held_bytes()` (one K/V buffer per layer plus fp32 dK/dV
+    accumulators) the active context's figure is sampled at every registration. Storages that
+    are both saved by autograd and held by the context then count twice, so the figure is an
+    upper bound. Without that method: the per-slice prefix keys/values of the KV store
+    (`observe_kv_store`).
+    """
+    from megatron_terapipe.model.slice_context import TokenSliceContext, get_slice_context
+
+    if not hasattr(TokenSliceContext, "held_bytes"):
+        with observe_kv_store(tracker):
+            yield
+        return
+
+    def held() -> int:
+        context = get_slice_context()
+        return context.held_bytes() if context is not None else 0
+
+    previous = tracker.external
+    tracker.external = held
+    try:
+        yield
+    finally:
+        tracker.external = previous
+
+
+@contextlib.contextmanager
 def observe_kv_store(tracker: ActivationMemoryTracker) -> Iterator[None]:
     """Count the token pipeline's prefix keys/values as held from `store_kv` to `release`.
 
     They are detached leaves the slice context keeps for later slices, outside autograd's saved
-    tensors. Benchmark-only: the two methods of TokenSliceContext are wrapped for the duration.
+    tensors (their `.grad`, which later slices' backwards fill, is not counted on this path).
+    Benchmark-only: the two methods of TokenSliceContext are wrapped for the duration.
     """
     from megatron_terapipe.model.slice_context import TokenSliceContext
 

@@ -1,13 +1,16 @@
 """Build the models a benchmark compares, all holding the same global weights.
 
-Stock variants run megatron-core's local GPT layer spec (DotProductAttention); token variants
-run the same spec with prefix-KV attention. Interleaved stock runs its own chunked copy. Weights
-are copied by global parameter key (megatron's sharded-state keys), so every variant starts from
-identical parameters whatever its layer layout, and losses can be compared exactly.
+Every model comes from `training.model` (the trainer's model provider) on the benchmark's
+validated pretrain_gpt.py arguments; a variant only chooses the attention kernel (the
+token-pipeline spec's SDPA, or megatron-core's local DotProductAttention) and the number of
+virtual stages. Stock 1F1B on the same kernel and the token schedules share one model. Weights
+are copied by global parameter key (megatron's sharded-state keys), so every variant starts
+from identical parameters whatever its layer layout, and losses can be compared exactly.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,8 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_terapipe.testing.gpt import TinyGPT, build_gpt_chunks, transformer_config
-from megatron_terapipe.testing.reference import load_global_state, local_weights
+from megatron_terapipe.benchmark.weights import load_global_state, local_weights
 
 
 @dataclass
@@ -50,34 +52,27 @@ def virtual_pipeline(size: int | None) -> Iterator[None]:
         parallel_state.set_virtual_pipeline_model_parallel_world_size(previous)
 
 
-def build_model(
-    model: TinyGPT, pipeline_parallel: int, token: bool, chunks: int | None = None
-) -> BuiltModel:
-    from megatron.core.distributed import (
-        DistributedDataParallel,
-        DistributedDataParallelConfig,
-        finalize_model_grads,
-    )
-    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+def variant_args(model_args: argparse.Namespace, attention: str, chunks: int | None
+                 ) -> argparse.Namespace:
+    """The pretrain_gpt.py arguments of one variant's model: kernel and virtual stages."""
+    args = argparse.Namespace(**vars(model_args))
+    args.attention_backend = "flash" if attention == "sdpa" else attention
+    args.virtual_pipeline_model_parallel_size = chunks
+    return args
 
-    spec = get_gpt_layer_local_spec()
-    if token:
-        from megatron_terapipe import token_pipeline_layer_spec
 
-        spec = token_pipeline_layer_spec(spec)
+def build_model(model_args: argparse.Namespace, attention: str, chunks: int | None = None
+                ) -> BuiltModel:
+    from megatron_terapipe.training import model as provider
+
+    args = variant_args(model_args, attention, chunks)
     with virtual_pipeline(chunks):
-        config = transformer_config(
-            model, pipeline_parallel=pipeline_parallel, virtual_pipeline=chunks
-        )
-        raw = build_gpt_chunks(model, config, spec)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False)
-    wrapped = [
-        DistributedDataParallel(config, ddp_config, chunk, disable_bucketing=(i > 0))
-        for i, chunk in enumerate(raw)
-    ]
-    no_sync = [m.no_sync for m in wrapped]
-    config.no_sync_func = no_sync if len(wrapped) > 1 else no_sync[0]
-    config.finalize_model_grads_func = finalize_model_grads
+        config = provider.transformer_config_from_args(args)
+        wrapped = provider.build_model(args, config, verbose=False)
+    provider.attach_schedule_hooks(config, wrapped)
+    found = provider.built_attention_kernels(wrapped)
+    if found != {attention}:
+        raise ValueError(f"asked for {attention} attention, the model provider built {found}")
     return BuiltModel(wrapped, config, chunks)
 
 

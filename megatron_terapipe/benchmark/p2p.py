@@ -6,12 +6,11 @@ free, and the per-slice message count grows with S, so it is measured rather tha
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
 from megatron_terapipe.benchmark.fit import P2PFit
+from megatron_terapipe.timing import synchronized_clock
 
 
 def calibrate_p2p(
@@ -26,14 +25,14 @@ def calibrate_p2p(
         times = []
         for _ in range(repeats):
             torch.distributed.barrier()
-            start = time.perf_counter()
+            start = synchronized_clock()
             if rank == 0:
                 torch.distributed.send(tensor, 1)
                 torch.distributed.recv(tensor, 1)
             elif rank == 1:
                 torch.distributed.recv(tensor, 0)
                 torch.distributed.send(tensor, 0)
-            times.append((time.perf_counter() - start) / 2.0)
+            times.append((synchronized_clock() - start) / 2.0)
         points.append((tensor.numel() * tensor.element_size(), float(np.median(times))))
     answer = [points]
     torch.distributed.broadcast_object_list(answer, src=0)

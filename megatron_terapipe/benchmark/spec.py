@@ -1,19 +1,29 @@
 """What a benchmark runs: one model and parallel layout, several schedule variants.
 
 A spec is plain data (it crosses process boundaries to the spawned ranks) and is the only input
-of the rank-side harness, so a run is reproducible from its JSON.
+of the rank-side harness, so a run is reproducible from its JSON. The model is a validated
+pretrain_gpt.py namespace (`cli_args.model_args`), built by `training.model` like the trainer's.
+
+Every variant names its attention kernel. Speedups are taken against the stock 1F1B row with the
+kernel the token pipeline runs (``sdpa``, `SAME_KERNEL`); a stock row with megatron-core's local
+DotProductAttention (``local``) is a kernel difference, reported on its own line.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import asdict, dataclass, field
 from typing import Any
-
-from megatron_terapipe.testing.gpt import TinyGPT
 
 STOCK_1F1B = "stock-1f1b"
 STOCK_INTERLEAVED = "stock-interleaved"
 TOKEN = "token"
+SAME_KERNEL = "sdpa"  # what the token-pipeline layer spec runs (torch SDPA)
+LOCAL_KERNEL = "local"  # megatron-core's local-spec DotProductAttention
+KERNEL_DESCRIPTIONS = {
+    SAME_KERNEL: "torch scaled_dot_product_attention (token-pipeline layer spec)",
+    LOCAL_KERNEL: "megatron-core DotProductAttention (local spec: baddbmm + masked softmax)",
+}
 
 
 @dataclass(frozen=True)
@@ -33,17 +43,23 @@ class Variant:
     token_slices: tuple[int, ...] | None = None
     planned: bool = False
     virtual_pipeline: int | None = None
+    attention: str = SAME_KERNEL
 
     @property
     def is_stock(self) -> bool:
         return self.kind != TOKEN
+
+    @property
+    def is_baseline(self) -> bool:
+        """The row every speedup is taken against: stock 1F1B on the same kernel."""
+        return self.kind == STOCK_1F1B and self.attention == SAME_KERNEL
 
 
 @dataclass(frozen=True)
 class BenchSpec:
     """Model, layout, data and timing protocol shared by every variant of one run."""
 
-    model: TinyGPT
+    model: argparse.Namespace  # validated pretrain_gpt.py arguments (cli_args.model_args)
     variants: tuple[Variant, ...]
     pipeline_parallel: int = 2
     num_microbatches: int = 1
@@ -61,8 +77,10 @@ class BenchSpec:
         return asdict(self)
 
 
-def stock_1f1b() -> Variant:
-    return Variant("stock 1F1B", STOCK_1F1B)
+def stock_1f1b(attention: str = SAME_KERNEL) -> Variant:
+    if attention == SAME_KERNEL:
+        return Variant("stock 1F1B", STOCK_1F1B)
+    return Variant(f"stock 1F1B, {attention} attention", STOCK_1F1B, attention=attention)
 
 
 def stock_interleaved(chunks: int) -> Variant:
@@ -81,3 +99,37 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
         name, TOKEN, schedule=schedule, num_token_slices=num_token_slices,
         token_slices=token_slices, planned=planned,
     )
+
+
+def interleaving_problem(num_layers: int, stages: int, num_microbatches: int, chunks: int
+                         ) -> str | None:
+    """Why megatron-core cannot run its interleaved schedule here (None: it can)."""
+    if chunks <= 1:
+        return "V = 1 (no virtual stages)"
+    if stages <= 2:
+        # The trainer's rule too (training.args): at PP = 2 the batched P2P pairs a send to the
+        # previous and one to the next stage - the same peer - out of order, and the overlapped
+        # mode gave NaN gradients (megatron-core's own check) in one of four benchmark runs.
+        return (f"megatron-core's interleaved schedule needs PP > 2 on gloo, got PP = {stages}")
+    if num_layers % (stages * chunks):
+        return f"{num_layers} layers do not split into PP x V = {stages * chunks} equal chunks"
+    if num_microbatches % stages:
+        return f"M = {num_microbatches} is not divisible by PP = {stages}"
+    return None
+
+
+def stock_variants(num_layers: int, stages: int, num_microbatches: int, chunks: int,
+                   local_kernel: bool = True) -> tuple[list[Variant], list[str]]:
+    """The baseline rows and notes on rows left out: same-kernel stock 1F1B first, stock
+    interleaved where megatron-core can interleave, then (optionally) stock 1F1B on the local
+    kernel."""
+    variants = [stock_1f1b()]
+    notes = []
+    problem = interleaving_problem(num_layers, stages, num_microbatches, chunks)
+    if problem is None:
+        variants.append(stock_interleaved(chunks))
+    else:
+        notes.append(f"stock interleaved V={chunks} not run: {problem}")
+    if local_kernel:
+        variants.append(stock_1f1b(LOCAL_KERNEL))
+    return variants, notes

@@ -125,6 +125,26 @@ def _require_positive(parser: argparse.ArgumentParser, **flags: int | None) -> N
             parser.error(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
 
 
+def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Ratios and rates that cannot be, and outputs that cannot be written: refused before the
+    simulation runs (not after, when the trace or plot is written)."""
+    from megatron_terapipe.slicing.cli import output_file_problem
+
+    for flag, value in (
+        ("--backward-ratio", args.backward_ratio),
+        ("--device-tflops", args.device_tflops),
+        ("--efficiency", args.efficiency),
+    ):
+        if value is not None and not value > 0:
+            parser.error(f"{flag}={value} must be > 0")
+    if args.efficiency is not None and args.efficiency > 1:
+        parser.error(f"--efficiency={args.efficiency} is a fraction of peak: 0 < e <= 1")
+    for flag, path in (("--trace", args.trace), ("--plot", args.plot)):
+        problem = path and output_file_problem(flag, path)
+        if problem:
+            parser.error(problem)
+
+
 def _resolve_slices(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tuple[int, ...]:
     stock = args.schedule not in TOKEN_SCHEDULES
     if args.token_slices is not None:
@@ -270,6 +290,7 @@ def format_table(result: SimulationResult) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _check_values(parser, args)
     _require_positive(
         parser,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -6,7 +6,7 @@ the same classes and the plots can put simulated and measured steps side by side
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -84,6 +84,19 @@ class Timeline:
             )
             for stage in range(self.num_stages)
         ]
+
+    def time_breakdown(self) -> list[dict[str, float]]:
+        """Per stage: compute (F/B), communication wait (time in comm events not overlapped by
+        compute) and idle (the rest of the step's span); the three add up to the span."""
+        span = self.step_time()
+        out = []
+        for stage, compute in enumerate(self.busy_time()):
+            covered = _union_length(
+                (e.start, e.end) for e in self.events if e.stage == stage and e.kind in EVENT_KINDS
+            )
+            out.append({"compute": compute, "comm_wait": covered - compute,
+                        "idle": max(span - covered, 0.0)})
+        return out
 
     def bubble_fraction(self) -> list[float]:
         """Per stage, the share of the whole step's span that the stage does not compute."""
@@ -171,10 +184,3 @@ class Timeline:
             time_unit=data.get("time_unit", "s"),
             metadata=dict(data.get("metadata", {})),
         )
-
-
-def plot_timelines(timelines: Sequence[Timeline], path: str, title: str = "") -> None:
-    """Gantt chart PNG of one or more timelines stacked vertically (see `simulate.plot`)."""
-    from megatron_terapipe.simulate.plot import plot_timelines as _plot
-
-    _plot(timelines, path, title)

@@ -1,4 +1,4 @@
-"""terapipe-plan: TeraPipe's DP planner from the command line (DESIGN.md §4).
+"""terapipe-plan: TeraPipe's DP planner from the command line (docs/latency_table.md for tables).
 
 Examples:
   terapipe-plan --model gpt3-175b --tensor-model-parallel-size 8 \\
@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import zipfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,8 +24,8 @@ from megatron_terapipe.slicing.memory import ActivationMemoryModel
 from megatron_terapipe.slicing.plan import format_plan
 from megatron_terapipe.slicing.planner import SCORES, STRATEGIES, check_granularity, make_plan
 
-# (num_layers, hidden_size, num_attention_heads, seq_length): the paper's models (DESIGN.md §5)
-# and the CPU demo's tiny one.
+# (num_layers, hidden_size, num_attention_heads, seq_length): the paper's GPT-3 models and the
+# CPU demo's tiny one.
 MODELS: dict[str, tuple[int, int, int, int]] = {
     "gpt3-1b": (24, 2048, 16, 2048),
     "gpt3-13b": (40, 5120, 40, 2048),
@@ -68,7 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                    default="analytic",
                    help="analytic[:PRESET], profile (measure this device), or a .json profile "
                    "/ .npz latency table")
-    c.add_argument("--latency-table", metavar="FILE.npz", help="measured table (DESIGN.md §4)")
+    c.add_argument("--latency-table", metavar="FILE.npz",
+                   help="measured table; format in docs/latency_table.md")
     c.add_argument("--device-preset", choices=sorted(DEVICE_PRESETS),
                    help="device of the analytic model (default v100, the paper's)")
     c.add_argument("--efficiency", type=float, help="override the preset's FLOP efficiency")
@@ -95,6 +98,70 @@ def build_parser() -> argparse.ArgumentParser:
                     help="also report the equal and equal-flops strategies")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     return p
+
+
+# Flags that count something: 0 or less is never meaningful (and would otherwise fall back to a
+# preset's value or produce an empty plan).
+_POSITIVE_INTS = (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size",
+    "seq_length", "tensor_model_parallel_size", "pipeline_model_parallel_size", "batch_size",
+    "num_microbatches", "profile_repeats", "granularity", "num_slices", "num_chunks",
+)
+_POSITIVE_FLOATS = ("efficiency", "memory_cap")
+_OUTPUT_FILES = ("profile_out", "write_table")
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def output_file_problem(flag: str, path: str) -> str | None:
+    """Why `path` cannot be written, found before any work (shared with terapipe-simulate)."""
+    if os.path.isdir(path):
+        return f"{flag} {path} is a directory; give a file name"
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return f"{flag} {path}: directory {folder} does not exist"
+    return None
+
+
+def _table_problem(flag: str, path: str) -> str | None:
+    if not os.path.isfile(path):
+        return f"{flag} {path}: no such file"
+    if not zipfile.is_zipfile(path):
+        return (
+            f"{flag} {path} is not an .npz latency table (a numpy.savez archive; format in "
+            "docs/latency_table.md)"
+        )
+    return None
+
+
+def check_values(args: argparse.Namespace) -> None:
+    """ValueError naming the first impossible flag value, before any planning or profiling."""
+    for dest in _POSITIVE_INTS:
+        value = getattr(args, dest)
+        if value is not None and value < 1:
+            raise ValueError(f"{_flag(dest)}={value} must be >= 1")
+    for dest in _POSITIVE_FLOATS:
+        value = getattr(args, dest)
+        if value is not None and not value > 0:
+            raise ValueError(f"{_flag(dest)}={value} must be > 0")
+    if args.efficiency is not None and args.efficiency > 1:
+        raise ValueError(f"--efficiency={args.efficiency} is a fraction of peak: 0 < e <= 1")
+    tables = [("--latency-table", args.latency_table)]
+    if args.cost_model.endswith(".npz"):
+        tables.append(("--cost-model", args.cost_model))
+    for flag, path in tables:
+        problem = path and _table_problem(flag, path)
+        if problem:
+            raise ValueError(problem)
+    if args.cost_model.endswith(".json") and not os.path.isfile(args.cost_model):
+        raise ValueError(f"--cost-model {args.cost_model}: no such file")
+    for dest in _OUTPUT_FILES:
+        path = getattr(args, dest)
+        problem = path and output_file_problem(_flag(dest), path)
+        if problem:
+            raise ValueError(problem)
 
 
 def _dims(args: argparse.Namespace) -> dict[str, Any] | None:
@@ -190,6 +257,7 @@ def _profile(args: argparse.Namespace, dims: dict[str, Any]) -> Any:
 def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parse, plan, and return what main prints (the plan as a dict)."""
     args = build_parser().parse_args(argv)
+    check_values(args)
     dims = _dims(args)
     cost = _cost_model(args, dims)
     if args.seq_length is None:

@@ -235,7 +235,7 @@ def build_latency_table(
     granularity: int = 1,
     include_p2p: bool = True,
 ) -> np.ndarray:
-    """The planner's view of a cost model: `table[b, l, c]` per DESIGN.md §4, in units of g tokens.
+    """The planner's view of a cost model: `table[b, l, c]` (docs/latency_table.md), g-token units.
 
     Entries that are not slices (b = 0, l = 0, c + l > U) are inf. With `include_p2p` each entry
     also pays two P2P transfers (activations forward, their gradient back), as TeraPipe does:

@@ -2,7 +2,8 @@
 
 Problem. A step runs units u = (batch slice, token slice) through K stages; TeraPipe's step time
 is  T = Σ_u t(u) + (K−1)·max_u t(u),  with t read from a table `table[b, l, c]` (b sequences,
-l token units, c units of context; DESIGN.md §4). Each batch slice gets its own token slicing.
+l token units, c units of context; docs/latency_table.md). Each batch slice gets its own token
+slicing.
 
 Method. Fix a bound v on max t. Then the best Σ is a shortest path over token positions,
         f_b[i] = min_{j<i, t(b, i−j, j) ≤ v}  f_b[j] + t(b, i−j, j),

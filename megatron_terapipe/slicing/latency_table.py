@@ -1,4 +1,4 @@
-"""Measured latency tables (`.npz`, DESIGN.md §4) as a stage cost model.
+"""Measured latency tables (`.npz`, format in docs/latency_table.md) as a stage cost model.
 
 File format: `latency` float64 [B+1, U+1, U+1], `latency[b, l, c]` = one stage's forward+backward
 seconds for b sequences, a slice of l units of `granularity` tokens after c units of context
@@ -48,12 +48,24 @@ class LatencyTableCostModel:
         path = os.fspath(path)
         if not os.path.exists(path):
             raise ValueError(f"latency table {path!r} does not exist")
-        with np.load(path, allow_pickle=False) as data:
+        try:
+            archive = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise ValueError(
+                f"latency table {path!r} is not an .npz archive ({exc.__class__.__name__}); "
+                "format in docs/latency_table.md"
+            ) from None
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise ValueError(
+                f"latency table {path!r} is a single .npy array, not an .npz archive; "
+                "format in docs/latency_table.md"
+            )
+        with archive as data:
             missing = [k for k in ("latency", "granularity", "seq_length") if k not in data]
             if missing:
                 raise ValueError(
                     f"latency table {path!r} lacks {missing}; it needs 'latency' [B+1, U+1, U+1], "
-                    "'granularity' and 'seq_length' (DESIGN.md §4)"
+                    "'granularity' and 'seq_length' (docs/latency_table.md)"
                 )
             return cls(
                 latency=data["latency"],

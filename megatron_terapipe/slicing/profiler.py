@@ -6,6 +6,13 @@ back-ends can inject their own `measure_fn(batch, slice_len, context_len) -> sec
 with the prefix-KV attention (the layers the token pipeline runs) and times the forward and
 backward of one slice whose prefix K/V are already in the slice context, as in a real step.
 
+Profiling leaves the job it runs in exactly as it found it: every random-number state (Python,
+NumPy, the CPU and CUDA generators, megatron's tensor-parallel RNG tracker) is restored after
+building the block and after every measurement, and the block is private (no parameter,
+gradient or optimizer state of the model being trained is touched). A run with
+``--token-pipeline-cost-model profile`` therefore trains bit-identically to one given the
+same slices explicitly.
+
 Tensor parallelism is profiled as one TP shard: a TP=1 stack whose attention has a/t heads and
 whose MLP has f/t hidden units, i.e. the matmuls one rank runs. The TP all-reduces are not in
 the measurement (profile on a TP group, or add them from the analytic model, if they matter).
@@ -13,14 +20,16 @@ the measurement (profile on a TP group, or add them from the analytic model, if 
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from megatron_terapipe.slicing.profiled import ProfiledCostModel
+from megatron_terapipe.timing import device_synchronize, synchronized_clock
 
 MeasureFn = Callable[[int, int, int], float]
 
@@ -126,12 +135,18 @@ def measure_fn_for_megatron_stage(
         else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    block = _build_block(dims, dtype, device)
+    with preserved_rng_state():
+        block = _build_block(dims, dtype, device)
     hidden = dims["hidden_size"]
     clock = clock or ("wall" if device.type == "cuda" else "cpu")
     if clock not in ("wall", "cpu"):
         raise ValueError(f"clock={clock!r}; valid: wall, cpu")
-    now = time.perf_counter if clock == "wall" else time.thread_time
+
+    def now() -> float:
+        if clock == "wall":
+            return synchronized_clock()
+        device_synchronize()
+        return time.thread_time()
 
     def run_once(batch: int, slice_len: int, context_len: int) -> float:
         from megatron_terapipe.model import TokenSliceContext, activate
@@ -146,12 +161,10 @@ def measure_fn_for_megatron_stage(
             x = torch.randn(slice_len, batch, hidden, device=device, dtype=dtype,
                             requires_grad=True)
             grad = torch.randn(slice_len, batch, hidden, device=device, dtype=dtype)
-            _sync(device)
             start = now()
             with context.running(0, 0, len(slices) - 1):
                 out = block(x, attention_mask=None)
                 out.backward(grad)
-            _sync(device)
             return now() - start
 
     def measure(batch: int, slice_len: int, context_len: int) -> float:
@@ -159,10 +172,13 @@ def measure_fn_for_megatron_stage(
         if clock == "cpu":
             torch.set_num_threads(1)  # all work on this thread, so thread_time sees it all
         try:
-            for _ in range(warmup):
-                run_once(batch, slice_len, context_len)
-            # The least of the repeats: interference only ever adds time.
-            return min(run_once(batch, slice_len, context_len) for _ in range(max(1, repeats)))
+            with preserved_rng_state():
+                for _ in range(warmup):
+                    run_once(batch, slice_len, context_len)
+                # The least of the repeats: interference only ever adds time.
+                return min(
+                    run_once(batch, slice_len, context_len) for _ in range(max(1, repeats))
+                )
         finally:
             torch.set_num_threads(threads)
 
@@ -262,11 +278,29 @@ def _build_block(dims: dict[str, int], dtype: Any, device: Any) -> Any:
     return block.to(device=device, dtype=dtype).train()
 
 
-def _sync(device: Any) -> None:
+@contextlib.contextmanager
+def preserved_rng_state() -> Iterator[None]:
+    """Run the body, then put back every RNG state a training job draws from."""
+    import numpy as np
     import torch
+    from megatron.core import tensor_parallel
 
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    python_state = random.getstate()
+    numpy_state = np.random.get_state()
+    cpu_state = torch.get_rng_state()
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    cuda_states = torch.cuda.get_rng_state_all() if cuda else None
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    tracker_states = {name: state.clone() for name, state in tracker.get_states().items()}
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+        torch.set_rng_state(cpu_state)
+        if cuda_states is not None:
+            torch.cuda.set_rng_state_all(cuda_states)
+        tracker.set_states(tracker_states)
 
 
 def grid_from_points(points: Sequence[tuple[int, int, int]], seq_length: int) -> ProfileGrid:

@@ -1,4 +1,8 @@
-"""Small megatron-core GPT models built identically for every (TP, PP, VP) layout."""
+"""Test support only: small megatron-core GPT models built identically for every layout.
+
+No product module imports this package (tests/test_product_imports.py enforces it); the
+trainer, the benchmark and the demo build their models through `training.model`.
+"""
 
 from __future__ import annotations
 
@@ -118,24 +122,12 @@ def build_gpt_chunks(model: TinyGPT, config, layer_spec=None) -> list:
 def make_microbatches(
     model: TinyGPT, micro_batch_size: int, num_microbatches: int, seed: int = 0
 ) -> list[dict[str, torch.Tensor]]:
-    """Deterministic token batches with a ragged loss mask (so per-token weighting matters)."""
-    gen = torch.Generator().manual_seed(seed)
-    batches = []
-    for _ in range(num_microbatches):
-        shape = (micro_batch_size, model.seq_length)
-        tokens = torch.randint(0, model.vocab_size, shape, generator=gen)
-        labels = torch.randint(0, model.vocab_size, shape, generator=gen)
-        loss_mask = (torch.rand(shape, generator=gen) > 0.2).float()
-        position_ids = torch.arange(model.seq_length).unsqueeze(0).expand(shape).contiguous()
-        batches.append(
-            {
-                "tokens": tokens,
-                "labels": labels,
-                "loss_mask": loss_mask,
-                "position_ids": position_ids,
-            }
-        )
-    return batches
+    """Deterministic token batches with a ragged loss mask (the benchmark's synthetic data)."""
+    from megatron_terapipe.benchmark.batches import synthetic_microbatches
+
+    return synthetic_microbatches(
+        model.vocab_size, model.seq_length, micro_batch_size, num_microbatches, seed
+    )
 
 
 def loss_func_per_token(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

@@ -94,6 +94,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="Layer implementation. Default: transformer_engine when Transformer Engine is "
         "importable and a GPU is present, else local.",
     )
+    g.add_argument(
+        "--attention-backend",
+        default="auto",
+        choices=["auto", "local", "flash"],
+        help="Core attention of the local layers: local (megatron-core DotProductAttention), "
+        "flash (torch SDPA, the kernel the token pipeline runs), auto (local; SDPA under "
+        "--token-pipeline).",
+    )
     # Accepted so that Megatron-LM command lines carrying them fail with a clear message.
     g.add_argument("--num-experts", type=int, default=None)
     g.add_argument("--mtp-num-layers", type=int, default=None)
@@ -154,10 +162,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--sgd-momentum", type=float, default=0.9)
+    g.add_argument(
+        "--override-opt_param-scheduler",
+        action="store_true",
+        help="On resume, take the learning-rate and weight-decay schedule from these flags "
+        "instead of the checkpoint (Megatron-LM's meaning).",
+    )
+    g.add_argument(
+        "--use-checkpoint-opt_param-scheduler",
+        action="store_true",
+        help="On resume, keep the checkpoint's learning-rate and weight-decay schedule and "
+        "ignore differing flags (Megatron-LM's meaning). Without either flag a difference is "
+        "an error.",
+    )
 
     g = parser.add_argument_group("data")
-    g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--data-path", nargs="*", default=None)
+    g.add_argument("--mock-data", action=_MockDataAction, nargs=0, default=False)
+    g.add_argument(
+        "--data-path", nargs="*", default=None, action=_DataPathAction,
+        help="PREFIX or WEIGHT PREFIX pairs; turns off a --mock-data given before it.",
+    )
     g.add_argument("--split", default=None, help="Default 969,30,1 (Megatron-LM's).")
     g.add_argument("--data-cache-path", default=None)
     g.add_argument("--tokenizer-type", default=None, choices=TOKENIZER_TYPES)
@@ -188,15 +212,55 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--timing-log-level", type=int, default=0, choices=[0, 1, 2])
 
     add_token_pipeline_args(parser)
+    _add_negations(parser)
     return parser
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse (with --config files expanded); argparse exits with status 2 on unknown flags."""
+class _MockDataAction(argparse.Action):
+    """--mock-data: a later --mock-data replaces an earlier --data-path (later flags win)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.mock_data = True
+        namespace.data_path = None
+
+
+class _DataPathAction(argparse.Action):
+    """--data-path: real data, so an earlier --mock-data (say, from a config file) is off."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        namespace.data_path = values
+        namespace.mock_data = False
+
+
+def _add_negations(parser: argparse.ArgumentParser) -> None:
+    """A ``--no-X`` for every on/off flag ``--X``, so a later flag can turn off one that a
+    ``--config`` file turned on (``--no-mock-data``, ``--no-bf16``, ...)."""
+    taken = {opt for action in parser._actions for opt in action.option_strings}
+    for action in list(parser._actions):
+        is_switch = isinstance(action, (argparse._StoreTrueAction, _MockDataAction))
+        if not is_switch or not action.option_strings:
+            continue
+        flag = action.option_strings[0]
+        negation = "--no-" + flag[2:]
+        if flag.startswith("--no-") or negation in taken:
+            continue
+        group = getattr(action, "container", parser)  # next to the flag in --help
+        group.add_argument(
+            negation, dest=action.dest, action="store_false",
+            help=f"Turn off {flag} (e.g. one set by a --config file).",
+        )
+
+
+def parse_args(argv: Sequence[str] | None = None, quiet: bool = False) -> argparse.Namespace:
+    """Parse (with --config files expanded); argparse exits with status 2 on unknown flags.
+
+    `quiet`: exit with status 2 without printing (ranks other than 0 under torchrun)."""
     import sys
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
+    if quiet:
+        parser.error = lambda message: sys.exit(2)  # type: ignore[method-assign]
     try:
         expanded = expand_config_args(argv)
     except ValueError as exc:
@@ -204,6 +268,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(expanded)
     args.config = None
     return args
+
+
+def machine_errors(args: argparse.Namespace) -> list[str]:
+    """What this machine cannot run, for validated `args` (configs stay valid anywhere else)."""
+    on_gpu = args.distributed_backend == "nccl" and _cuda_available()
+    if args.fp16 and not on_gpu:
+        return [
+            "--fp16 needs a GPU: on the CPU the float16 model overflows in its first iteration "
+            "(NaN grad norm); use --bf16 or full precision (no flag) for CPU runs"
+        ]
+    return []
 
 
 def _cuda_available() -> bool:
@@ -435,9 +510,16 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             "(the local attention has no context parallelism)"
         )
 
+    if args.attention_backend == "local" and args.token_pipeline:
+        errors.append(
+            "--attention-backend local cannot run --token-pipeline (its slices attend to a "
+            "key/value prefix through SDPA); use auto or flash"
+        )
+
     # Precision, recompute.
     if args.bf16 and args.fp16:
         errors.append("--bf16 and --fp16 are mutually exclusive")
+
     if args.recompute_granularity == "selective" and args.recompute_method is not None:
         errors.append(
             "--recompute-method applies to --recompute-granularity full only; drop it for selective"
@@ -475,9 +557,8 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         )
     elif args.vocab_size is None:
         errors.append("--tokenizer-type NullTokenizer needs --vocab-size")
-    if args.mock_data and args.data_path is not None:
-        errors.append("--mock-data and --data-path are mutually exclusive")
-    elif not args.mock_data and args.data_path is None:
+    # --mock-data and --data-path replace each other (the later wins), so never both here.
+    if not args.mock_data and args.data_path is None:
         errors.append("give --mock-data or --data-path")
     elif args.data_path is not None:
         errors.extend(_data_path_errors(args.data_path))
@@ -487,10 +568,19 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         errors.append("--save-interval needs --save")
     if args.ckpt_step is not None and args.load is None:
         errors.append("--ckpt-step needs --load")
-    if args.load is not None:
-        problem = checkpoint_files.load_problem(args.load, args.ckpt_step)
+    if args.save is not None:
+        problem = checkpoint_files.save_problem(args.save)
         if problem:
             errors.append(problem)
+    if args.load is not None:
+        problem = checkpoint_files.load_problem(args.load, args.ckpt_step, args.save)
+        if problem:
+            errors.append(problem)
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        errors.append(
+            "give only one of --override-opt_param-scheduler (take the flags' schedule) and "
+            "--use-checkpoint-opt_param-scheduler (keep the checkpoint's)"
+        )
 
     # Devices.
     backend = args.distributed_backend

@@ -23,8 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from megatron_terapipe.training import checkpoint_files
-from megatron_terapipe.training.initialize import on_gpu, print_rank_0
+from megatron_terapipe.training import checkpoint_checks, checkpoint_files
+from megatron_terapipe.training.checkpoint_checks import CheckpointError
+from megatron_terapipe.training.initialize import agree_on_problem, on_gpu, print_rank_0
 
 CHECKPOINT_VERSION = 3.0
 _PER_RANK_ARGS = ("rank", "local_rank")
@@ -214,13 +215,24 @@ def load_checkpoint(args: Namespace, model: list, optimizer, scheduler) -> tuple
 
     Sets args.consumed_train_samples / consumed_valid_samples; returns (iteration, flops so far).
     With --finetune the iteration, optimizer and RNG are not restored (Megatron-LM's meaning).
+    An empty auto-resume directory (--save D --load D) loads nothing: iteration 0. Every
+    problem found before reading shards (damaged files, changed model flags, a new schedule,
+    a new layout under the saved RNG state) raises CheckpointError on every rank alike.
     """
     from megatron.core import dist_checkpointing, tensor_parallel
 
+    args.consumed_train_samples = 0
+    args.consumed_valid_samples = 0
     iteration = checkpoint_files.iteration_to_load(args.load, args.ckpt_step)
+    if iteration is None:
+        print_rank_0(
+            f" no checkpoint in {args.load} yet (--load = --save): starting from scratch"
+        )
+        return 0, 0.0
     path = checkpoint_files.checkpoint_dir(args.load, iteration)
     print_rank_0(f" loading checkpoint from {args.load} at iteration {iteration}")
-    common = dist_checkpointing.load_common_state_dict(path)
+    _raise_agreed(checkpoint_checks.file_problem(args.load, iteration))
+    common = checkpoint_checks.load_common(args.load, iteration)
     saved = common.get("args", {})
     with_optimizer = not (args.no_load_optim or args.finetune or saved.get("no_save_optim"))
     with_rng = not (args.no_load_rng or args.finetune or saved.get("no_save_rng"))
@@ -235,13 +247,39 @@ def load_checkpoint(args: Namespace, model: list, optimizer, scheduler) -> tuple
         with_optimizer=with_optimizer,
         with_rng=with_rng,
     )
-    state = dist_checkpointing.load(sharded, path, strict="assume_ok_unexpected")
+    problem = checkpoint_checks.layout_problem(args, saved, path, iteration, with_rng)
+    if problem is None and with_optimizer and "opt_param_scheduler" in common:
+        problem = checkpoint_checks.scheduler_problem(
+            args, common["opt_param_scheduler"], path, iteration
+        )
+    if problem is None:
+        model_state = {k: v for k, v in sharded.items() if k.startswith("model")}
+        problem = checkpoint_checks.shape_problem(
+            model_state, checkpoint_checks.read_metadata(path), args, saved, path, iteration
+        )
+    _raise_agreed(problem)
 
-    for index, chunk in enumerate(model):
-        key = "model" if len(model) == 1 else f"model{index}"
-        _unwrap(chunk).load_state_dict(state[key], strict=True)
+    try:
+        state = dist_checkpointing.load(sharded, path, strict="assume_ok_unexpected")
+        for index, chunk in enumerate(model):
+            key = "model" if len(model) == 1 else f"model{index}"
+            _unwrap(chunk).load_state_dict(state[key], strict=True)
+    except Exception as exc:  # noqa: BLE001 - a rank-local read failure, named with its cause
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        hint = checkpoint_files.last_complete_hint(args.load, but=iteration)
+        error = CheckpointError(
+            f"checkpoint {path} (iteration {iteration}) could not be read on rank {rank} "
+            f"({type(exc).__name__}: {str(exc)[:500]}); {hint}"
+        )
+        error.rank_local = True  # type: ignore[attr-defined]
+        raise error from exc
     if with_optimizer and optimizer is not None:
+        flags_limits = _lr_limits(optimizer)
         optimizer.load_state_dict(state["optimizer"])
+        if args.override_opt_param_scheduler:
+            # The optimizer's param groups carry --lr / --min-lr too (megatron-core's per-group
+            # max_lr / min_lr); loading brought back the checkpoint's, the flags must win.
+            _set_lr_limits(optimizer, flags_limits)
         if scheduler is not None and "opt_param_scheduler" in state:
             scheduler.load_state_dict(state["opt_param_scheduler"])
     if with_rng and "rng_state" in state:
@@ -254,10 +292,27 @@ def load_checkpoint(args: Namespace, model: list, optimizer, scheduler) -> tuple
         tensor_parallel.get_cuda_rng_tracker().set_states(rng["rng_tracker_states"])
 
     if args.finetune:
-        args.consumed_train_samples = 0
-        args.consumed_valid_samples = 0
         return 0, 0.0
     args.consumed_train_samples = int(common.get("consumed_train_samples", 0))
     args.consumed_valid_samples = int(common.get("consumed_valid_samples", 0))
     print_rank_0(f"  successfully loaded checkpoint from {args.load} at iteration {iteration}")
     return iteration, float(common.get("num_floating_point_operations_so_far", 0.0))
+
+
+def _lr_limits(optimizer) -> list[dict[str, float]]:
+    return [
+        {key: group[key] for key in ("max_lr", "min_lr") if key in group}
+        for group in optimizer.param_groups
+    ]
+
+
+def _set_lr_limits(optimizer, limits: list[dict[str, float]]) -> None:
+    for group, values in zip(optimizer.param_groups, limits, strict=True):
+        group.update(values)
+
+
+def _raise_agreed(problem: str | None) -> None:
+    """Raise the first problem any rank found, on every rank (so none waits in a collective)."""
+    problem = agree_on_problem(problem)
+    if problem is not None:
+        raise CheckpointError(problem)

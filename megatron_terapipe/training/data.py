@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from megatron_terapipe.training.data_checks import drawn_splits
 from megatron_terapipe.training.initialize import device, on_gpu
 
 
@@ -62,7 +63,7 @@ def _blend(data_path: list[str] | None):
 def dataset_config(args: Namespace):
     from megatron.core.datasets.gpt_dataset import GPTDatasetConfig
 
-    return GPTDatasetConfig(
+    config = GPTDatasetConfig(
         random_seed=args.seed,
         sequence_length=args.seq_length,
         blend=_blend(args.data_path),
@@ -77,15 +78,24 @@ def dataset_config(args: Namespace):
         create_attention_mask=bool(args.reset_attention_mask),
         mmap_bin_files=True,
     )
+    if config.split_matrix is not None:
+        # Splits this run never draws from are not built: megatron-core would still fill them
+        # (and loops forever on one without documents). The others keep their bounds.
+        drawn = drawn_splits(args)
+        config.split_matrix = [b if used else None for b, used in zip(config.split_matrix, drawn)]
+    return config
 
 
 def train_valid_test_num_samples(args: Namespace) -> list[int]:
-    """Megatron-LM's sizes: enough samples for every train and eval step of the run."""
-    evaluations = args.train_iters // args.eval_interval + 1 if args.eval_iters else 0
+    """Megatron-LM's sizes: enough samples for every train and eval step of the run.
+
+    The test split gets none: this trainer has no test pass (see `drawn_splits`)."""
+    _, validates, tests = drawn_splits(args)
+    evaluations = args.train_iters // args.eval_interval + 1 if validates else 0
     return [
         args.train_iters * args.global_batch_size,
         evaluations * args.eval_iters * args.global_batch_size,
-        args.eval_iters * args.global_batch_size,
+        args.eval_iters * args.global_batch_size if tests else 0,
     ]
 
 
@@ -157,7 +167,13 @@ def data_iterator(dataset: Any, consumed: int, args: Namespace) -> Iterator | No
         pin_memory=on_gpu(),
         persistent_workers=args.num_workers > 0,
     )
-    return iter(loader)
+    # Starting a DataLoader iterator draws its workers' base seed from torch's global RNG. The
+    # iterators are built after a checkpoint is loaded, so that draw would shift a resumed
+    # run's dropout masks away from the uninterrupted run's; keep the RNG where it was.
+    state = torch.get_rng_state()
+    iterator = iter(loader)
+    torch.set_rng_state(state)
+    return iterator
 
 
 def build_iterators(args: Namespace, datasets, consumed_train: int, consumed_valid: int):

@@ -38,6 +38,19 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
+def agree_on_problem(problem: str | None) -> str | None:
+    """The first problem (rank order) any rank found, returned on every rank.
+
+    Collective: every rank calls it, so a problem found on one rank stops all of them at the
+    same point, and rank 0 can print it once.
+    """
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return problem
+    found: list[str | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(found, problem)
+    return next((p for p in found if p is not None), None)
+
+
 def initialize_distributed(args: Namespace) -> None:
     """Start the process group and megatron-core's model-parallel groups.
 

@@ -1,8 +1,17 @@
 """Model provider: megatron-core GPTModel chunks wrapped in megatron-core DDP, as get_model does.
 
-The token pipeline changes one thing here: the layer spec's core attention (through
-`megatron_lm.layer_spec`). Parameters, their order and initialisation are identical to the
-stock model's, which is why a checkpoint saved under one schedule loads under the other.
+The one path from Megatron-LM flags (a validated `training.args` namespace) to GPTModel chunks:
+the trainer, the benchmark and the demo all build their models here. The token pipeline
+changes one thing: the layer spec's core attention (through `megatron_lm.layer_spec`).
+Parameters, their order and initialisation are identical to the stock model's, which is why a
+checkpoint saved under one schedule loads under the other.
+
+Attention kernels (`attention_kernel`): ``local`` is megatron-core's DotProductAttention
+(baddbmm + masked softmax over the whole s x s block), ``sdpa`` is torch's
+scaled_dot_product_attention as the token-pipeline spec runs it (outside a token step it is
+plain causal SDPA), ``transformer_engine`` is TE's fused attention. A stock run with
+``--attention-backend flash`` builds the token-pipeline spec without the token schedule, so
+stock and token schedules can be compared on the same kernel.
 """
 
 from __future__ import annotations
@@ -89,17 +98,58 @@ def base_layer_spec(args: Namespace):
     return get_gpt_layer_local_spec(normalization=args.normalization)
 
 
-def build_model(args: Namespace, config) -> list:
+def attention_kernel(args: Namespace) -> str:
+    """Which core-attention kernel `layer_spec(args)` runs: local, sdpa or transformer_engine."""
+    if use_transformer_engine(args):
+        return "transformer_engine"
+    if getattr(args, "token_pipeline", False):
+        return "sdpa"
+    if getattr(args, "attention_backend", None) == "flash":
+        return "sdpa"
+    return "local"
+
+
+def built_attention_kernels(model: list) -> set[str]:
+    """The core-attention kernels the built chunks actually hold (by module class), for
+    reports that must say which kernel ran."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+    from megatron_terapipe.model.prefix_attention import PrefixKVAttention
+
+    found = set()
+    for chunk in model:
+        for module in chunk.modules():
+            if isinstance(module, PrefixKVAttention):
+                found.add("sdpa")
+            elif isinstance(module, DotProductAttention):
+                found.add("local")
+            elif type(module).__name__ == "TEDotProductAttention":
+                found.add("transformer_engine")
+    return found
+
+
+def layer_spec(args: Namespace):
+    """The layer spec this run builds: stock, or with prefix-KV (SDPA) core attention."""
+    from megatron_terapipe import megatron_lm
+
+    spec = megatron_lm.layer_spec(base_layer_spec(args), args)
+    if attention_kernel(args) == "sdpa" and not getattr(args, "token_pipeline", False):
+        from megatron_terapipe.model import token_pipeline_layer_spec
+
+        spec = token_pipeline_layer_spec(spec)
+    return spec
+
+
+def build_model(args: Namespace, config, verbose: bool = True) -> list:
     """This rank's GPTModel chunks (one per virtual stage), fp16/bf16-wrapped, in DDP."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.models.gpt import GPTModel
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_terapipe import megatron_lm
     from megatron_terapipe.training.initialize import on_gpu
 
-    spec = megatron_lm.layer_spec(base_layer_spec(args), args)
+    spec = layer_spec(args)
     vp_size = args.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vp_size or 1):
@@ -127,7 +177,7 @@ def build_model(args: Namespace, config) -> list:
         chunks.append(chunk)
 
     num_parameters = sum(p.nelement() for chunk in chunks for p in chunk.parameters())
-    if parallel_state.get_data_parallel_rank() == 0:
+    if verbose and parallel_state.get_data_parallel_rank() == 0:
         print(
             " > number of parameters on (tensor, pipeline) model parallel rank "
             f"({parallel_state.get_tensor_model_parallel_rank()}, "
@@ -152,3 +202,14 @@ def build_model(args: Namespace, config) -> list:
         )
         for index, chunk in enumerate(chunks)
     ]
+
+
+def attach_schedule_hooks(config, model: list) -> None:
+    """What megatron-core's schedules call on `config` around a step: DDP's no_sync (grad
+    accumulation across micro-batches) and finalize_model_grads (grad all-reduce, tied
+    embeddings); Megatron-LM's train() sets the same two."""
+    from megatron.core.distributed import finalize_model_grads
+
+    config.finalize_model_grads_func = finalize_model_grads
+    no_sync = [chunk.no_sync for chunk in model]
+    config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync

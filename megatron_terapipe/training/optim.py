@@ -40,21 +40,26 @@ def build_scheduler(args: Namespace, optimizer):
     """Iteration-based schedule in units of samples, like Megatron-LM's."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
+    from megatron_terapipe.training.checkpoint_checks import scheduler_settings
+
     gbs = args.global_batch_size
+    settings = scheduler_settings(args)  # what a resume compares with the checkpoint's
     return OptimizerParamScheduler(
         optimizer,
         init_lr=args.lr_warmup_init,
-        max_lr=args.lr,
-        min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs,
-        lr_decay_steps=args.lr_decay_iters * gbs,
-        lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay,
-        end_wd=args.weight_decay,
+        max_lr=settings["max_lr"],
+        min_lr=settings["min_lr"],
+        lr_warmup_steps=settings["lr_warmup_steps"],
+        lr_decay_steps=settings["lr_decay_steps"],
+        lr_decay_style=settings["lr_decay_style"],
+        start_wd=settings["start_wd"],
+        end_wd=settings["start_wd"],
         wd_incr_steps=args.train_iters * gbs,
         wd_incr_style="constant",
-        use_checkpoint_opt_param_scheduler=True,
-        override_opt_param_scheduler=False,
+        # Megatron-LM's flags. Without either, load_checkpoint has already refused a schedule
+        # that differs from the checkpoint's, so taking the checkpoint's values changes nothing.
+        use_checkpoint_opt_param_scheduler=not args.override_opt_param_scheduler,
+        override_opt_param_scheduler=args.override_opt_param_scheduler,
         wsd_decay_steps=(args.lr_wsd_decay_iters * gbs) if args.lr_wsd_decay_iters else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style,
     )

@@ -20,14 +20,36 @@ class StartupConfigurationError(RuntimeError):
     """A flag problem only visible once ranks exist (e.g. no slicing fits the memory cap)."""
 
 
+def _is_rank_0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def report_error(message: str, every_rank: bool = False) -> None:
+    """One `pretrain_gpt.py: error:` line set, from rank 0 only: every rank finds the same
+    problem, and torchrun would print it once per rank. A problem only one rank can see
+    (`every_rank`) is printed by that rank."""
+    if every_rank or _is_rank_0():
+        prefix = "" if _is_rank_0() or not every_rank else f"[rank {os.environ.get('RANK')}] "
+        print(f"{prefix}pretrain_gpt.py: error: {message}", file=sys.stderr, flush=True)
+
+
 def parse_and_validate(argv: Sequence[str] | None = None):
     """(args, None) when the flags can train, else (None, message). Never imports torch."""
-    from megatron_terapipe.training.args import ArgumentValidationError, parse_args, validate_args
+    from megatron_terapipe.training.args import (
+        ArgumentValidationError,
+        machine_errors,
+        parse_args,
+        validate_args,
+    )
 
-    args = parse_args(argv)  # argparse exits with status 2 on unknown or malformed flags
+    args = parse_args(argv, quiet=not _is_rank_0())  # argparse errors: status 2, rank 0 prints
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        return validate_args(args, world_size), None
+        args = validate_args(args, world_size)
+        errors = machine_errors(args)
+        if errors:
+            raise ArgumentValidationError(errors)
+        return args, None
     except ArgumentValidationError as exc:
         return None, str(exc)
 
@@ -45,6 +67,7 @@ def pretrain(args, forward_step_func: Callable | None = None) -> int:
     import torch
 
     from megatron_terapipe import megatron_lm
+    from megatron_terapipe.arguments import token_pipeline_warnings
     from megatron_terapipe.training import (
         checkpointing,
         data,
@@ -59,8 +82,15 @@ def pretrain(args, forward_step_func: Callable | None = None) -> int:
 
     if args.num_workers == 0:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
+    from megatron_terapipe.training.data_checks import DataError, data_problems
+
+    problems = data_problems(args)  # before any rank builds a dataset (or a process group)
+    if problems:
+        raise DataError("invalid data:\n" + "\n".join(f"  - {p}" for p in problems))
     initialize.initialize_distributed(args)
     initialize.print_rank_0(format_args(args))
+    for warning in token_pipeline_warnings(args):
+        initialize.print_rank_0(f"WARNING: {warning}")
     initialize.set_random_seed(args.seed)
     initialize.init_microbatches(args)
     try:
@@ -130,13 +160,18 @@ def _schedule_summary(args) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0, or 2 for anything the user's flags, data or checkpoint must fix: one
+    message (from rank 0) and no traceback."""
+    from megatron_terapipe.training.checkpoint_checks import CheckpointError
+    from megatron_terapipe.training.data_checks import DataError
+
     args, problem = parse_and_validate(argv)
     if problem is not None:
-        print(f"pretrain_gpt.py: error: {problem}", file=sys.stderr, flush=True)
+        report_error(problem)
         return EXIT_BAD_ARGS
     try:
         pretrain(args)
-    except StartupConfigurationError as exc:
-        print(f"pretrain_gpt.py: error: {exc}", file=sys.stderr, flush=True)
+    except (StartupConfigurationError, CheckpointError, DataError) as exc:
+        report_error(str(exc), every_rank=getattr(exc, "rank_local", False))
         return EXIT_BAD_ARGS
     return 0

@@ -1,0 +1,66 @@
+"""Product modules never import the test-support package `megatron_terapipe.testing`."""
+
+import ast
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PACKAGE = os.path.join(ROOT, "megatron_terapipe")
+TESTING = os.path.join(PACKAGE, "testing")
+
+
+def _product_modules():
+    for folder, _, files in os.walk(PACKAGE):
+        if folder.startswith(TESTING):
+            continue
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.join(folder, name)
+
+
+def _imports_testing(path: str) -> list[str]:
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), path)
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            names = [module] + [f"{module}.{alias.name}" for alias in node.names]
+        else:
+            continue
+        found += [n for n in names if n == "megatron_terapipe.testing"
+                  or n.startswith("megatron_terapipe.testing.")]
+    return found
+
+
+def test_no_product_module_imports_testing():
+    offenders = {os.path.relpath(p, ROOT): hits for p in _product_modules()
+                 if (hits := _imports_testing(p))}
+    assert not offenders, offenders
+
+
+def test_scripts_and_benchmark_load_without_testing():
+    """Importing the benchmark, trainer and demo leaves megatron_terapipe.testing unloaded."""
+    code = (
+        "import sys, megatron_terapipe.benchmark.harness, megatron_terapipe.benchmark.compare, "
+        "megatron_terapipe.benchmark.cli_args, megatron_terapipe.training.pretrain, "
+        "megatron_terapipe.training.demo, megatron_terapipe.simulate.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('megatron_terapipe.testing')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                         env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_timeline_does_not_import_the_plot_module():
+    """simulate.plot draws Timelines; simulate.timeline must not import it back (no circle)."""
+    path = os.path.join(PACKAGE, "simulate", "timeline.py")
+    with open(path, encoding="utf-8") as handle:
+        tree = ast.parse(handle.read(), path)
+    modules = [node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)]
+    modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names]
+    assert not [m for m in modules if m and m.startswith("megatron_terapipe.simulate.plot")]
