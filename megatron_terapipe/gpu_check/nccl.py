@@ -5,8 +5,9 @@ initialize -> model -> optim -> loop.train_step): megatron-core DDP, the distrib
 bf16 (Float16Module, fp32 grad buffers) and per-token loss (`calculate_per_token_loss`, which
 hands the token count to finalize_model_grads' all-reduce). A world-size-1 NCCL group still
 runs every collective the step makes, so a CPU tensor handed to NCCL fails here. Five steps
-of the same data from the same initial weights: the losses must agree within the bf16
-criterion of the CPU suite. The dry run uses gloo on the CPU.
+of the same data from the same initial weights, the same (SDPA) attention kernel in both
+(`--attention-backend flash`): the losses must agree within the bf16 criterion of the CPU
+suite. The dry run uses gloo on the CPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ COMMON_FLAGS = ["--train-iters", str(STEPS), "--lr", "1e-4", "--bf16",
                 "--use-distributed-optimizer", "--mock-data", "--tokenizer-type",
                 "NullTokenizer", "--vocab-size", "1000", "--hidden-dropout", "0.0",
                 "--attention-dropout", "0.0", "--transformer-impl", "local", "--log-interval",
-                "1", "--eval-iters", "0", "--seed", "1234"]
+                "1", "--eval-iters", "0", "--seed", "1234",
+                # Stock runs the token pipeline's SDPA core attention too: only the schedule
+                # differs between the two runs.
+                "--attention-backend", "flash"]
 TOKEN_FLAGS = ["--token-pipeline", "--token-pipeline-slices", "4"]
 
 
@@ -52,7 +56,6 @@ def _batches(args, count: int, seed: int = 11) -> list[dict]:
 
 def run_schedule(flags: list[str]) -> dict[str, Any]:
     """Body of one process: STEPS train steps with the trainer's own pieces."""
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.num_microbatches_calculator import get_num_microbatches
 
     from megatron_terapipe import megatron_lm
@@ -72,8 +75,7 @@ def run_schedule(flags: list[str]) -> dict[str, Any]:
         optimizer = optim.build_optimizer(args, model)
         scheduler = optim.build_scheduler(args, optimizer)
         config.grad_scale_func = optimizer.scale_loss
-        config.finalize_model_grads_func = finalize_model_grads
-        config.no_sync_func = model[0].no_sync
+        model_module.attach_schedule_hooks(config, model)
         batches = iter(_batches(args, STEPS * get_num_microbatches()))
         losses, grad_norms = [], []
         for _ in range(STEPS):
