@@ -22,7 +22,7 @@ STEPS = {
     "a": ("exactness", 90),
     "b": ("nccl", 150),
     "c": ("latency", 180),
-    "d": ("inflation", 120),
+    "d": ("inflation", 150),
     "e": ("upstream", 300),
 }
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

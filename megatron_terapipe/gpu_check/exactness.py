@@ -40,11 +40,25 @@ def _sdpa_backend(name: str):
     }[name]
 
 
+def _prefix_attention_api(name: str):
+    """`name` from the prefix attention package (prefix_attention or attention_backends), or
+    None where this version of prefix attention has no such function."""
+    import importlib
+
+    for module in ("megatron_terapipe.model.prefix_attention",
+                   "megatron_terapipe.model.attention_backends"):
+        try:
+            found = getattr(importlib.import_module(module), name, None)
+        except ImportError:
+            continue
+        if found is not None:
+            return found
+    return None
+
+
 def _sliced_backend_context(name: str):
     """prefix attention's own backend switch when it has one, else torch's sdpa_kernel."""
-    from megatron_terapipe.model import prefix_attention
-
-    chooser = getattr(prefix_attention, "prefix_attention_backend", None)
+    chooser = _prefix_attention_api("prefix_attention_backend")
     if chooser is not None:
         return chooser(name), "prefix_attention_backend"
     from torch.nn.attention import sdpa_kernel
@@ -53,9 +67,7 @@ def _sliced_backend_context(name: str):
 
 
 def _offered_backends(device, dtype) -> list[str] | None:
-    from megatron_terapipe.model import prefix_attention
-
-    offer = getattr(prefix_attention, "available_prefix_attention_backends", None)
+    offer = _prefix_attention_api("available_prefix_attention_backends")
     return None if offer is None else list(offer(device, dtype))
 
 

@@ -31,19 +31,36 @@ DRY_SHAPE = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_qu
 
 
 def _bench_script(shape: GPTShape, device: str, rounds: int, bf16: bool, json_path: str,
-                  timeout_s: float) -> dict[str, Any]:
+                  timeout_s: float, memory: bool) -> dict[str, Any]:
     cmd = [sys.executable, BENCH, "--num-layers", str(shape.num_layers), "--hidden-size",
            str(shape.hidden_size), "--num-attention-heads", str(shape.num_attention_heads),
            "--seq-length", str(shape.seq_length), "--num-token-slices",
            ",".join(map(str, SLICE_COUNTS)), "--rounds", str(rounds), "--device", device,
-           "--json", json_path] + (["--bf16"] if bf16 else [])
+           "--json", json_path] + (["--bf16"] if bf16 else []) + ([] if memory else
+                                                                  ["--no-memory"])
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     if done.returncode != 0 or not os.path.exists(json_path):
         tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
         return {"error": f"{os.path.basename(BENCH)} exit status {done.returncode}",
                 "log_tail": tail, "command": cmd}
     with open(json_path, encoding="utf-8") as handle:
-        return {"command": cmd, "result": json.load(handle)}
+        result = json.load(handle)
+    out: dict[str, Any] = {"command": cmd, "result": result}
+    by_slices = result.get("by_slices") if isinstance(result, dict) else None
+    if isinstance(by_slices, dict):  # the script's summary: {S: {median_s, min_s, ...}}
+        out["rows"] = [
+            {
+                "num_token_slices": int(count),
+                "median_s": row.get("median_s"),
+                "min_s": row.get("min_s"),
+                "max_s": None,
+                "t_S_over_t_1": row.get("time_ratio_median"),
+                "peak_memory_gib": (row["peak_bytes"] / 2**30 if row.get("peak_bytes")
+                                    else None),
+            }
+            for count, row in sorted(by_slices.items(), key=lambda kv: int(kv[0]))
+        ]
+    return out
 
 
 def measure_here(shape: GPTShape, device, dtype, rounds: int) -> list[dict[str, Any]]:
@@ -108,7 +125,8 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
     }
     if os.path.exists(BENCH):
         out = _bench_script(shape, device.type, rounds, dtype == torch.bfloat16,
-                            os.path.join(out_dir, "d_bench_single_stage.json"), 240)
+                            os.path.join(out_dir, "d_bench_single_stage.json"), 140,
+                            memory=not dry_run)
         record.update(via="scripts/bench_single_stage.py", **out)
         record["status"] = "error" if "error" in out else "measured"
         return record
