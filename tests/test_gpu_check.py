@@ -57,7 +57,8 @@ def test_dry_run_steps(dry_run):
         ("fp32", "causal"), ("fp32", "document mask"), ("bf16", "causal"),
         ("bf16", "document mask"),
     }  # fmt: skip
-    for row in a["rows"]:
+    assert {r["backend"] for r in a["rows"] if r["status"] == "pass"} >= {"math"}
+    for row in (r for r in a["rows"] if r["status"] != "n/a"):
         assert row["loss_rel_diff"] <= row["loss_rtol"]
         assert row["max_grad_rel_diff"] <= row["grad_rtol"]
         assert row["stock_loss_rel_diff"] <= row["loss_rtol"]

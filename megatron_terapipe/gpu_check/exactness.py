@@ -169,7 +169,8 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
         (DRY_SHAPE, DRY_SLICES, DRY_DOCUMENT_ENDS) if dry_run
         else (GPU_SHAPE, GPU_SLICES, GPU_DOCUMENT_ENDS)
     )
-    backends = ("math",) if device.type == "cpu" else BACKENDS
+    # On the CPU torch has the flash (CPU) and math kernels.
+    backends = ("flash", "math") if device.type == "cpu" else BACKENDS
     rows = []
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = build_gpt(shape, dtype, device)
