@@ -65,9 +65,10 @@ def _step_c(r: dict) -> list[str]:
 def _step_d(r: dict) -> list[str]:
     if "rows" in r:
         return [f"via {r['via']}", ""] + _table(
-            ["S", "median s", "min–max s", "t_S / t_1", "peak memory GiB"],
+            ["S", "median s", "min(–max) s", "t_S / t_1", "peak memory GiB"],
             [[x["num_token_slices"], x["median_s"],
-              f"{_fmt(x['min_s'], '.4g')}–{_fmt(x['max_s'], '.4g')}",
+              f"{_fmt(x['min_s'], '.4g')}–{_fmt(x['max_s'], '.4g')}" if x.get("max_s")
+              else _fmt(x["min_s"], ".4g"),
               x["t_S_over_t_1"], x["peak_memory_gib"]] for x in r["rows"]])
     return [f"via {r.get('via')}", "", "```", str(r.get("result", r.get("error")))[:3000], "```"]
 
