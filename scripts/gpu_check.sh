@@ -6,7 +6,7 @@
 # Writes summary.json, summary.md (printed), latency_tables.tgz and logs.tgz to $OUT, or to
 # --out DIR, or to out/gpu_check. At most ~8 minutes on one GPU.
 #
-#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--steps abcde]
+#   bash scripts/gpu_check.sh [--dry-run] [--out DIR] [--steps abecd] [--budget-s 450]
 #
 # --dry-run: the same steps at toy sizes on the CPU (gloo, math attention, tiny grid); step e
 # then only parses upstream's arguments, and runs only with MEGATRON_LM_PATH set.

@@ -66,7 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--site", default=os.path.join(tempfile.gettempdir(), "gpu_check_site"))
     parser.add_argument("--budget-s", type=float, default=450.0,
                         help="overall time for all steps (seconds)")
-    parser.add_argument("--steps", default="abcde")
+    parser.add_argument("--steps", default="abecd",
+                        help="steps to run, in this order (default: the checks a, b, e before "
+                        "the measurements c, d, so a tight budget starves measurements first)")
     ns = parser.parse_args(argv)
     started = time.monotonic()
     os.makedirs(ns.out, exist_ok=True)
@@ -92,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
               flush=True)
         records.append(record)
 
+    records.sort(key=lambda r: r["step"])
     environment = json.loads(subprocess.run(
         [sys.executable, "-c", "import json; from megatron_terapipe.gpu_check.common import "
          "environment; print(json.dumps(environment()))"],

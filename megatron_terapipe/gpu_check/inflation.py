@@ -22,8 +22,9 @@ from megatron_terapipe.gpu_check.common import GPTShape, step_main
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BENCH = os.path.join(REPO, "scripts", "bench_single_stage.py")
 SLICE_COUNTS = (1, 2, 4, 8, 16)
-# GPT-3 13B: hidden 5120, 40 heads, seq 2048; 8 of its 40 layers (t_S / t_1 is per layer).
-GPU_SHAPE = GPTShape(num_layers=8, hidden_size=5120, num_attention_heads=40,
+# GPT-3 13B: hidden 5120, 40 heads, seq 2048; 4 of its 40 layers (t_S / t_1 is per layer;
+# the bench script builds the model once per S for its memory figures).
+GPU_SHAPE = GPTShape(num_layers=4, hidden_size=5120, num_attention_heads=40,
                      num_query_groups=40, seq_length=2048, vocab_size=1024,
                      position_embedding_type="learned_absolute")
 DRY_SHAPE = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4,
