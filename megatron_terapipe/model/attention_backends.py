@@ -321,8 +321,14 @@ def merge(parts: list[tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype,
     for _, part_lse in parts[2:]:
         lse = torch.logaddexp(lse, part_lse)
     finite = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse)) if masked else lse
-    out = None
-    for part_out, part_lse in parts:
-        weighted = part_out.to(lse.dtype) * torch.exp(part_lse - finite).unsqueeze(-1)
-        out = weighted if out is None else out.add_(weighted)
+    # [b, l, n, h] in memory like the fused kernels' outputs, so that the caller's
+    # [l, b, n*h] view of it needs no copy for b = 1.
+    b, heads, rows, h = parts[0][0].shape
+    out = lse.new_empty(b, rows, heads, h).transpose(1, 2)
+    for i, (part_out, part_lse) in enumerate(parts):
+        weight = torch.exp(part_lse - finite).unsqueeze(-1)
+        if i == 0:
+            torch.mul(part_out, weight, out=out)
+        else:
+            out.addcmul_(part_out, weight)
     return out.to(dtype), lse

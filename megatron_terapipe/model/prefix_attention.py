@@ -69,6 +69,10 @@ class _SliceAttention(torch.autograd.Function):
             parts.append((out, lse))
             states.append(state)
         out, lse = merge(parts, query.dtype, masked=keep is not None)
+        if query.untyped_storage().nbytes() > query.numel() * query.element_size():
+            # A view into the fused QKV projection output: saving it would keep the keys and
+            # values there alive next to their copy in the buffer.
+            query = query.clone()
         ctx.save_for_backward(query, out, lse)
         ctx.kv, ctx.offset, ctx.scale, ctx.backend = kv, offset, scale, backend
         ctx.blocks, ctx.states = blocks, states
@@ -79,7 +83,6 @@ class _SliceAttention(torch.autograd.Function):
         query, out, lse = ctx.saved_tensors
         kv, offset = ctx.kv, ctx.offset
         rows = query.shape[2]
-        dout = dout.contiguous()
         dquery = dkey = dvalue = None
         for (start, stop, causal), state in zip(ctx.blocks, ctx.states):
             dq, dk, dv = block_backward(
@@ -89,9 +92,10 @@ class _SliceAttention(torch.autograd.Function):
             dquery = dq if dquery is None else dquery.add_(dq)
             if causal:
                 dkey, dvalue = dk, dv
-            elif kv.key_grad is not None:
-                kv.key_grad[:, :, start:stop].add_(dk)
-                kv.value_grad[:, :, start:stop].add_(dv)
+            else:
+                key_grad, value_grad = kv.gradient_accumulators()
+                key_grad[:, :, start:stop].add_(dk)
+                value_grad[:, :, start:stop].add_(dv)
         if kv.key_grad is not None:
             # Later slices' share of this slice's keys/values, accumulated in fp32.
             own = slice(offset, offset + rows)

@@ -33,23 +33,28 @@ class PrefixKV:
     """Keys and values of one micro-batch's whole sequence for one attention module.
 
     `key`/`value` are [b, ng, seq, h]; slice t writes rows offset_t .. offset_t + l_t in its
-    forward and every later slice reads rows 0 .. its offset as views. When training,
-    `key_grad`/`value_grad` (fp32 at least) collect the gradient later slices' backwards send
-    to earlier rows; the owning slice's backward adds its rows to its own K/V gradient, one
-    rounding to the model dtype instead of one per later slice.
+    forward and every later slice reads rows 0 .. its offset as views. `key_grad`/`value_grad`
+    (fp32 at least) collect the gradient later slices' backwards send to earlier rows; the
+    owning slice's backward adds its rows to its own K/V gradient, one rounding to the model
+    dtype instead of one per later slice. They are made by the first backward that sends
+    gradient to earlier rows (never with one slice), not during the forwards, when memory peaks.
     """
 
-    def __init__(self, like: torch.Tensor, value_like: torch.Tensor, seq_length: int,
-                 with_grad: bool) -> None:
+    def __init__(self, like: torch.Tensor, value_like: torch.Tensor, seq_length: int) -> None:
         b, groups, _, h = like.shape
         self.key = like.new_empty(b, groups, seq_length, h)
         self.value = value_like.new_empty(b, groups, seq_length, value_like.shape[-1])
         self.key_grad: torch.Tensor | None = None
         self.value_grad: torch.Tensor | None = None
-        if with_grad:
-            accumulate = torch.promote_types(like.dtype, torch.float32)
-            self.key_grad = torch.zeros(self.key.shape, dtype=accumulate, device=like.device)
-            self.value_grad = torch.zeros(self.value.shape, dtype=accumulate, device=like.device)
+
+    def gradient_accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.key_grad is None:
+            accumulate = torch.promote_types(self.key.dtype, torch.float32)
+            self.key_grad = torch.zeros(self.key.shape, dtype=accumulate, device=self.key.device)
+            self.value_grad = torch.zeros(
+                self.value.shape, dtype=accumulate, device=self.value.device
+            )
+        return self.key_grad, self.value_grad
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.key, self.value, self.key_grad, self.value_grad) if t is not None]
@@ -71,7 +76,6 @@ class TokenSliceContext:
         self._buffers: dict[tuple[int, int], dict[int, PrefixKV]] = {}
         # (chunk, micro-batch) -> slices released so far
         self._released: dict[tuple[int, int], int] = {}
-        self._held_bytes = 0
 
     @contextlib.contextmanager
     def running(self, chunk: int, microbatch: int, token_slice: int) -> Iterator[CurrentSlice]:
@@ -103,10 +107,13 @@ class TokenSliceContext:
                     f"token pipeline: slice {unit.token_slice} of micro-batch {unit.microbatch} "
                     "runs before slice 0 stored its keys/values (schedule order is wrong)"
                 )
-            buffer = PrefixKV(key, value, self.seq_length, self.requires_grad)
+            buffer = PrefixKV(key, value, self.seq_length)
             group[id(layer)] = buffer
-            self._held_bytes += buffer.nbytes()
         return buffer
+
+    def buffers(self, chunk: int, microbatch: int) -> list[PrefixKV]:
+        """The buffers (one per attention module) of a micro-batch on a chunk, while held."""
+        return list(self._buffers.get((chunk, microbatch), {}).values())
 
     def release(self, chunk: int, microbatch: int, token_slice: int) -> None:
         """Mark a slice done on `chunk` (its backward ran, or forward-only); once every slice of
@@ -117,12 +124,11 @@ class TokenSliceContext:
             self._released[key] = done
             return
         self._released.pop(key, None)
-        for buffer in self._buffers.pop(key, {}).values():
-            self._held_bytes -= buffer.nbytes()
+        self._buffers.pop(key, None)
 
     def held_bytes(self) -> int:
         """Bytes held now by the context's K/V buffers and their gradient accumulators."""
-        return self._held_bytes
+        return sum(b.nbytes() for group in self._buffers.values() for b in group.values())
 
     def num_stored(self) -> int:
         """Attention buffers still held (0 after a step that ran every backward)."""
