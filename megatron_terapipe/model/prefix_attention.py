@@ -93,14 +93,12 @@ class _SliceAttention(torch.autograd.Function):
             if causal:
                 dkey, dvalue = dk, dv
             else:
-                key_grad, value_grad = kv.gradient_accumulators()
-                key_grad[:, :, start:stop].add_(dk)
-                value_grad[:, :, start:stop].add_(dv)
-        if kv.key_grad is not None:
+                kv.accumulate_grad(stop, dk, dv)
+        later = kv.grad_of_rows(offset, offset + rows)
+        if later is not None:
             # Later slices' share of this slice's keys/values, accumulated in fp32.
-            own = slice(offset, offset + rows)
-            dkey = kv.key_grad[:, :, own].add(dkey).to(dkey.dtype)
-            dvalue = kv.value_grad[:, :, own].add(dvalue).to(dvalue.dtype)
+            dkey = later[0].add(dkey).to(dkey.dtype)
+            dvalue = later[1].add(dvalue).to(dvalue.dtype)
         ctx.kv = ctx.states = None
         return dquery, dkey, dvalue, None, None, None, None, None
 

@@ -37,7 +37,8 @@ class PrefixKV:
     (fp32 at least) collect the gradient later slices' backwards send to earlier rows; the
     owning slice's backward adds its rows to its own K/V gradient, one rounding to the model
     dtype instead of one per later slice. They are made by the first backward that sends
-    gradient to earlier rows (never with one slice), not during the forwards, when memory peaks.
+    gradient to earlier rows (never with one slice), not during the forwards, when memory peaks,
+    and left unfilled: rows 0 .. `grad_rows` hold gradient, later rows nothing yet.
     """
 
     def __init__(self, like: torch.Tensor, value_like: torch.Tensor, seq_length: int) -> None:
@@ -46,15 +47,30 @@ class PrefixKV:
         self.value = value_like.new_empty(b, groups, seq_length, value_like.shape[-1])
         self.key_grad: torch.Tensor | None = None
         self.value_grad: torch.Tensor | None = None
+        self.grad_rows = 0
 
-    def gradient_accumulators(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def accumulate_grad(self, rows: int, key_grad: torch.Tensor, value_grad: torch.Tensor) -> None:
+        """Add a later slice's dK/dV of rows 0 .. rows (written, not added, where still empty)."""
         if self.key_grad is None:
             accumulate = torch.promote_types(self.key.dtype, torch.float32)
-            self.key_grad = torch.zeros(self.key.shape, dtype=accumulate, device=self.key.device)
-            self.value_grad = torch.zeros(
+            self.key_grad = torch.empty(self.key.shape, dtype=accumulate, device=self.key.device)
+            self.value_grad = torch.empty(
                 self.value.shape, dtype=accumulate, device=self.value.device
             )
-        return self.key_grad, self.value_grad
+        done = min(rows, self.grad_rows)
+        if done:
+            self.key_grad[:, :, :done].add_(key_grad[:, :, :done])
+            self.value_grad[:, :, :done].add_(value_grad[:, :, :done])
+        if rows > done:
+            self.key_grad[:, :, done:rows].copy_(key_grad[:, :, done:])
+            self.value_grad[:, :, done:rows].copy_(value_grad[:, :, done:])
+            self.grad_rows = rows
+
+    def grad_of_rows(self, start: int, stop: int):
+        """(dK, dV) later slices sent to rows start .. stop, or None if none did."""
+        if stop > self.grad_rows:
+            return None
+        return self.key_grad[:, :, start:stop], self.value_grad[:, :, start:stop]
 
     def tensors(self) -> list[torch.Tensor]:
         return [t for t in (self.key, self.value, self.key_grad, self.value_grad) if t is not None]
