@@ -114,13 +114,19 @@ def test_sliced_equals_whole_fp64_to_rounding(backend):
         assert _rel(a, b) <= 1e-12
 
 
-def test_explicit_mask_takes_the_masked_path_exactly():
-    q, k, v, dout = _inputs(2, 4, 2, 40, 8, torch.float32, seed=1)
+@pytest.mark.parametrize("backend", available_prefix_attention_backends("cpu", torch.float32))
+@pytest.mark.parametrize("groups", [4, 2])
+def test_explicit_mask_exact(backend, groups):
+    """A document mask (queries see only their own document: rows whose whole prefix block is
+    masked) with random holes, GQA, a slice of one token."""
+    q, k, v, dout = _inputs(2, 4, groups, 40, 8, torch.float32, seed=1)
+    document = torch.tensor([0] * 9 + [1] * 16 + [2] * 15)
+    keep = (document[:, None] == document[None, :]).expand(2, 1, 40, 40).clone()
     gen = torch.Generator().manual_seed(9)
-    keep = torch.rand(2, 1, 40, 40, generator=gen) > 0.3
-    keep |= torch.eye(40, dtype=torch.bool)  # no fully masked query row
+    keep &= (torch.rand(2, 1, 40, 40, generator=gen) > 0.3) | torch.eye(40, dtype=torch.bool)
     expected = _reference(q, k, v, dout, keep)
-    *got, _ = _sliced(q, k, v, dout, [1, 13, 26], keep=keep)
+    with prefix_attention_backend(backend):
+        *got, _ = _sliced(q, k, v, dout, [1, 13, 11, 15], keep=keep)
     for a, b in zip(got, expected):
         assert _rel(a, b) <= 1e-5
 

@@ -74,10 +74,11 @@ def prefix_attention_backend(name: str) -> Iterator[None]:
         _FORCED.reset(token)
 
 
-def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
-                   needs_math: bool) -> str:
+def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int, masked: bool,
+                   dropout: bool) -> str:
     """The forced backend if any (checked against what this device/dtype offers), else the
-    fastest available; "math" whenever the slice needs a mask or dropout."""
+    fastest available. Dropout always runs on "math"; an explicit mask on "math" except with
+    the CPU flash kernel (which takes an additive mask)."""
     available = available_prefix_attention_backends(device, dtype)
     forced = _FORCED.get()
     if forced is not None and forced not in available:
@@ -85,13 +86,14 @@ def select_backend(device: torch.device, dtype: torch.dtype, head_dim: int,
             f"prefix attention backend {forced!r} is not available for {device.type} {dtype}; "
             f"available: {', '.join(available)}"
         )
-    if needs_math:
+    if dropout:
         return "math"
-    if forced is not None:
-        return forced
-    if device.type == "cuda" and head_dim % 8 != 0:
-        return "math"  # the CUDA kernels want head dims padded to 8; keep it simple and exact
-    return available[0]
+    if forced is None and device.type == "cuda" and (head_dim % 8 or head_dim > 256):
+        return "math"  # outside the CUDA kernels' head sizes
+    chosen = forced or available[0]
+    if masked and not (chosen == "flash" and device.type == "cpu"):
+        return "math"
+    return chosen
 
 
 @dataclass
@@ -115,11 +117,13 @@ def _grouped_queries(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x.reshape(b, groups, (heads // groups) * rows, h)
 
 
-def _fused_forward(backend: str, q, k, v, causal: bool, scale: float):
-    """Kernel call on [b, n, l, h] tensors with equal head counts: (out, lse, lse_rows, extra)."""
+def _fused_forward(backend: str, q, k, v, causal: bool, scale: float, bias=None):
+    """Kernel call on [b, n, l, h] tensors with equal head counts: (out, lse, lse_rows, extra).
+
+    `bias` (CPU flash only) is an additive mask in the query dtype, 0 or -inf."""
     if backend == "flash" and q.device.type == "cpu":
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, scale=scale
+            q, k, v, 0.0, causal, attn_mask=bias, scale=scale
         )
         return out, lse, lse.shape[-1], {}
     if backend == "flash":
@@ -136,10 +140,11 @@ def _fused_forward(backend: str, q, k, v, causal: bool, scale: float):
     raise ValueError(f"prefix attention backend {backend!r} is not implemented here")
 
 
-def _fused_backward(backend: str, dout, q, k, v, out, lse, causal: bool, scale: float, extra):
+def _fused_backward(backend: str, dout, q, k, v, out, lse, causal: bool, scale: float, extra,
+                    bias=None):
     if backend == "flash" and q.device.type == "cpu":
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, scale=scale
+            dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
         )
     if backend == "flash":
         e = extra
@@ -160,8 +165,28 @@ def _padded(lse: torch.Tensor, rows: int) -> torch.Tensor:
     return lse if rows == lse.shape[-1] else F.pad(lse, (0, rows - lse.shape[-1]))
 
 
-def fused_block_forward(backend: str, q, k, v, causal: bool, scale: float):
+def _masked_fused_forward(backend: str, q, k, v, causal: bool, scale: float, keep):
+    """A masked block on the CPU flash kernel: keys repeated per query head (the masked path
+    is not the fast path), the mask as an additive bias, and rows the mask empties given
+    lse = -inf (the kernel returns 0 there, which the merge would misread)."""
+    rep = q.shape[1] // k.shape[1]
+    if causal:
+        keep = keep & torch.ones(q.shape[2], k.shape[2], dtype=torch.bool,
+                                 device=q.device).tril()
+    bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(
+        ~keep, float("-inf")
+    )
+    k, v = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+    out, lse, lse_rows, extra = _fused_forward(backend, q, k, v, False, scale, bias)
+    lse = lse[..., : q.shape[2]].to(_accumulate(q.dtype))
+    lse = lse.masked_fill(~keep.any(-1), float("-inf"))
+    return out, lse, BlockState(False, lse_rows, dict(extra, bias=bias))
+
+
+def fused_block_forward(backend: str, q, k, v, causal: bool, scale: float, keep=None):
     """One block through a fused kernel: (out [b,np,l,h], lse [b,np,l] fp32, BlockState)."""
+    if keep is not None:
+        return _masked_fused_forward(backend, q, k, v, causal, scale, keep)
     b, heads, rows, h = q.shape
     groups = k.shape[1]
     if groups == heads:
@@ -188,6 +213,19 @@ def fused_block_backward(backend: str, state: BlockState, dout, q, k, v, out, ls
     b, heads, rows, h = q.shape
     groups = k.shape[1]
     rep = heads // groups
+    bias = state.extra.get("bias")
+    if bias is not None:
+        # Rows with no key at all have P = 0 whatever finite lse they are given.
+        lse = torch.where(torch.isfinite(lse), lse, torch.zeros_like(lse))
+        kr, vr = (k, v) if rep == 1 else (k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1))
+        dq, dk, dv = _fused_backward(
+            backend, dout, q, kr, vr, out, _padded(lse, state.lse_rows), False, scale,
+            state.extra, bias,
+        )
+        if rep == 1:
+            return dq, dk, dv
+        fold = (b, groups, rep, k.shape[2], k.shape[3])
+        return dq, dk.reshape(fold).sum(2), dv.reshape(fold).sum(2)
     if groups == heads:
         return _fused_backward(
             backend, dout, q, k, v, out, _padded(lse, state.lse_rows), state.causal, scale,
@@ -296,7 +334,7 @@ def block_forward(backend: str, q, k, v, causal: bool, scale: float, keep=None,
                   dropout_p: float = 0.0):
     if backend == "math":
         return math_block_forward(q, k, v, causal, scale, keep, dropout_p)
-    return fused_block_forward(backend, q, k, v, causal, scale)
+    return fused_block_forward(backend, q, k, v, causal, scale, keep)
 
 
 def block_backward(backend: str, state: BlockState, dout, q, k, v, out, lse, scale):

@@ -54,7 +54,7 @@ class _SliceAttention(torch.autograd.Function):
         kv.key[:, :, offset : offset + rows].copy_(key)
         kv.value[:, :, offset : offset + rows].copy_(value)
         backend = select_backend(
-            query.device, query.dtype, query.shape[-1], keep is not None or dropout_p > 0.0
+            query.device, query.dtype, query.shape[-1], keep is not None, dropout_p > 0.0
         )
         blocks = [(offset, offset + rows, True)]
         if offset:
