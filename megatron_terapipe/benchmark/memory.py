@@ -9,10 +9,9 @@ forward and its backward:
   storage's bytes are what is held), and the registration is dropped when autograd frees the
   saved tensor (the packed handle is garbage-collected after the backward that used it, or
   with its graph);
-- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`;
-- bytes an owner reports itself (`external`, sampled at every registration): the token
-  pipeline's slice context says through `TokenSliceContext.held_bytes()` what its K/V buffers
-  and fp32 gradient accumulators hold (see `observe_token_pipeline`).
+- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`:
+  the token pipeline's K/V buffers and their fp32 gradient accumulators
+  (`observe_token_pipeline`).
 
 Storages are deduplicated by data pointer, so a tensor saved by several ops or both saved and
 held counts once. Parameters (and their views, e.g. a transposed weight saved by a linear
