@@ -121,7 +121,7 @@ def test_receives_waited_right_before_their_compute_and_sends_at_the_end():
         S = 1 if name in STOCK_SCHEDULES else 3
         V = 2 if name in INTERLEAVED else 1
         schedule = build_schedule(name, 4, 4, S, V)
-        for rank, actions in enumerate(schedule.stages):
+        for actions in schedule.stages:
             sends = [op for a in actions if isinstance(a, CommGroup) for op in a.ops if op.is_send]
             assert sends == [] or actions[-1] == Wait(tuple(sends))
             for i, action in enumerate(actions):
