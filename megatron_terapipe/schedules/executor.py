@@ -300,7 +300,7 @@ class _Step:
         m, t, v = action.microbatch, action.token_slice, action.chunk
         last_of_chunk = self.last_backward.get(v) == index
         if last_of_chunk:
-            self.grad_sync.release(v)
+            self.grad_sync.before_last_backward(v)
         key = (m, t, v)
         input_tensor = self.inputs.pop(key)
         output = self.outputs.pop(key)
@@ -314,7 +314,7 @@ class _Step:
             )
         self.context.release(v, m, t)
         if last_of_chunk:
-            self.grad_sync.start(v)
+            self.grad_sync.after_last_backward(v)
         if not self.is_first_virtual_stage(v):
             self.to_send[(BACKWARD, m, t, v)] = input_grad
 
@@ -438,16 +438,21 @@ def _weighted_reports(reports: Sequence[Any], weights: Sequence[float]) -> Any:
 
 
 class _GradSync:
-    """DDP no_sync over the step, lifted per chunk right before that chunk's last backward of the
-    step, as megatron-core's schedules do: with `overlap_grad_reduce` DDP's hooks then start the
-    chunk's bucket reductions while that backward (and the other chunks' work) still runs.
-    After the chunk's last backward, `grad_sync_func` launches whatever the hooks left."""
+    """DDP no_sync over the step, lifted per chunk as megatron-core's schedules do.
+
+    Without `grad_sync_func`: right before the chunk's last backward of the step, so that with
+    `overlap_grad_reduce` DDP's hooks dispatch the chunk's bucket reductions while that backward
+    (and the other chunks' later work) still runs. With `grad_sync_func` (Megatron-LM's
+    `--align-grad-reduce`: start_grad_sync per chunk): right after the chunk's last backward,
+    followed by that call, so each chunk's reduction is launched once, explicitly, as soon as its
+    gradients are complete."""
 
     def __init__(self, config, models: list, enabled: bool) -> None:
         self.config = config
         self.models = models
         self.contexts: list = []
         self.started: set[int] = set()
+        self.explicit = config.grad_sync_func is not None
         if not enabled:
             return
         no_sync = config.no_sync_func
@@ -461,6 +466,14 @@ class _GradSync:
             ctx = func()
             ctx.__enter__()
             self.contexts.append(ctx)
+
+    def before_last_backward(self, chunk: int) -> None:
+        if not self.explicit:
+            self.release(chunk)
+
+    def after_last_backward(self, chunk: int) -> None:
+        if self.explicit:
+            self.start(chunk)
 
     def release(self, chunk: int) -> None:
         """Leave no_sync for `chunk`: its next backward reduces gradients as they are ready."""
