@@ -54,7 +54,7 @@ from megatron_terapipe.schedules.ir import (
 )
 from megatron_terapipe.schedules.support import check_token_pipeline_support
 from megatron_terapipe.schedules.validator import validate_schedule
-from megatron_terapipe.timing import synchronized_clock
+from megatron_terapipe.timing import StepClock
 
 
 @lru_cache(maxsize=64)
@@ -157,7 +157,8 @@ class _Step:
         self.device = kw["device"]
         self.total_num_tokens = torch.zeros([], dtype=torch.int, device=self.device)
         self.timeline: list[ActionRecord] = []
-        self.t0 = 0.0
+        self.clock = StepClock()
+        self.marks: list[tuple[str, int, int, int, object, object]] = []
         self.first_forward_done: set[int] = set()
         # posted P2P batches: op -> its batch; sends still in flight, oldest first
         self.posted: dict[P2POp, _PostedBatch] = {}
@@ -181,19 +182,25 @@ class _Step:
         if not self.record:
             yield
             return
-        start = synchronized_clock() - self.t0
+        start = self.clock.mark()
         yield
-        self.timeline.append(
-            ActionRecord(
-                kind, microbatch, token_slice, chunk, start, synchronized_clock() - self.t0
-            )
-        )
+        self.marks.append((kind, microbatch, token_slice, chunk, start, self.clock.mark()))
+
+    def finish_timeline(self) -> None:
+        """Turn the step's marks into records (one device synchronisation for the whole step)."""
+        if not self.record:
+            return
+        self.clock.finish()
+        self.timeline = [
+            ActionRecord(kind, m, t, v, self.clock.seconds(start), self.clock.seconds(end))
+            for kind, m, t, v, start, end in self.marks
+        ]
 
     # -- actions ------------------------------------------------------------------------------
     def run(self) -> None:
         if self.record:
             torch.distributed.barrier(group=self.pp_group)
-            self.t0 = synchronized_clock()
+            self.clock.start()
         for index, action in enumerate(self.schedule.stages[self.rank]):
             if isinstance(action, CommGroup):
                 self.post(action)
@@ -205,6 +212,7 @@ class _Step:
             else:
                 self.free_completed_sends()
                 self.backward(action, index)
+        self.finish_timeline()
 
     def forward(self, action: Compute) -> None:
         m, t, v = action.microbatch, action.token_slice, action.chunk

@@ -8,6 +8,7 @@ go through this module, so they share model construction, data, DDP and optimize
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,9 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
                 micro_batch_size=case.micro_batch_size,
                 forward_only=case.forward_only,
             )
+        timeline = getattr(forward_backward, "last_timeline", None)
+        if timeline:
+            result.setdefault("timelines", []).append([dataclasses.asdict(r) for r in timeline])
         result["losses"].append(
             [{k: v.detach().float().clone() for k, v in item.items()} for item in losses]
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True)
