@@ -93,7 +93,7 @@ def test_format_notation():
     assert schedule.format() == (
         "stage 0: F0.0 [>nF0.0] F1.0 [>nF1.0] [<nB0.0] [<nB1.0] {<nB0.0} B0.0 {<nB1.0} B1.0 "
         "{>nF0.0 >nF1.0}\n"
-        "stage 1: [<pF0.0] {<pF0.0} F0.0 [<pF1.0] B0.0 [>pB0.0] {<pF1.0} F1.0 B1.0 [>pB1.0] "
+        "stage 1: [<pF0.0] [<pF1.0] {<pF0.0} F0.0 B0.0 [>pB0.0] {<pF1.0} F1.0 B1.0 [>pB1.0] "
         "{>pB0.0 >pB1.0}"
     )
     two_chunks = build_schedule("interleaved", 2, 2, 1, 2)
@@ -102,13 +102,14 @@ def test_format_notation():
 
 
 def test_1f1b_posts_ahead_and_waits_where_needed():
-    """Sends right after their forward/backward, each receive waited right before its compute
-    and, where the key order allows, posted one compute earlier (here: every forward input after
-    the first, and the gradient for B1..B2 while F3..F4 run)."""
+    """Sends right after their forward/backward; each receive waited right before its compute
+    and posted as early as the key order allows: forward inputs one compute ahead (F4's during
+    B1), a gradient right after the last send it may depend on (B0's after F2's send, which
+    rank 2 needs before it can run B0)."""
     schedule = build_schedule("1f1b", 4, 6)
     assert schedule.format(1) == (
         "stage 1: [<pF0.0] [<pF1.0] {<pF0.0} F0.0 [>nF0.0] [<pF2.0] {<pF1.0} F1.0 [>nF1.0] "
-        "{<pF2.0} F2.0 [<pF3.0] [>nF2.0] [<nB0.0] {<nB0.0} B0.0 [>pB0.0] {<pF3.0} F3.0 [>nF3.0] "
+        "[<pF3.0] {<pF2.0} F2.0 [>nF2.0] [<nB0.0] {<nB0.0} B0.0 [>pB0.0] {<pF3.0} F3.0 [>nF3.0] "
         "[<nB1.0] [<pF4.0] {<nB1.0} B1.0 [>pB1.0] {<pF4.0} F4.0 [>nF4.0] [<nB2.0] [<pF5.0] "
         "{<nB2.0} B2.0 [>pB2.0] {<pF5.0} F5.0 [>nF5.0] [<nB3.0] {<nB3.0} B3.0 [>pB3.0] [<nB4.0] "
         "{<nB4.0} B4.0 [>pB4.0] [<nB5.0] {<nB5.0} B5.0 [>pB5.0] {>nF0.0 >nF1.0 >nF2.0 >pB0.0 "

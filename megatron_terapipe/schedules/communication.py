@@ -18,11 +18,11 @@ channel differently swap tensors. The rule:
    every message the key (end of its producing compute in that run, message id); both ends of
    a message compute the same key.
 2. Post each send right after the compute that produces it.
-3. Post each receive at the last point (in the unit-cost run) before its data is sent, so the
-   transfer overlaps the receiver's compute and the sender's stream never waits for a late
-   receive; moved as little as needed to keep every rank's posting order sorted by key: after
-   every send with a smaller key, before every send with a larger one, after the receives with
-   smaller keys, and never after the compute that reads it.
+3. Post each receive as early as the key order allows: right after the last send with a smaller
+   key (every rank's posting order is then sorted by key; receives keep their key order). That
+   is never after the compute that reads it, and in the unit-cost run never after its data is
+   sent, so the transfer overlaps the receiver's compute and no sender's stream waits for a
+   receive posted late.
 4. Wait for each receive right before its compute, for all sends at the end.
 
 In the unit-cost run itself every message then completes when it is sent, so a schedule's
@@ -40,7 +40,7 @@ share a channel. The validator re-proves both on every schedule it is given (`ne
 
 from __future__ import annotations
 
-from bisect import bisect_left, bisect_right
+from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 
@@ -217,26 +217,15 @@ def _rank_actions(order: Sequence[Compute], rank: int, ref: _Reference) -> tuple
             slots[i + 1].append((key, send))
             send_keys.append(key)  # increasing: a rank's computes end in order
             send_slots.append(i + 1)
-    slot_times = [0.0] + list(ref.end[rank])
-    recvs = []
+    waits: dict[int, P2POp] = {}
     for i, compute in enumerate(order):
         recv = recv_for(compute, rank, P, V)
         if recv is None:
             continue
         key = _message_key(ref, *producer_of(compute, rank, P))
         below = bisect_left(send_keys, key)  # sends with a smaller key
-        lowest = send_slots[below - 1] if below else 0
-        above = bisect_right(send_keys, key)  # first send with a larger key
-        highest = send_slots[above] if above < len(send_slots) else n
-        # the last slot this rank reaches (in the unit-cost run) before the data is sent
-        in_time = bisect_right(slot_times, key[0]) - 1
-        recvs.append([key, max(lowest, min(highest, i, in_time)), recv, i])
-    recvs.sort(key=lambda item: item[0])
-    for later, earlier in zip(reversed(recvs), list(reversed(recvs))[1:]):
-        earlier[1] = min(earlier[1], later[1])
-    for key, slot, recv, _ in recvs:
-        slots[slot].append((key, recv))
-    waits = {i: recv for _, _, recv, i in recvs}
+        slots[send_slots[below - 1] if below else 0].append((key, recv))
+        waits[i] = recv
     actions: list[Action] = []
     for i in range(n + 1):
         actions.extend(CommGroup((op,)) for _, op in sorted(slots[i], key=lambda item: item[0]))
