@@ -232,8 +232,7 @@ def test_wait_after_its_compute_reads_the_receive():
 def test_send_never_waited_and_wait_for_unposted_op():
     schedule = build_schedule("token-1f1b", 2, 1, 2)
     actions = list(schedule.stages[0])
-    final = actions.pop()
-    assert isinstance(final, Wait)
+    actions.remove(Wait((op("send_next", "F", 0, 0),)))
     text = problems_text(with_stage(schedule, 0, actions))
     assert ">nF0.0c0 is posted but never waited" in text
     actions = [Wait((op("recv_next", "B", 0, 1),))] + list(schedule.stages[0])

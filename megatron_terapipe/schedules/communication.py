@@ -23,7 +23,9 @@ channel differently swap tensors. The rule:
    is never after the compute that reads it, and in the unit-cost run never after its data is
    sent, so the transfer overlaps the receiver's compute and no sender's stream waits for a
    receive posted late.
-4. Wait for each receive right before its compute, for all sends at the end.
+4. Wait for each receive right before its compute; for a forward's send right before that unit's
+   backward (megatron-core's backward wants the sent output deallocated; the unit's gradient
+   has arrived by then, so the send has completed); for the other sends at the end.
 
 In the unit-cost run itself every message then completes when it is sent, so a schedule's
 simulated step keeps the dataflow bubble (the textbook formulas).
@@ -227,13 +229,23 @@ def _rank_actions(order: Sequence[Compute], rank: int, ref: _Reference) -> tuple
         slots[send_slots[below - 1] if below else 0].append((key, recv))
         waits[i] = recv
     actions: list[Action] = []
+    waited: set[P2POp] = set()
     for i in range(n + 1):
         actions.extend(CommGroup((op,)) for _, op in sorted(slots[i], key=lambda item: item[0]))
-        if i < n:
-            if i in waits:
-                actions.append(Wait((waits[i],)))
-            actions.append(order[i])
-    sends = tuple(op for slot in slots for _, op in slot if op.is_send)
+        if i == n:
+            break
+        if i in waits:
+            actions.append(Wait((waits[i],)))
+        if order[i].kind == BACKWARD:
+            # megatron-core's backward_step wants the unit's forward output deallocated, which
+            # is safe once its send completed; the gradient just waited for implies it has.
+            forward = Compute(FORWARD, *order[i].unit)
+            sent = send_for(forward, rank, P, V)
+            if sent is not None:
+                actions.append(Wait((sent,)))
+                waited.add(sent)
+        actions.append(order[i])
+    sends = tuple(op for slot in slots for _, op in slot if op.is_send and op not in waited)
     if sends:
         actions.append(Wait(sends))
     return tuple(actions)
