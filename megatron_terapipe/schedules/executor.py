@@ -7,9 +7,10 @@ its own action list from the schedule; compute actions call the user's unchanged
 `forward_step_func` on one token slice of one micro-batch, and megatron-core's `backward_step`
 per slice; communication actions post megatron-core's batched P2P ops with per-slice shapes without
 waiting, and Wait actions block only where the schedule says (a receive right before the compute
-that reads it; sends at the end, their tensors kept alive until then, forward outputs deallocated
-as soon as their send has completed). Nothing in a step synchronises with the host except those
-waits: the per-token-loss token count stays on the model's device.
+that reads it; a forward's send before that unit's backward, other sends at the end; a sent
+tensor is kept alive until its send completes, a forward output deallocated as soon as it has).
+Nothing in a step synchronises with the host except those waits: the per-token-loss token count
+stays on the model's device.
 
 Loss semantics match stock exactly: for loss functions returning (loss, num_tokens, report)
 each slice's loss sum is divided by the micro-batch's *total* token count (known before the
