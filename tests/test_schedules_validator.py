@@ -229,6 +229,16 @@ def test_wait_after_its_compute_reads_the_receive():
     assert "is waited after its compute" in problems_text(with_stage(schedule, 1, actions))
 
 
+def test_forward_send_waited_after_its_backward():
+    schedule = build_schedule("token-1f1b", 2, 1, 2)
+    actions = list(schedule.stages[0])
+    wait = Wait((op("send_next", "F", 0, 1),))
+    actions.remove(wait)
+    actions.append(wait)
+    text = problems_text(with_stage(schedule, 0, actions))
+    assert ">nF0.1c0 is waited after the unit's backward" in text
+
+
 def test_send_never_waited_and_wait_for_unposted_op():
     schedule = build_schedule("token-1f1b", 2, 1, 2)
     actions = list(schedule.stages[0])

@@ -6,7 +6,8 @@ Checks, in the order they are reported:
 3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v);
 4. each compute's receive is posted before it and its send after it, each exactly once; every
    posted op is waited exactly once after it is posted, a receive before the compute that
-   reads it (sends may be waited as late as the end of the list);
+   reads it, a forward's send before that unit's backward (megatron-core's backward_step wants
+   the sent output deallocated), other sends as late as the end of the list;
 5. FIFO channel matching pairs every send with a receive of the same payload between adjacent
    virtual stages;
 6. a zero-cost run of the network model (`network.py`: non-blocking posts, each rank's groups
@@ -210,9 +211,12 @@ def _wait_problems(s: Schedule, rank: int, needed_recv: dict) -> list[str]:
     V = s.num_chunks
     posted_at: dict = {}
     waited_at: dict = {}
+    backward_at: dict = {}
     problems = []
     for index, action in enumerate(s.stages[rank]):
-        if isinstance(action, CommGroup):
+        if isinstance(action, Compute) and action.kind == BACKWARD:
+            backward_at[action.unit] = index
+        elif isinstance(action, CommGroup):
             for op in action.ops:
                 posted_at.setdefault(op, index)
         elif isinstance(action, Wait):
@@ -237,4 +241,11 @@ def _wait_problems(s: Schedule, rank: int, needed_recv: dict) -> list[str]:
                 f"stage {rank} action {waited_at[op]}: {name} is waited after its compute "
                 f"(action {needed_recv[op]}) reads it"
             )
+        elif op.is_send and op.kind == FORWARD:
+            backward = backward_at.get((op.microbatch, op.token_slice, op.chunk))
+            if backward is not None and waited_at[op] > backward:
+                problems.append(
+                    f"stage {rank} action {waited_at[op]}: {name} is waited after the unit's "
+                    f"backward (action {backward}), which needs the sent output deallocated"
+                )
     return problems
