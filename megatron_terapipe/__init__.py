@@ -1,7 +1,7 @@
 """megatron-terapipe: TeraPipe token-level pipeline parallelism for Megatron (megatron-core).
 
-Public API (DESIGN.md §3). Heavy imports (megatron-core, torch) happen on first use so that
-the pure-Python tools (`terapipe-simulate`, `terapipe-plan`) start fast.
+Public API (README.md, docs/token_pipeline.md). Heavy imports (megatron-core, torch) happen on
+first use so that the pure-Python tools (`terapipe-simulate`, `terapipe-plan`) start fast.
 """
 
 from __future__ import annotations

@@ -228,3 +228,59 @@ def test_padded_log_sum_exp_kernels(monkeypatch):
         *got, _ = _sliced(q, k, v, dout, [1, 45, 34])
     for a, b in zip(got, expected):
         assert _rel(a, b) <= 1e-5
+
+
+def test_efficient_kernel_calls_with_its_layout_and_signature(monkeypatch):
+    """The CUDA efficient kernel's calls, run on CPU through stand-ins with the ops' schema
+    (argument order and keywords as in torch's native_functions.yaml): its backward assumes
+    [b, l, n, h]-contiguous rows for every operand (it reads only the batch and head strides
+    of `out`), and its log-sum-exp is padded to 32 rows. GQA folds query heads into rows, the
+    layout that breaks when passed as is."""
+    from megatron_terapipe.model import attention_backends as backends
+
+    aten = torch.ops.aten
+
+    def rows_contiguous(x):
+        return x.transpose(1, 2).is_contiguous()
+
+    class EfficientOnCpu:
+        def __getattr__(self, name):
+            return getattr(aten, name)
+
+        @staticmethod
+        def _scaled_dot_product_efficient_attention(query, key, value, attn_bias,
+                                                    compute_log_sumexp, dropout_p=0.0,
+                                                    is_causal=False, *, scale=None):
+            assert attn_bias is None and compute_log_sumexp and dropout_p == 0.0
+            out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, is_causal, scale=scale)
+            rows = -(-lse.shape[-1] // 32) * 32
+            padded = torch.full((*lse.shape[:-1], rows), float("nan"), dtype=lse.dtype)
+            padded[..., : lse.shape[-1]] = lse
+            empty = torch.empty(0)
+            return out.transpose(1, 2).contiguous().transpose(1, 2), padded, empty, empty
+
+        @staticmethod
+        def _scaled_dot_product_efficient_attention_backward(
+                grad_out_, query, key, value, attn_bias, out, logsumexp, philox_seed,
+                philox_offset, dropout_p, grad_input_mask, is_causal=False, *, scale=None):
+            for name, t in dict(grad_out_=grad_out_, query=query, key=key, value=value,
+                                out=out).items():
+                assert rows_contiguous(t), f"{name} is not [b, l, n, h]-contiguous"
+            assert list(grad_input_mask) == [True, True, True, False]
+            rows = query.shape[2]
+            dq, dk, dv = aten._scaled_dot_product_flash_attention_for_cpu_backward(
+                grad_out_, query, key, value, out, logsumexp[..., :rows].contiguous(), 0.0,
+                is_causal, scale=scale)
+            return dq, dk, dv, None
+
+    monkeypatch.setattr(backends, "aten", EfficientOnCpu())
+    monkeypatch.setattr(backends, "available_prefix_attention_backends",
+                        lambda device, dtype: ["efficient", "math"])
+    for groups in (4, 2):
+        q, k, v, dout = _inputs(2, 4, groups, 80, 8, torch.float32, seed=5)
+        expected = _reference(q, k, v, dout)
+        with prefix_attention_backend("efficient"):
+            *got, _ = _sliced(q, k, v, dout, [1, 45, 34])
+        for a, b in zip(got, expected):
+            assert _rel(a, b) <= 1e-5

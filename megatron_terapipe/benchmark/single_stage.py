@@ -8,8 +8,9 @@ rounds alternating between the S values so that drift in machine load hits every
 
 Peak memory is measured once per S in a fresh process, since a process's allocator keeps what
 it once held: on CPU the growth of the peak resident set over the resident set just before the
-step (glibc thresholds fixed so that freed blocks go back to the OS at once; DESIGN.md section
-8), on CUDA `torch.cuda.max_memory_allocated` over the allocation before the step.
+step (glibc thresholds fixed so that freed blocks go back to the OS at once: without them the
+same run varied by a quarter), on CUDA `torch.cuda.max_memory_allocated` over the allocation
+before the step.
 """
 
 from __future__ import annotations

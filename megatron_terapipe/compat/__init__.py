@@ -1,8 +1,8 @@
 """Make stock megatron-core usable on CPU with the gloo backend.
 
-megatron-core 0.16 assumes CUDA in a handful of places (see DESIGN.md §6). Every remap needed to
-run its models, schedules, DDP and optimizer on CPU lives here, so the rest of the project stays
-device-agnostic. Nothing is changed until `enable_cpu()` is called.
+megatron-core 0.16 assumes CUDA in a handful of places (`applied_patches()` lists them). Every
+remap needed to run its models, schedules, DDP and optimizer on CPU lives here, so the rest of
+the project stays device-agnostic. Nothing is changed until `enable_cpu()` is called.
 """
 
 from megatron_terapipe.compat.cpu import cpu_enabled, enable_cpu

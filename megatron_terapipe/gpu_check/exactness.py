@@ -9,6 +9,12 @@ asks prefix attention for the backend (`prefix_attention_backend`) where it offe
 uses `sdpa_kernel` otherwise. A backend that rejects the shapes or dtype is reported as not
 applicable with its own message, never as a pass. bf16 gradients accumulate in fp32, as
 megatron-core's DDP main_grad does.
+
+Criteria (gpu_check/criteria.py, the CPU suite's): fp32, sliced vs unsliced and vs stock
+attention within FP32_RTOL. bf16, where rounding makes any two kernels differ: against an fp32
+copy of the model (megatron-core's local-spec attention, same weights and data), the sliced
+run's max per-tensor gradient error at most BF16_ERROR_RATIO times the unsliced bf16 run's
+error on the same backend (loss errors reported).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from __future__ import annotations
 from typing import Any
 
 from megatron_terapipe.gpu_check.common import GPTShape, build_gpt, step_main, token_batch
-from megatron_terapipe.gpu_check.criteria import tolerances
+from megatron_terapipe.gpu_check.criteria import BF16_ERROR_RATIO, FP32_RTOL
 
 BACKENDS = ("flash", "efficient", "cudnn", "math")
 GPU_SHAPE = GPTShape(num_layers=2, hidden_size=512, num_attention_heads=8, num_query_groups=2,
@@ -40,35 +46,17 @@ def _sdpa_backend(name: str):
     }[name]
 
 
-def _prefix_attention_api(name: str):
-    """`name` from the prefix attention package (prefix_attention or attention_backends), or
-    None where this version of prefix attention has no such function."""
-    import importlib
-
-    for module in ("megatron_terapipe.model.prefix_attention",
-                   "megatron_terapipe.model.attention_backends"):
-        try:
-            found = getattr(importlib.import_module(module), name, None)
-        except ImportError:
-            continue
-        if found is not None:
-            return found
-    return None
-
-
 def _sliced_backend_context(name: str):
-    """prefix attention's own backend switch when it has one, else torch's sdpa_kernel."""
-    chooser = _prefix_attention_api("prefix_attention_backend")
-    if chooser is not None:
-        return chooser(name), "prefix_attention_backend"
-    from torch.nn.attention import sdpa_kernel
+    """Prefix attention's own backend switch (torch's sdpa_kernel does not reach its kernels)."""
+    from megatron_terapipe.model.attention_backends import prefix_attention_backend
 
-    return sdpa_kernel(_sdpa_backend(name)), "sdpa_kernel"
+    return prefix_attention_backend(name)
 
 
-def _offered_backends(device, dtype) -> list[str] | None:
-    offer = _prefix_attention_api("available_prefix_attention_backends")
-    return None if offer is None else list(offer(device, dtype))
+def _offered_backends(device, dtype) -> list[str]:
+    from megatron_terapipe.model.attention_backends import available_prefix_attention_backends
+
+    return list(available_prefix_attention_backends(device, dtype))
 
 
 class _Fp32Grads:
@@ -108,9 +96,10 @@ def _relative(a, b) -> float:
     return (a.float() - b.float()).norm().item() / scale if scale > 0 else 0.0
 
 
-def compare_once(model, batch, slices, seq_length, backend: str, stock_grads) -> dict[str, Any]:
+def compare_once(model, batch, slices, seq_length, backend: str, stock_grads,
+                 reference=None) -> dict[str, Any]:
     """Sliced vs unsliced under `backend` (and sliced vs stock attention): loss and max
-    per-tensor gradient error."""
+    per-tensor gradient error; with `reference` (fp32 loss, grads) both runs' errors to it."""
     from torch.nn.attention import sdpa_kernel
 
     from megatron_terapipe.model.single_stage import sliced_forward_backward
@@ -122,8 +111,7 @@ def compare_once(model, batch, slices, seq_length, backend: str, stock_grads) ->
             whole_loss = whole_sum / whole_count
             whole_loss.backward()
         whole = grads.take()
-        context, how = _sliced_backend_context(backend)
-        with context:
+        with _sliced_backend_context(backend):
             sliced_loss = sliced_forward_backward(
                 model, batch, slices, seq_length, _loss_of_slice
             )
@@ -131,13 +119,22 @@ def compare_once(model, batch, slices, seq_length, backend: str, stock_grads) ->
     finally:
         grads.close()
     grad_errors = [_relative(a, b) for a, b in zip(sliced, whole)]
+    errors = {}
+    if reference is not None:
+        ref_loss, ref_grads = reference
+        errors = {
+            "sliced_vs_fp32_loss": abs(sliced_loss.item() - ref_loss) / abs(ref_loss),
+            "whole_vs_fp32_loss": abs(whole_loss.item() - ref_loss) / abs(ref_loss),
+            "sliced_vs_fp32_grad": max(_relative(a, b) for a, b in zip(sliced, ref_grads)),
+            "whole_vs_fp32_grad": max(_relative(a, b) for a, b in zip(whole, ref_grads)),
+        }
     return {
+        **errors,
         "sliced_loss": sliced_loss.item(),
         "whole_loss": whole_loss.item(),
         "loss_rel_diff": abs(sliced_loss.item() - whole_loss.item()) / abs(whole_loss.item()),
         "max_grad_rel_diff": max(grad_errors),
         "stock_max_grad_rel_diff": max(_relative(a, b) for a, b in zip(sliced, stock_grads)),
-        "sliced_backend_via": how,
     }
 
 
@@ -175,33 +172,43 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
         model = build_gpt(shape, dtype, device)
         offered = _offered_backends(device, dtype)
-        loss_rtol, grad_rtol = tolerances(dtype_name)
         for mask_name, document_ends in (("causal", ()), ("document mask", ends)):
             batch = token_batch(shape, 2, device, document_ends)
             stock_loss, stock_grads = stock_reference(model, shape, dtype, device, batch)
+            reference = None
+            if dtype != torch.float32:
+                reference = stock_reference(model, shape, torch.float32, device, batch)
             for backend in backends:
-                row: dict[str, Any] = {
-                    "dtype": dtype_name, "mask": mask_name, "backend": backend,
-                    "loss_rtol": loss_rtol, "grad_rtol": grad_rtol,
-                }
-                if offered is not None and backend not in offered:
+                row: dict[str, Any] = {"dtype": dtype_name, "mask": mask_name, "backend": backend}
+                if dtype == torch.float32:
+                    row["rtol"] = FP32_RTOL
+                else:
+                    row["error_ratio_bound"] = BF16_ERROR_RATIO
+                if backend not in offered:
                     row.update(status="n/a", reason="not offered by "
                                "available_prefix_attention_backends for this device/dtype")
                     rows.append(row)
                     continue
                 try:
                     row.update(compare_once(model, batch, slices, shape.seq_length, backend,
-                                            stock_grads))
+                                            stock_grads, reference))
                 except RuntimeError as exc:
                     model.zero_grad(set_to_none=True)
                     row.update(status="n/a", reason=str(exc).strip().splitlines()[0][:240])
                     rows.append(row)
                     continue
                 row["stock_loss_rel_diff"] = abs(row["sliced_loss"] - stock_loss) / abs(stock_loss)
-                ok = (
-                    max(row["loss_rel_diff"], row["stock_loss_rel_diff"]) <= loss_rtol
-                    and max(row["max_grad_rel_diff"], row["stock_max_grad_rel_diff"]) <= grad_rtol
-                )
+                if reference is None:
+                    ok = (
+                        max(row["loss_rel_diff"], row["stock_loss_rel_diff"]) <= FP32_RTOL
+                        and max(row["max_grad_rel_diff"], row["stock_max_grad_rel_diff"])
+                        <= FP32_RTOL
+                    )
+                else:
+                    # Issue 12's bf16 bar is on gradients; one micro-batch's loss errors are
+                    # single roundings (1e-6), reported, too small to rank.
+                    ok = (row["sliced_vs_fp32_grad"]
+                          <= BF16_ERROR_RATIO * row["whole_vs_fp32_grad"])
                 row["status"] = "pass" if ok else "FAIL"
                 rows.append(row)
         del model

@@ -5,7 +5,7 @@ forward+backward seconds t(l, c) of ONE transformer layer with the per-rank shap
 size (heads/t, ffn/t: the matmuls one rank runs; the TP all-reduces are not in it, one GPU has
 no TP group), bf16, for every slice length l and context c on a grid of `granularity` tokens,
 with the prefix keys/values in place as in a real step (slicing.profiler's measure function).
-Saved as the planner's latency tables (DESIGN.md §4), one layer per file.
+Saved as the planner's latency tables (docs/latency_table.md), one layer per file.
 
 Then, per setting: the stage table (layer table x layers per stage), P2P from the analytic
 h100 preset, TeraPipe's DP plan (slicing.planner) and the simulated step time of stock 1F1B
@@ -58,7 +58,7 @@ def paper_settings(paths: list[str] | None = None) -> list[dict[str, Any]]:
 
 def measure_layer_table(dims: dict, seq_length: int, granularity: int, dtype, clock: str,
                         repeats: int):
-    """latency[b, l, c] of one layer (b = 1 measured, b = 0 inf), DESIGN.md §4 layout."""
+    """latency[b, l, c] of one layer (b = 1 measured, b = 0 inf), docs/latency_table.md layout."""
     import numpy as np
 
     from megatron_terapipe.slicing.profiler import measure_fn_for_megatron_stage

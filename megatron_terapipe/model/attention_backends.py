@@ -48,10 +48,13 @@ def available_prefix_attention_backends(
                                           torch.float16):
         names.append("flash")
     elif device.type == "cuda":
+        # Flash needs Ampere (sm80) or newer; the efficient kernel has no bf16 build before it
+        # (V100s, the paper's GPUs, run fp16 / fp32 on it, bf16 on math).
+        major, _ = torch.cuda.get_device_capability(device)
         half = dtype in (torch.float16, torch.bfloat16)
-        if half and torch.backends.cuda.is_flash_attention_available():
+        if half and major >= 8 and torch.backends.cuda.is_flash_attention_available():
             names.append("flash")
-        if dtype in (torch.float16, torch.bfloat16, torch.float32):
+        if dtype in (torch.float16, torch.float32) or (dtype == torch.bfloat16 and major >= 8):
             names.append("efficient")
     names.append("math")
     return names
@@ -152,11 +155,20 @@ def _fused_backward(backend: str, dout, q, k, v, out, lse, causal: bool, scale: 
             dout, q, k, v, out, lse, e["cum_q"], e["cum_k"], e["max_q"], e["max_k"], 0.0,
             causal, e["rng"], e["unused"], scale=scale,
         )
+    # The efficient backward takes only the batch and head strides of `out` from the tensor and
+    # assumes rows [b, l, n, h]-contiguous (as its forward returns them); the merged output and
+    # the grouped-query views are not, so every operand is laid out that way first.
+    dout, q, k, v, out = (_rows_contiguous(t) for t in (dout, q, k, v, out))
     dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
         dout, q, k, v, None, out, lse, extra["seed"], extra["offset"], 0.0,
         [True, True, True, False], causal, scale=scale,
     )
     return dq, dk, dv
+
+
+def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:
+    """[b, n, l, h] with the memory layout of a contiguous [b, l, n, h]."""
+    return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
 def _padded(lse: torch.Tensor, rows: int) -> torch.Tensor:
@@ -326,7 +338,9 @@ def math_block_backward(state: BlockState, dout, q, k, v, out, lse, scale):
     dscores = probs * (dprobs - delta) * scale
     dq = torch.matmul(dscores, k.to(acc).unsqueeze(2)).reshape(b, heads, rows, h)
     dk = torch.matmul(dscores.transpose(-1, -2), q.to(acc).reshape(b, groups, rep, rows, h))
-    return dq.to(q.dtype), dk.sum(2).to(k.dtype), dv.to(v.dtype)
+    # A prefix block's dK/dV go to the fp32 accumulator: no rounding to the model dtype first.
+    kv_dtype = k.dtype if state.causal else acc
+    return dq.to(q.dtype), dk.sum(2).to(kv_dtype), dv.to(kv_dtype)
 
 
 # -- dispatch ------------------------------------------------------------------------------------
