@@ -63,26 +63,33 @@ def _count(n: int) -> tuple[str, int]:
 
 
 def cost_model_from_args(args: Any) -> Any:
-    """`--token-pipeline-cost-model`: analytic[:preset] (default), profile, or a file path
-    (.json profile from the profiler, .npz latency table)."""
-    spec = str(getattr(args, "token_pipeline_cost_model", None) or "analytic")
+    """`--token-pipeline-cost-model`: profile (default), analytic[:preset], or a file path
+    (.json profile from the profiler, .npz latency table).
+
+    profile times this stage's real layers on this device at start-up (startup_profile: one
+    layer scaled to the stage, a few seconds for the CPU benchmark model), because the DP's
+    trade-off - pipeline bubble against each slice's fixed cost - is only as right as those
+    costs, and a data sheet does not know them. It runs one TP shard on one rank, so under
+    tensor parallelism the default falls back to the analytic model (noted in the plan).
+    """
+    from megatron_terapipe.arguments import DEFAULT_COST_MODEL
+
+    spec = str(getattr(args, "token_pipeline_cost_model", None) or DEFAULT_COST_MODEL)
     if spec == "analytic" or spec.startswith("analytic:"):
         preset = spec.split(":", 1)[1] if ":" in spec else None
         return AnalyticCostModel.from_args(args, preset=preset)
     if spec == "profile":
-        from megatron_terapipe.slicing.profiler import (
-            default_grid,
-            measure_fn_for_megatron_stage,
-            profile_stage,
-        )
+        tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+        if tp > 1:
+            model = AnalyticCostModel.from_args(args)
+            model.note = (f"--token-pipeline-cost-model profile times one rank, not a TP = {tp} "
+                          f"group: planned with {model.name}; for measured costs profile "
+                          "beforehand (terapipe-plan --cost-model profile --profile-out "
+                          "FILE.json) and pass FILE.json")
+            return model
+        from megatron_terapipe.slicing.profiler import startup_profile
 
-        measure = measure_fn_for_megatron_stage(args)
-        grid = default_grid(args.seq_length, args.micro_batch_size, _granularity(args))
-        profile = profile_stage(measure, grid, repeats=3,
-                                meta={"dims": measure.dims, "device": measure.device,
-                                      "clock": measure.clock})
-        profile.source = "start-up"
-        return profile
+        return startup_profile(args, _granularity(args))
     if spec.endswith(".npz"):
         return LatencyTableCostModel.load(spec)
     if spec.endswith(".json"):
@@ -155,9 +162,13 @@ def plan_from_args(
                            cap, **common)
     if note:
         plan.extra["score_note"] = note
+    if getattr(cost, "note", None):
+        plan.extra["cost_model_note"] = cost.note
     if hasattr(cost, "r2"):
         plan.extra.update(profile_r2=round(cost.r2, 4),
                           profile_r2_context=round(cost.r2_context, 4))
+    if "profile_seconds" in getattr(cost, "meta", {}):
+        plan.extra["profile_seconds"] = cost.meta["profile_seconds"]
     plan.extra["num_microbatches"] = micro
     return plan
 
