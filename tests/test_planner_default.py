@@ -1,0 +1,134 @@
+"""`--token-pipeline-slices auto` with the default cost model: a start-up profile of the stage.
+
+The profile is timed, so nothing here checks times: the checks are that the default is the
+profile (one layer of the real stage, scaled to the stage), that the plan is a valid slicing,
+and that the plan's predicted step time is what a brute-force evaluation of the same cost model
+gives - the best of every slicing for TeraPipe's order (the DP is exact there), and no worse than
+any equal slicing for token-1f1b (scored by the simulator).
+"""
+
+from __future__ import annotations
+
+import itertools
+from types import SimpleNamespace
+
+import pytest
+
+from megatron_terapipe.arguments import DEFAULT_COST_MODEL
+from megatron_terapipe.slicing import (
+    AnalyticCostModel,
+    ProfiledCostModel,
+    cost_model_from_args,
+    plan_from_args,
+    predict_step_time,
+)
+from megatron_terapipe.slicing.strategies import simulator_scorer
+from megatron_terapipe.token_slices import equal_token_slices
+
+SEQ, G = 64, 8
+
+
+def tiny_args(**overrides) -> SimpleNamespace:
+    """A validated pretrain_gpt.py namespace's planner fields (4 layers, PP = 2, M = 4)."""
+    args = dict(
+        num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=None,
+        group_query_attention=False, ffn_hidden_size=None, seq_length=SEQ,
+        micro_batch_size=1, global_batch_size=4, data_parallel_size=1,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=2, sequence_parallel=False,
+        padded_vocab_size=64, swiglu=False, virtual_pipeline_model_parallel_size=None,
+        token_pipeline_slices="auto", token_pipeline_granularity=G,
+        token_pipeline_cost_model=DEFAULT_COST_MODEL, token_pipeline_memory_cap=None,
+        token_pipeline_schedule="terapipe",
+    )
+    args.update(overrides)
+    return SimpleNamespace(**args)
+
+
+def compositions(units: int):
+    for cuts in itertools.product((0, 1), repeat=units - 1):
+        bounds = [0] + [i + 1 for i, cut in enumerate(cuts) if cut] + [units]
+        yield tuple(G * (b - a) for a, b in zip(bounds, bounds[1:]))
+
+
+def _plan_with_default(rank: int, world_size: int) -> dict:
+    args = tiny_args()
+    cost = cost_model_from_args(args)  # the default: profile this stage now
+    out = {"cost": cost.to_dict(), "plans": {}}
+    for schedule in ("terapipe", "token-1f1b"):
+        args.token_pipeline_schedule = schedule
+        plan = plan_from_args(args, cost_model=cost)
+        out["plans"][schedule] = plan.to_dict()
+    return out
+
+
+@pytest.fixture(scope="module")
+def profiled():
+    from megatron_terapipe.compat import run_distributed
+
+    (out,) = run_distributed(_plan_with_default, 1, timeout_s=300.0)
+    return out
+
+
+def test_the_default_cost_model_profiles_one_layer_of_the_stage(profiled):
+    assert DEFAULT_COST_MODEL == "profile"
+    meta = profiled["cost"]["meta"]
+    assert meta["dims"]["layers_per_stage"] == 2 and meta["profiled_layers"] == 1
+    assert meta["profile_seconds"] > 0 and profiled["cost"]["backward_ratio"] > 0
+    assert profiled["cost"]["p2p_bytes_per_token"] == 32 * 4  # fp32 activations of hidden 32
+    for schedule, plan in profiled["plans"].items():
+        assert plan["cost_model"] == "profile:start-up", schedule
+        assert plan["extra"]["profile_seconds"] == meta["profile_seconds"]
+
+
+def test_default_plans_are_valid_and_brute_force_consistent(profiled):
+    import json
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:  # the profile, as a user would save it
+        path = os.path.join(tmp, "profile.json")
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(profiled["cost"], handle)
+        cost = ProfiledCostModel.load(path)
+    terapipe, one_f_one_b = profiled["plans"]["terapipe"], profiled["plans"]["token-1f1b"]
+    for plan in (terapipe, one_f_one_b):
+        assert sum(plan["token_slices"]) == SEQ
+        assert all(x > 0 and x % G == 0 for x in plan["token_slices"])
+
+    # TeraPipe's order: the DP is exact, so the plan is the best of all 2^7 slicings.
+    times = {s: predict_step_time(cost, s, 2, (1,) * 4)[0] for s in compositions(SEQ // G)}
+    assert terapipe["predicted_step_time"] == pytest.approx(min(times.values()), rel=1e-9)
+    assert times[tuple(terapipe["token_slices"])] == pytest.approx(min(times.values()), rel=1e-9)
+
+    # token-1f1b: the prediction is the simulator's on this very slicing, and no equal slicing
+    # predicts faster.
+    score = simulator_scorer(cost, "token-1f1b", 2, 4, 1)
+    predicted = one_f_one_b["predicted_step_time"]
+    assert predicted == pytest.approx(score(tuple(one_f_one_b["token_slices"])), rel=1e-9)
+    for n in range(1, SEQ // G + 1):
+        assert predicted <= score(equal_token_slices(SEQ, n, G)) * (1 + 1e-12), n
+
+
+def test_default_falls_back_to_analytic_under_tensor_parallelism():
+    """One rank cannot time a TP group: the default plans with the data sheet and says so."""
+    args = tiny_args(tensor_model_parallel_size=2, token_pipeline_schedule="terapipe")
+    cost = cost_model_from_args(args)
+    assert isinstance(cost, AnalyticCostModel)
+    plan = plan_from_args(args, cost_model=cost)
+    assert "TP = 2" in plan.extra["cost_model_note"] and plan.cost_model.startswith("analytic")
+    assert sum(plan.token_slices) == SEQ
+
+
+def test_the_measured_backward_ratio_prices_the_simulator():
+    """A profile's backward/forward ratio reaches the simulator's action costs (a case where
+    the split matters: 4 stages, uneven slices)."""
+    samples = [(1, n, c, 1e-3 * n + 1e-6 * n * c + 2e-3) for n in (8, 32, 64)
+               for c in (0, 16, 32) if n + c <= SEQ]
+    slices = (40, 8, 8, 8)
+    measured = ProfiledCostModel.fit(samples, backward_ratio=1.0, p2p_latency_s=1e-3)
+    default = ProfiledCostModel.fit(samples, p2p_latency_s=1e-3)
+    assert default.backward_ratio == 2.0
+    by_profile = simulator_scorer(measured, "token-1f1b", 4, 4, 1)(slices)
+    assert by_profile == simulator_scorer(default, "token-1f1b", 4, 4, 1, backward_ratio=1.0)(
+        slices)
+    assert by_profile != pytest.approx(simulator_scorer(default, "token-1f1b", 4, 4, 1)(slices))
