@@ -69,35 +69,26 @@ def test_held_tensors_share_the_count_with_saved_ones():
     assert tracker.peak_bytes == 2 * N * FLOAT
 
 
-def test_externally_reported_bytes_join_the_peak():
-    """What an owner reports (the slice context's held_bytes) counts on top of saved tensors."""
-    x = torch.randn(N, requires_grad=True)
-    tracker = ActivationMemoryTracker()
-    reported = {"bytes": 0}
-    tracker.external = lambda: reported["bytes"]
-    with tracker.saved_tensors():
-        y = x.exp()  # saves y: N floats
-        reported["bytes"] = 5 * N * FLOAT  # a buffer appears
-        z = y.exp()  # saves z: the peak is sampled here
-    assert tracker.peak_bytes == (2 + 5) * N * FLOAT
-    (z.sum()).backward()
-
-
-def test_token_pipeline_observer_uses_held_bytes_when_the_context_has_it(monkeypatch):
+def test_token_pipeline_observer_counts_buffers_and_accumulators_until_release():
+    """K/V buffers from slice 0 until the micro-batch's last slice is released, accumulators
+    from the first backward that writes them; the context's own held_bytes is the reference."""
     from megatron_terapipe.benchmark import memory
-    from megatron_terapipe.model import slice_context
+    from megatron_terapipe.model.slice_context import TokenSliceContext
 
-    class Context:
-        def held_bytes(self) -> int:
-            return 7 * N * FLOAT
-
-    monkeypatch.setattr(slice_context.TokenSliceContext, "held_bytes",
-                        lambda self: 0, raising=False)
-    monkeypatch.setattr(slice_context, "get_slice_context", lambda: Context())
-    x = torch.randn(N, requires_grad=True)
+    context = TokenSliceContext([4, 4], requires_grad=True)
+    layer = object()
+    kv = torch.randn(1, 2, 4, 8)
     tracker = ActivationMemoryTracker()
-    with memory.observe_token_pipeline(tracker), tracker.saved_tensors():
-        y = x.exp()
-    assert tracker.peak_bytes == (1 + 7) * N * FLOAT
-    assert tracker.external is None  # restored
-    y.sum().backward()
+    with memory.observe_token_pipeline(tracker):
+        with context.running(0, 0, 0) as unit:
+            buffer = context.prefix_kv(layer, unit, kv, kv)
+        assert tracker.live_bytes == context.held_bytes() == 2 * 1 * 2 * 8 * 8 * FLOAT
+        with context.running(0, 0, 1) as unit:
+            assert context.prefix_kv(layer, unit, kv, kv) is buffer
+        buffer.accumulate_grad(4, kv, kv)  # slice 1's backward sends dK/dV to slice 0's rows
+        assert tracker.live_bytes == context.held_bytes() == 4 * 1 * 2 * 8 * 8 * FLOAT
+        context.release(0, 0, 1)
+        assert tracker.live_bytes == context.held_bytes() > 0  # slice 0 still needs them
+        context.release(0, 0, 0)
+        assert tracker.live_bytes == context.held_bytes() == 0
+    assert tracker.peak_bytes == 4 * 1 * 2 * 8 * 8 * FLOAT

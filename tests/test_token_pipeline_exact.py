@@ -31,6 +31,9 @@ SINGLE_RANK = {
     "S=8": RunCase(token_pipeline=tp(num_token_slices=8)),
     "uneven-1-7-100-20": RunCase(model=SEQ128, token_pipeline=tp(token_slices=[1, 7, 100, 20])),
     "rope-gqa": RunCase(model=ROPE_GQA, token_pipeline=tp(token_slices=[3, 13, 16])),
+    # A slice of one token and a slice longer than all the others together.
+    "one-token-then-long": RunCase(model=SEQ128, token_pipeline=tp(token_slices=[1, 2, 125])),
+    "rope-gqa-long-first": RunCase(model=ROPE_GQA, token_pipeline=tp(token_slices=[30, 1, 1])),
     "recompute-selective": RunCase(
         model=TinyGPT(recompute_granularity="selective"), token_pipeline=tp(num_token_slices=4)
     ),

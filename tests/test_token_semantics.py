@@ -63,15 +63,20 @@ CASES = {
         token_slices=[1, 7, 20, 4],
         num_microbatches=3,
         model_kwargs={"bf16": True},
+        # Larger weights than the default 0.02: attention far from uniform, so the keys'
+        # gradients (what slicing changes most) are not negligible.
+        config_kwargs={"init_method_std": 0.2},
+        fp32_reference=True,
     ),
 }
 
-# bf16 (Float16Module, fp32 grad buffers): token vs stock on the same model differ by bf16
-# rounding (eps 7.8e-3), since slicing changes the order of reductions. Measured on this machine:
-# gradients max 1.3e-2 / median 4.9e-3 norm-relative per tensor, loss reports 2e-5 relative
-# (fp32 for comparison: 3.6e-7). Bounds: ~2.5x the measured maxima.
-BF16_GRAD_RTOL = 3e-2
-BF16_LOSS_RTOL = 1e-4
+# bf16 (Float16Module, fp32 grad buffers): token and stock both differ from exact arithmetic by
+# bf16 rounding (eps 7.8e-3); slicing must not add more than a fraction of stock's own error.
+# Both measured against stock's fp32 run of an fp32 copy of the same model on the same data.
+# Measured here (init std 0.2): gradients max per tensor stock 2.2e-2 / token 1.6e-2, whole
+# model 1.27e-2 / 1.25e-2; loss reports 2.9e-4 / 2.5e-4. Scaling the later slices' dK by 0.9
+# (a wrong prefix gradient) gives 4.4e-2 and fails.
+BF16_ERROR_RATIO = 1.5
 
 
 @pytest.fixture(scope="module")
@@ -100,5 +105,29 @@ def test_collect_non_loss_data_returns_every_slice(outcomes):
         assert relative_error(torch.cat(slices, dim=1), whole) <= RTOL
 
 
-def test_bf16_within_measured_bound(outcomes):
-    _check(outcomes["bf16"], grad_rtol=BF16_GRAD_RTOL, loss_rtol=BF16_LOSS_RTOL)
+def _errors(grads, reference) -> tuple[float, float]:
+    """(max per-tensor, whole-model) norm-relative error against the fp32 reference."""
+    per_tensor = max(relative_error(g, r) for g, r in zip(grads, reference))
+    whole = relative_error(torch.cat([g.flatten() for g in grads]),
+                           torch.cat([r.flatten() for r in reference]))
+    return per_tensor, whole
+
+
+def test_bf16_gradient_error_at_most_stocks(outcomes):
+    """The token pipeline's bf16 gradients are as close to fp32 as stock's bf16 gradients."""
+    for rank, outcome in enumerate(outcomes["bf16"]):
+        reference = outcome["reference"]["grads"]
+        stock = _errors(outcome["stock"]["grads"], reference)
+        token = _errors(outcome["token"]["grads"], reference)
+        print(f"rank {rank}: error vs fp32 (max per tensor, whole) stock {stock} token {token}")
+        for kind, s, t in zip(("max per tensor", "whole model"), stock, token):
+            assert t <= BF16_ERROR_RATIO * s, f"rank {rank} {kind}: token {t:.2e} stock {s:.2e}"
+        if outcome["stock"]["data"] is not None:
+            stock, token, reference = (
+                torch.stack([r["lm loss"] for r in outcome[name]["data"]]).float()
+                for name in ("stock", "token", "reference")
+            )
+            stock_error = relative_error(stock, reference)
+            token_error = relative_error(token, reference)
+            print(f"loss reports vs fp32: stock {stock_error:.2e} token {token_error:.2e}")
+            assert token_error <= BF16_ERROR_RATIO * stock_error

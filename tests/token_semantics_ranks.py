@@ -12,7 +12,14 @@ import torch
 
 
 def _build(pipeline_parallel: int, model_kwargs: dict, config_kwargs: dict):
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pipeline_parallel)
+    return _model(pipeline_parallel, model_kwargs, config_kwargs)
+
+
+def _model(pipeline_parallel: int, model_kwargs: dict, config_kwargs: dict):
+    from megatron.core import tensor_parallel
     from megatron.core.distributed import (
         DistributedDataParallel,
         DistributedDataParallelConfig,
@@ -23,7 +30,6 @@ def _build(pipeline_parallel: int, model_kwargs: dict, config_kwargs: dict):
     from megatron_terapipe import token_pipeline_layer_spec
     from megatron_terapipe.testing.gpt import TinyGPT, build_gpt_chunks, transformer_config
 
-    parallel_state.initialize_model_parallel(pipeline_model_parallel_size=pipeline_parallel)
     tensor_parallel.model_parallel_cuda_manual_seed(7)
     model = TinyGPT(**model_kwargs)
     config = transformer_config(model, pipeline_parallel=pipeline_parallel, **config_kwargs)
@@ -79,8 +85,13 @@ def stock_vs_token(
     collect_non_loss_data: bool = False,
     config_kwargs: dict | None = None,
     model_kwargs: dict | None = None,
+    fp32_reference: bool = False,
 ):
-    """Run one step with megatron-core's schedule, then one with ours; return both outcomes."""
+    """Run one step with megatron-core's schedule, then one with ours; return both outcomes.
+
+    With `fp32_reference`, also stock's gradients of an fp32 copy of the (bf16) model: same
+    weights, same micro-batches, as "reference".
+    """
     from megatron.core import parallel_state
     from megatron.core.pipeline_parallel import get_forward_backward_func as stock_func
 
@@ -93,12 +104,19 @@ def stock_vs_token(
     token_func = get_forward_backward_func(
         TokenPipelineConfig(schedule=schedule, token_slices=token_slices)
     )
-    for name, func in (("stock", stock_func()), ("token", token_func)):
-        ddp[0].zero_grad_buffer()
+    runs = [("stock", stock_func(), ddp[0]), ("token", token_func, ddp[0])]
+    if fp32_reference:
+        _, fp32 = _model(world_size, {**(model_kwargs or {}), "bf16": False}, config_kwargs or {})
+        with torch.no_grad():
+            for target, source in zip(fp32[0].parameters(), ddp[0].parameters()):
+                target.copy_(source.float())
+        runs.append(("reference", stock_func(), fp32[0]))
+    for name, func, model in runs:
+        model.zero_grad_buffer()
         data = func(
             forward_step_func=partial(_forward_step, loss_kind),
             data_iterator=iter(list(batches)),
-            model=ddp[0],
+            model=model,
             num_microbatches=num_microbatches,
             seq_length=model_spec.seq_length,
             micro_batch_size=1,
@@ -107,7 +125,7 @@ def stock_vs_token(
         )
         outcomes[name] = {
             "data": data if parallel_state.is_pipeline_last_stage() else None,
-            "grads": None if forward_only else _grads(ddp[0]),
+            "grads": None if forward_only else _grads(model),
         }
     return outcomes
 

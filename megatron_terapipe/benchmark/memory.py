@@ -9,10 +9,9 @@ forward and its backward:
   storage's bytes are what is held), and the registration is dropped when autograd frees the
   saved tensor (the packed handle is garbage-collected after the backward that used it, or
   with its graph);
-- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`;
-- bytes an owner reports itself (`external`, sampled at every registration): the token
-  pipeline's slice context says through `TokenSliceContext.held_bytes()` what its K/V buffers
-  and fp32 gradient accumulators hold (see `observe_token_pipeline`).
+- tensors the schedule holds outside autograd, registered by the caller with `hold`/`drop`:
+  the token pipeline's K/V buffers and their fp32 gradient accumulators
+  (`observe_token_pipeline`).
 
 Storages are deduplicated by data pointer, so a tensor saved by several ops or both saved and
 held counts once. Parameters (and their views, e.g. a transposed weight saved by a linear
@@ -23,7 +22,7 @@ updated at every registration. On CUDA use `torch.cuda.max_memory_allocated` ins
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -67,14 +66,10 @@ class ActivationMemoryTracker:
         self.live_bytes = 0
         self.peak_bytes = 0
         self._held: dict[int, list[tuple[int, int]]] = {}
-        # Bytes held outside what the tracker registers, reported by their owner.
-        self.external: Callable[[], int] | None = None
 
     def sample(self) -> None:
-        """Update the peak with the live total, the externally reported bytes included."""
-        total = self.live_bytes + (int(self.external()) if self.external is not None else 0)
-        if total > self.peak_bytes:
-            self.peak_bytes = total
+        if self.live_bytes > self.peak_bytes:
+            self.peak_bytes = self.live_bytes
 
     # -- registration --------------------------------------------------------------------------
     def _acquire(self, key: tuple[int, int]) -> None:
@@ -137,61 +132,43 @@ class ActivationMemoryTracker:
 def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
     """Count what the token pipeline holds outside autograd's saved tensors.
 
-    With `TokenSliceContext.held_bytes()` (one K/V buffer per layer plus fp32 dK/dV
-    accumulators) the active context's figure is sampled at every registration. Storages that
-    are both saved by autograd and held by the context then count twice, so the figure is an
-    upper bound. Without that method: the per-slice prefix keys/values of the KV store
-    (`observe_kv_store`).
+    That is one K/V buffer per (chunk, layer, micro-batch), held from the micro-batch's first
+    slice until its last slice is released, and the buffer's fp32 dK/dV accumulators, held from
+    the first backward that writes them. They are registered by storage like saved tensors, so
+    a storage both saved by autograd and held by the context counts once. Benchmark-only: three
+    methods of TokenSliceContext / PrefixKV are wrapped for the duration.
     """
-    from megatron_terapipe.model.slice_context import TokenSliceContext, get_slice_context
+    from megatron_terapipe.model.slice_context import PrefixKV, TokenSliceContext
 
-    if not hasattr(TokenSliceContext, "held_bytes"):
-        with observe_kv_store(tracker):
-            yield
-        return
-
-    def held() -> int:
-        context = get_slice_context()
-        return context.held_bytes() if context is not None else 0
-
-    previous = tracker.external
-    tracker.external = held
-    try:
-        yield
-    finally:
-        tracker.external = previous
-
-
-@contextlib.contextmanager
-def observe_kv_store(tracker: ActivationMemoryTracker) -> Iterator[None]:
-    """Count the token pipeline's prefix keys/values as held from `store_kv` to `release`.
-
-    They are detached leaves the slice context keeps for later slices, outside autograd's saved
-    tensors (their `.grad`, which later slices' backwards fill, is not counted on this path).
-    Benchmark-only: the two methods of TokenSliceContext are wrapped for the duration.
-    """
-    from megatron_terapipe.model.slice_context import TokenSliceContext
-
-    original_store = TokenSliceContext.store_kv
+    original_prefix_kv = TokenSliceContext.prefix_kv
     original_release = TokenSliceContext.release
+    original_accumulate = PrefixKV.accumulate_grad
 
-    def store_kv(self, layer: Any, unit: Any, entry: Any) -> None:
-        original_store(self, layer, unit, entry)
-        tracker.hold(entry, (entry.key, entry.value))
+    def prefix_kv(self, layer: Any, unit: Any, key: Any, value: Any) -> Any:
+        buffer = original_prefix_kv(self, layer, unit, key, value)
+        if unit.token_slice == 0:
+            tracker.hold(buffer, (buffer.key, buffer.value))
+        return buffer
+
+    def accumulate_grad(self, rows: int, key_grad: Any, value_grad: Any) -> None:
+        new = self.key_grad is None
+        original_accumulate(self, rows, key_grad, value_grad)
+        if new:
+            tracker.hold(self, (self.key_grad, self.value_grad))
 
     def release(self, chunk: int, microbatch: int, token_slice: int) -> None:
-        doomed = [
-            entry for key, entry in self._kv.items()
-            if key[0] == chunk and key[2] == microbatch and key[3] == token_slice
-        ]
+        held = self.buffers(chunk, microbatch)
         original_release(self, chunk, microbatch, token_slice)
-        for entry in doomed:
-            tracker.drop(entry)
+        if not self.buffers(chunk, microbatch):
+            for buffer in held:
+                tracker.drop(buffer)
 
-    TokenSliceContext.store_kv = store_kv
+    TokenSliceContext.prefix_kv = prefix_kv
     TokenSliceContext.release = release
+    PrefixKV.accumulate_grad = accumulate_grad
     try:
         yield
     finally:
-        TokenSliceContext.store_kv = original_store
+        TokenSliceContext.prefix_kv = original_prefix_kv
         TokenSliceContext.release = original_release
+        PrefixKV.accumulate_grad = original_accumulate

@@ -5,12 +5,15 @@ Slice t of a sequence attends causally to its own tokens and to the keys/values 
 (DotProductAttention or TEDotProductAttention) in the layer spec; the QKV projection, RoPE,
 output projection, TP/SP communication and everything else stay megatron-core's.
 
-Exact gradients across slices without recomputing earlier slices: slice s stores its keys and
-values as detached leaves; later slices attend to those leaves, so autograd accumulates every
-later slice's dK/dV in the leaves' `.grad`. When slice s's own backward runs (always after all
-later slices' backwards of the micro-batch: the schedules guarantee it), `_AddPrefixGrad` adds
-the accumulated gradient to the gradient of s's keys and values, which then flows back through
-s's QKV projection like any other gradient. Each slice's backward is an ordinary
+One key/value buffer per (chunk, layer, micro-batch) covers the whole sequence
+(slice_context.PrefixKV): each slice writes its rows, later slices read the rows before them as
+views, so nothing is concatenated or saved twice. A slice's attention is two blocks, the prefix
+rows without a mask and its own rows causally, merged by their log-sum-exp (no boolean mask).
+Exact gradients across slices without recomputing earlier slices: a slice's backward adds its
+prefix block's dK/dV into the buffer's fp32 accumulator, and when an earlier slice's backward
+runs (always after all later slices' backwards of the micro-batch: the schedules guarantee it)
+it adds its rows of the accumulator to the gradient of its own keys and values, which then flows
+back through its QKV projection like any other gradient. Each slice's backward is an ordinary
 `torch.autograd.backward` call, so Megatron's backward_step runs per slice unchanged.
 """
 
@@ -28,31 +31,76 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
-from megatron_terapipe.model.slice_context import KVEntry, get_slice_context
+from megatron_terapipe.model.attention_backends import (
+    block_backward,
+    block_forward,
+    merge,
+    select_backend,
+)
+from megatron_terapipe.model.slice_context import PrefixKV, get_slice_context
 
 
-class _AddPrefixGrad(torch.autograd.Function):
-    """Identity forward; backward adds the gradient later slices left in `leaf.grad`."""
+class _SliceAttention(torch.autograd.Function):
+    """One slice's attention over the buffer rows before it (unmasked) and its own (causal).
+
+    Inputs are [b, n, l, h] views; `keep` is the slice's boolean mask (True = attend) over the
+    [l, offset + l] key columns when the batch brings an explicit one, else None.
+    """
 
     @staticmethod
-    def forward(ctx, tensor: torch.Tensor, leaf: torch.Tensor) -> torch.Tensor:
-        ctx.leaf = leaf
-        return tensor.view_as(tensor)
+    def forward(ctx, query, key, value, kv: PrefixKV, offset: int, scale: float, keep,
+                dropout_p: float):
+        rows = query.shape[2]
+        kv.key[:, :, offset : offset + rows].copy_(key)
+        kv.value[:, :, offset : offset + rows].copy_(value)
+        backend = select_backend(
+            query.device, query.dtype, query.shape[-1], keep is not None, dropout_p > 0.0
+        )
+        blocks = [(offset, offset + rows, True)]
+        if offset:
+            blocks.insert(0, (0, offset, False))
+        parts, states = [], []
+        for start, stop, causal in blocks:
+            block_keep = None if keep is None else keep[..., start:stop]
+            out, lse, state = block_forward(
+                backend, query, kv.key[:, :, start:stop], kv.value[:, :, start:stop], causal,
+                scale, block_keep, dropout_p,
+            )
+            parts.append((out, lse))
+            states.append(state)
+        out, lse = merge(parts, query.dtype, masked=keep is not None)
+        if query.untyped_storage().nbytes() > query.numel() * query.element_size():
+            # A view into the fused QKV projection output: saving it would keep the keys and
+            # values there alive next to their copy in the buffer.
+            query = query.clone()
+        ctx.save_for_backward(query, out, lse)
+        ctx.kv, ctx.offset, ctx.scale, ctx.backend = kv, offset, scale, backend
+        ctx.blocks, ctx.states = blocks, states
+        return out
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        later = ctx.leaf.grad
-        ctx.leaf = None
+    def backward(ctx, dout):
+        query, out, lse = ctx.saved_tensors
+        kv, offset = ctx.kv, ctx.offset
+        rows = query.shape[2]
+        dquery = dkey = dvalue = None
+        for (start, stop, causal), state in zip(ctx.blocks, ctx.states):
+            dq, dk, dv = block_backward(
+                ctx.backend, state, dout, query, kv.key[:, :, start:stop],
+                kv.value[:, :, start:stop], out, lse, ctx.scale,
+            )
+            dquery = dq if dquery is None else dquery.add_(dq)
+            if causal:
+                dkey, dvalue = dk, dv
+            else:
+                kv.accumulate_grad(stop, dk, dv)
+        later = kv.grad_of_rows(offset, offset + rows)
         if later is not None:
-            grad = grad + later
-        return grad, None
-
-
-def _as_leaf(tensor: torch.Tensor, requires_grad: bool) -> torch.Tensor:
-    leaf = tensor.detach()
-    if requires_grad:
-        leaf.requires_grad_(True)
-    return leaf
+            # Later slices' share of this slice's keys/values, accumulated in fp32.
+            dkey = later[0].add(dkey).to(dkey.dtype)
+            dvalue = later[1].add(dvalue).to(dvalue.dtype)
+        ctx.kv = ctx.states = None
+        return dquery, dkey, dvalue, None, None, None, None, None
 
 
 class PrefixKVAttention(MegatronModule):
@@ -130,34 +178,35 @@ class PrefixKVAttention(MegatronModule):
             raise ValueError("token pipeline: attention_bias is not supported")
         context = get_slice_context()
         unit = context.current if context is not None else None
-        offset = 0
-        if unit is not None:
-            key, value = self._with_prefix(context, unit, key, value)
-            offset = unit.offset
-        return self._attend(query, key, value, attention_mask, offset)
+        if unit is None:
+            return self._attend(query, key, value, attention_mask, 0)
+        return self._attend_slice(context, unit, query, key, value, attention_mask)
 
-    def _with_prefix(self, context, unit, key, value):
-        """Keys/values of this slice appended to those of the earlier slices."""
-        entry = context.kv_entry(self, unit)
-        if entry is None:
-            entry = KVEntry(
-                key=_as_leaf(key, context.requires_grad),
-                value=_as_leaf(value, context.requires_grad),
+    def _attend_slice(self, context, unit, query, key, value, attention_mask) -> torch.Tensor:
+        """One slice of a token step: its keys/values go into the micro-batch's buffer."""
+        rows, batch = query.shape[0], query.shape[1]
+        if key.shape[0] != unit.length:
+            raise RuntimeError(
+                f"token pipeline: attention got {key.shape[0]} keys for slice {unit.token_slice} "
+                f"of length {unit.length}"
             )
-            context.store_kv(self, unit, entry)
-        # else: a recomputation (activation checkpointing) of a slice whose leaves exist already;
-        # reusing them keeps the gradient later slices accumulated there.
-        if context.requires_grad and torch.is_grad_enabled():
-            key = _AddPrefixGrad.apply(key, entry.key)
-            value = _AddPrefixGrad.apply(value, entry.value)
-        prefix = context.prefix(self, unit)
-        if not prefix:
-            return key, value
-        keys = [e.key for e in prefix] + [key]
-        values = [e.value for e in prefix] + [value]
-        return torch.cat(keys, dim=0), torch.cat(values, dim=0)
+        # [s, b, n, h] -> [b, n, s, h] views
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        kv = context.prefix_kv(self, unit, k, v)
+        keep = None
+        if attention_mask is not None:
+            # Megatron's convention: True marks a masked-out (query, key) pair.
+            keep = ~attention_mask.bool()[..., : unit.offset + rows]
+        dropout_p = self.dropout_p if self.training else 0.0
+        with self._dropout_rng():
+            out = _SliceAttention.apply(
+                q, k, v, kv, unit.offset, self.softmax_scale, keep, dropout_p
+            )
+        # [b, n, sq, h] -> [sq, b, n*h]
+        return out.permute(2, 0, 1, 3).reshape(rows, batch, self.hidden_size_per_partition)
 
     def _attend(self, query, key, value, attention_mask, offset: int) -> torch.Tensor:
+        """Plain (stock-schedule) attention over the whole sequence."""
         sq, batch = query.shape[0], query.shape[1]
         sk = key.shape[0]
         repeat = self.heads_per_partition // self.groups_per_partition

@@ -2,9 +2,11 @@
 
 This is the project's one piece of process-wide mutable state. The executor installs a fresh
 context at the start of every step and removes it at the end (`activate`), so nothing leaks
-between steps. Attention modules read the *current* slice from it and keep each slice's keys
-and values in its KV store, keyed by (attention module, micro-batch, slice) so that several
-micro-batches can be in flight at once (1F1B orders).
+between steps. Attention modules read the *current* slice from it and keep, per (model chunk,
+attention module, micro-batch), one key/value buffer of the whole sequence (`PrefixKV`) that
+each slice writes its rows into, so that several micro-batches can be in flight at once (1F1B
+orders). A micro-batch's buffers are dropped as a whole once every slice of it is released on
+that chunk; every bookkeeping call is O(1) in the number of slices and micro-batches.
 """
 
 from __future__ import annotations
@@ -27,17 +29,54 @@ class CurrentSlice:
     length: int
 
 
-@dataclass
-class KVEntry:
-    """One slice's keys and values as later slices see them.
+class PrefixKV:
+    """Keys and values of one micro-batch's whole sequence for one attention module.
 
-    When training, `key`/`value` are detached leaves that require grad: later slices attend to
-    them, and autograd accumulates those slices' contributions in `.grad`, which this slice's
-    own backward then adds to its keys' gradient (see prefix_attention._AddPrefixGrad).
+    `key`/`value` are [b, ng, seq, h]; slice t writes rows offset_t .. offset_t + l_t in its
+    forward and every later slice reads rows 0 .. its offset as views. `key_grad`/`value_grad`
+    (fp32 at least) collect the gradient later slices' backwards send to earlier rows; the
+    owning slice's backward adds its rows to its own K/V gradient, one rounding to the model
+    dtype instead of one per later slice. They are made by the first backward that sends
+    gradient to earlier rows (never with one slice), not during the forwards, when memory peaks,
+    and left unfilled: rows 0 .. `grad_rows` hold gradient, later rows nothing yet.
     """
 
-    key: torch.Tensor
-    value: torch.Tensor
+    def __init__(self, like: torch.Tensor, value_like: torch.Tensor, seq_length: int) -> None:
+        b, groups, _, h = like.shape
+        self.key = like.new_empty(b, groups, seq_length, h)
+        self.value = value_like.new_empty(b, groups, seq_length, value_like.shape[-1])
+        self.key_grad: torch.Tensor | None = None
+        self.value_grad: torch.Tensor | None = None
+        self.grad_rows = 0
+
+    def accumulate_grad(self, rows: int, key_grad: torch.Tensor, value_grad: torch.Tensor) -> None:
+        """Add a later slice's dK/dV of rows 0 .. rows (written, not added, where still empty)."""
+        if self.key_grad is None:
+            accumulate = torch.promote_types(self.key.dtype, torch.float32)
+            self.key_grad = torch.empty(self.key.shape, dtype=accumulate, device=self.key.device)
+            self.value_grad = torch.empty(
+                self.value.shape, dtype=accumulate, device=self.value.device
+            )
+        done = min(rows, self.grad_rows)
+        if done:
+            self.key_grad[:, :, :done].add_(key_grad[:, :, :done])
+            self.value_grad[:, :, :done].add_(value_grad[:, :, :done])
+        if rows > done:
+            self.key_grad[:, :, done:rows].copy_(key_grad[:, :, done:])
+            self.value_grad[:, :, done:rows].copy_(value_grad[:, :, done:])
+            self.grad_rows = rows
+
+    def grad_of_rows(self, start: int, stop: int):
+        """(dK, dV) later slices sent to rows start .. stop, or None if none did."""
+        if stop > self.grad_rows:
+            return None
+        return self.key_grad[:, :, start:stop], self.value_grad[:, :, start:stop]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.key, self.value, self.key_grad, self.value_grad) if t is not None]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors())
 
 
 class TokenSliceContext:
@@ -46,9 +85,13 @@ class TokenSliceContext:
     def __init__(self, token_slices: Sequence[int], requires_grad: bool = True) -> None:
         self.token_slices = tuple(token_slices)
         self.offsets = slice_offsets(self.token_slices)
+        self.seq_length = sum(self.token_slices)
         self.requires_grad = requires_grad
         self.current: CurrentSlice | None = None
-        self._kv: dict[tuple[int, int, int, int], KVEntry] = {}
+        # (chunk, micro-batch) -> {id(attention module): PrefixKV}
+        self._buffers: dict[tuple[int, int], dict[int, PrefixKV]] = {}
+        # (chunk, micro-batch) -> slices released so far
+        self._released: dict[tuple[int, int], int] = {}
 
     @contextlib.contextmanager
     def running(self, chunk: int, microbatch: int, token_slice: int) -> Iterator[CurrentSlice]:
@@ -66,35 +109,46 @@ class TokenSliceContext:
         finally:
             self.current = outer
 
-    def kv_entry(self, layer: object, unit: CurrentSlice) -> KVEntry | None:
-        return self._kv.get((unit.chunk, id(layer), unit.microbatch, unit.token_slice))
+    def prefix_kv(self, layer: object, unit: CurrentSlice, key: torch.Tensor,
+                  value: torch.Tensor) -> PrefixKV:
+        """The buffer of `layer` for the unit's (chunk, micro-batch); made by its first slice.
 
-    def store_kv(self, layer: object, unit: CurrentSlice, entry: KVEntry) -> None:
-        self._kv[(unit.chunk, id(layer), unit.microbatch, unit.token_slice)] = entry
-
-    def prefix(self, layer: object, unit: CurrentSlice) -> list[KVEntry]:
-        """KV entries of slices 0..token_slice-1 of this micro-batch, in order."""
-        entries = []
-        for earlier in range(unit.token_slice):
-            entry = self._kv.get((unit.chunk, id(layer), unit.microbatch, earlier))
-            if entry is None:
+        `key`/`value` ([b, ng, l, h]) give the buffer's shape, dtype and device.
+        """
+        group = self._buffers.setdefault((unit.chunk, unit.microbatch), {})
+        buffer = group.get(id(layer))
+        if buffer is None:
+            if unit.token_slice != 0:
                 raise RuntimeError(
                     f"token pipeline: slice {unit.token_slice} of micro-batch {unit.microbatch} "
-                    f"runs before slice {earlier} stored its keys/values (schedule order is wrong)"
+                    "runs before slice 0 stored its keys/values (schedule order is wrong)"
                 )
-            entries.append(entry)
-        return entries
+            buffer = PrefixKV(key, value, self.seq_length)
+            group[id(layer)] = buffer
+        return buffer
+
+    def buffers(self, chunk: int, microbatch: int) -> list[PrefixKV]:
+        """The buffers (one per attention module) of a micro-batch on a chunk, while held."""
+        return list(self._buffers.get((chunk, microbatch), {}).values())
 
     def release(self, chunk: int, microbatch: int, token_slice: int) -> None:
-        """Drop a slice's KV once its backward has run on `chunk`: nothing can read it any more."""
-        doomed = [
-            k for k in self._kv if k[0] == chunk and k[2] == microbatch and k[3] == token_slice
-        ]
-        for key in doomed:
-            del self._kv[key]
+        """Mark a slice done on `chunk` (its backward ran, or forward-only); once every slice of
+        the micro-batch is, nothing can read its buffers any more and they are dropped."""
+        key = (chunk, microbatch)
+        done = self._released.get(key, 0) + 1
+        if done < len(self.token_slices):
+            self._released[key] = done
+            return
+        self._released.pop(key, None)
+        self._buffers.pop(key, None)
+
+    def held_bytes(self) -> int:
+        """Bytes held now by the context's K/V buffers and their gradient accumulators."""
+        return sum(b.nbytes() for group in self._buffers.values() for b in group.values())
 
     def num_stored(self) -> int:
-        return len(self._kv)
+        """Attention buffers still held (0 after a step that ran every backward)."""
+        return sum(len(group) for group in self._buffers.values())
 
 
 _ACTIVE: TokenSliceContext | None = None

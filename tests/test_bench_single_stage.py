@@ -1,0 +1,44 @@
+"""Smoke test of scripts/bench_single_stage.py on a tiny GPT (seconds): it builds the stage
+through the trainer's model path, times every S, measures each S's memory in a fresh process
+and reports consistent ratios; bad slice counts are rejected before anything is built."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
+        "--seq-length", "64", "--vocab-size", "64", "--rounds", "2", "--warmup", "0"]
+
+
+def _run(*extra: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "bench_single_stage.py"), *TINY, *extra],
+        capture_output=True, text=True, env=env, timeout=300, check=False,
+    )
+
+
+def test_reports_time_and_memory_per_slice_count(tmp_path):
+    out = tmp_path / "single_stage.json"
+    result = _run("--num-token-slices", "1,4", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    summary = json.loads(out.read_text())
+    rows = summary["by_slices"]
+    assert set(rows) == {"1", "4"}
+    for row in rows.values():
+        assert 0 < row["min_s"] <= row["median_s"]
+        assert row["peak_bytes"] > 0
+    assert rows["4"]["time_ratio_min"] == rows["4"]["min_s"] / rows["1"]["min_s"]
+    assert rows["4"]["memory_ratio"] == rows["4"]["peak_bytes"] / rows["1"]["peak_bytes"]
+    assert "t_S/t_1" in result.stdout and "load average" in result.stdout
+
+
+def test_rejects_slice_counts_that_do_not_divide_the_sequence():
+    result = _run("--num-token-slices", "1,3", "--no-memory")
+    assert result.returncode != 0
+    assert "--num-token-slices: 3 does not divide --seq-length 64" in result.stderr
