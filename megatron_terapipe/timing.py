@@ -23,3 +23,39 @@ def synchronized_clock() -> float:
     """`time.perf_counter()` after the device has finished everything queued so far."""
     device_synchronize()
     return time.perf_counter()
+
+
+class StepClock:
+    """Timestamps inside one step with a single device synchronisation, at `finish()`.
+
+    On CUDA each `mark()` records an event on the current stream (no host wait) and `finish()`
+    synchronises once and converts every mark to seconds since `start()`; on the CPU marks are
+    `time.perf_counter()` readings. Per-action timelines use it so that recording them does not
+    add a host synchronisation per action.
+    """
+
+    def __init__(self) -> None:
+        self.cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+        self._origin: object = None
+
+    def start(self) -> None:
+        """Begin the step's time axis (after the device has drained earlier work)."""
+        device_synchronize()
+        self._origin = self.mark()
+
+    def mark(self) -> object:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def finish(self) -> None:
+        """Wait once for the device, so that `seconds` can read every mark."""
+        device_synchronize()
+
+    def seconds(self, mark: object) -> float:
+        """Seconds from `start()` to `mark` (call after `finish()`)."""
+        if self.cuda:
+            return self._origin.elapsed_time(mark) / 1000.0
+        return mark - self._origin

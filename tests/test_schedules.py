@@ -12,6 +12,7 @@ from megatron_terapipe.schedules import (
     TOKEN_SCHEDULES,
     CommGroup,
     Compute,
+    Wait,
     build_schedule,
     find_problems,
     validate_schedule,
@@ -90,24 +91,54 @@ def test_registry_names():
 def test_format_notation():
     schedule = build_schedule("1f1b", 2, 2)
     assert schedule.format() == (
-        "stage 0: F0.0 [>nF0.0] F1.0 [>nF1.0 <nB0.0] B0.0 [<nB1.0] B1.0\n"
-        "stage 1: [<pF0.0] F0.0 B0.0 [>pB0.0 <pF1.0] F1.0 B1.0 [>pB1.0]"
+        "stage 0: F0.0 [>nF0.0] F1.0 [>nF1.0] [<nB0.0] [<nB1.0] {<nB0.0} {>nF0.0} B0.0 "
+        "{<nB1.0} {>nF1.0} B1.0\n"
+        "stage 1: [<pF0.0] [<pF1.0] {<pF0.0} F0.0 B0.0 [>pB0.0] {<pF1.0} F1.0 B1.0 [>pB1.0] "
+        "{>pB0.0 >pB1.0}"
     )
     two_chunks = build_schedule("interleaved", 2, 2, 1, 2)
     assert two_chunks.format(0).startswith("stage 0: F0.0c0 [>nF0.0c0] F1.0c0")
     assert str(two_chunks).startswith("interleaved: P=2 M=2 S=1 V=2\nstage 0:")
 
 
-def test_1f1b_communication_pairs_like_megatron_core():
-    """Steady state pairs each send with the next receive (send_forward_recv_backward /
-    send_backward_recv_forward); warm-up sends go right after their forward."""
+def test_1f1b_posts_ahead_and_waits_where_needed():
+    """Sends right after their forward/backward; each receive waited right before its compute
+    and posted as early as the key order allows: forward inputs one compute ahead (F4's during
+    B1), a gradient right after the last send it may depend on (B0's after F2's send, which
+    rank 2 needs before it can run B0)."""
     schedule = build_schedule("1f1b", 4, 6)
     assert schedule.format(1) == (
-        "stage 1: [<pF0.0] F0.0 [<pF1.0 >nF0.0] F1.0 [<pF2.0 >nF1.0] F2.0 [>nF2.0 <nB0.0] B0.0 "
-        "[>pB0.0 <pF3.0] F3.0 [>nF3.0 <nB1.0] B1.0 [>pB1.0 <pF4.0] F4.0 [>nF4.0 <nB2.0] B2.0 "
-        "[>pB2.0 <pF5.0] F5.0 [>nF5.0 <nB3.0] B3.0 [>pB3.0 <nB4.0] B4.0 [>pB4.0 <nB5.0] B5.0 "
-        "[>pB5.0]"
+        "stage 1: [<pF0.0] [<pF1.0] {<pF0.0} F0.0 [>nF0.0] [<pF2.0] {<pF1.0} F1.0 [>nF1.0] "
+        "[<pF3.0] {<pF2.0} F2.0 [>nF2.0] [<nB0.0] {<nB0.0} {>nF0.0} B0.0 [>pB0.0] {<pF3.0} F3.0 "
+        "[>nF3.0] [<nB1.0] [<pF4.0] {<nB1.0} {>nF1.0} B1.0 [>pB1.0] {<pF4.0} F4.0 [>nF4.0] "
+        "[<nB2.0] [<pF5.0] {<nB2.0} {>nF2.0} B2.0 [>pB2.0] {<pF5.0} F5.0 [>nF5.0] [<nB3.0] "
+        "{<nB3.0} {>nF3.0} B3.0 [>pB3.0] [<nB4.0] {<nB4.0} {>nF4.0} B4.0 [>pB4.0] [<nB5.0] "
+        "{<nB5.0} {>nF5.0} B5.0 [>pB5.0] {>pB0.0 >pB1.0 >pB2.0 >pB3.0 >pB4.0 >pB5.0}"
     )
+
+
+def test_receives_waited_right_before_their_compute_and_sends_at_the_end():
+    """A Wait inside the list is for the next compute's input, or for the send of that unit's
+    forward output right before its backward; the last Wait drains the remaining sends."""
+    for name in SCHEDULES:
+        S = 1 if name in STOCK_SCHEDULES else 3
+        V = 2 if name in INTERLEAVED else 1
+        schedule = build_schedule(name, 4, 4, S, V)
+        for actions in schedule.stages:
+            inner = [i for i, a in enumerate(actions[:-1]) if isinstance(a, Wait)]
+            drained = {op for i in inner for op in actions[i].ops if op.is_send}
+            sends = [op for a in actions if isinstance(a, CommGroup) for op in a.ops if op.is_send]
+            rest = tuple(op for op in sends if op not in drained)
+            assert rest == () or actions[-1] == Wait(rest)
+            for i in inner:
+                (op,) = actions[i].ops
+                consumer = next(a for a in actions[i + 1 :] if isinstance(a, Compute))
+                assert all(isinstance(a, Wait) for a in actions[i + 1 : actions.index(consumer)])
+                if op.is_send:
+                    assert op.kind == FORWARD and consumer.kind == BACKWARD
+                else:
+                    assert op.kind == consumer.kind
+                assert (op.microbatch, op.token_slice, op.chunk) == consumer.unit
 
 
 def _leading_forwards(computes: list[Compute]) -> int:

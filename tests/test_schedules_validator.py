@@ -14,6 +14,7 @@ from megatron_terapipe.schedules import (
     P2POp,
     Schedule,
     ScheduleError,
+    Wait,
     attach_communication,
     build_schedule,
     find_problems,
@@ -40,6 +41,16 @@ def op(name, kind, m, t=0, v=0):
     return P2POp(name, kind, m, t, v)
 
 
+def blocking(actions) -> tuple:
+    """Each group waited right after it is posted: the old blocking semantics."""
+    out = []
+    for action in actions:
+        out.append(action)
+        if isinstance(action, CommGroup):
+            out.append(Wait(action.ops))
+    return tuple(out)
+
+
 def with_stage(schedule: Schedule, rank: int, actions) -> Schedule:
     stages = list(schedule.stages)
     stages[rank] = tuple(actions)
@@ -55,11 +66,11 @@ def naive_comm(orders, P, V=1):
         for c in order:
             recv = recv_for(c, rank, P, V)
             if recv:
-                actions.append(CommGroup((recv,)))
+                actions += [CommGroup((recv,)), Wait((recv,))]
             actions.append(c)
             send = send_for(c, rank, P, V)
             if send:
-                actions.append(CommGroup((send,)))
+                actions += [CommGroup((send,)), Wait((send,))]
         stages.append(tuple(actions))
     return tuple(stages)
 
@@ -81,16 +92,18 @@ def test_swapped_sends_break_fifo_matching():
     broken = with_stage(
         schedule,
         0,
-        [
-            F(0, 0),
-            F(0, 1),
-            G(op("send_next", "F", 0, 1)),
-            G(op("send_next", "F", 0, 0)),
-            G(op("recv_next", "B", 0, 1)),
-            B(0, 1),
-            G(op("recv_next", "B", 0, 0)),
-            B(0, 0),
-        ],
+        blocking(
+            [
+                F(0, 0),
+                F(0, 1),
+                G(op("send_next", "F", 0, 1)),
+                G(op("send_next", "F", 0, 0)),
+                G(op("recv_next", "B", 0, 1)),
+                B(0, 1),
+                G(op("recv_next", "B", 0, 0)),
+                B(0, 0),
+            ]
+        ),
     )
     text = problems_text(broken)
     assert "channel 0->1" in text and "different payloads" in text
@@ -102,16 +115,18 @@ def test_swapped_receives_break_fifo_matching():
     broken = with_stage(
         schedule,
         1,
-        [
-            G(op("recv_prev", "F", 0, 1)),
-            G(op("recv_prev", "F", 0, 0)),
-            F(0, 0),
-            F(0, 1),
-            B(0, 1),
-            G(op("send_prev", "B", 0, 1)),
-            B(0, 0),
-            G(op("send_prev", "B", 0, 0)),
-        ],
+        blocking(
+            [
+                G(op("recv_prev", "F", 0, 1)),
+                G(op("recv_prev", "F", 0, 0)),
+                F(0, 0),
+                F(0, 1),
+                B(0, 1),
+                G(op("send_prev", "B", 0, 1)),
+                B(0, 0),
+                G(op("send_prev", "B", 0, 0)),
+            ]
+        ),
     )
     assert "different payloads" in problems_text(broken)
 
@@ -155,35 +170,140 @@ def test_deadlocking_placement():
     orders = [[F(0), F(1), B(0), B(1)], [F(0), B(0), F(1), B(1)]]
     schedule = build_schedule("1f1b", 2, 2)
     stages = (
-        (
-            F(0),
-            G(op("send_next", "F", 0)),
-            F(1),
-            G(op("recv_next", "B", 0)),
-            G(op("send_next", "F", 1)),
-            B(0),
-            G(op("recv_next", "B", 1)),
-            B(1),
+        blocking(
+            (
+                F(0),
+                G(op("send_next", "F", 0)),
+                F(1),
+                G(op("recv_next", "B", 0)),
+                G(op("send_next", "F", 1)),
+                B(0),
+                G(op("recv_next", "B", 1)),
+                B(1),
+            )
         ),
-        (
-            G(op("recv_prev", "F", 0)),
-            F(0),
-            B(0),
-            G(op("recv_prev", "F", 1)),
-            G(op("send_prev", "B", 0)),
-            F(1),
-            B(1),
-            G(op("send_prev", "B", 1)),
+        blocking(
+            (
+                G(op("recv_prev", "F", 0)),
+                F(0),
+                B(0),
+                G(op("recv_prev", "F", 1)),
+                G(op("send_prev", "B", 0)),
+                F(1),
+                B(1),
+                G(op("send_prev", "B", 1)),
+            )
         ),
     )
     assert [[a for a in s if isinstance(a, Compute)] for s in stages] == orders
     broken = dataclasses.replace(schedule, stages=stages)
     text = problems_text(broken)
     assert text.startswith("deadlock: ")
-    assert "stage 0 blocked at action 3 [<nB0.0] waiting for <nB0.0c0" in text
-    assert "stage 1 blocked at action 3 [<pF1.0] waiting for <pF1.0c0" in text
+    assert "stage 0 blocked at action 5 {<nB0.0}" in text
+    assert "stage 1 blocked at action 5 {<pF1.0}" in text
+    assert "peer stage 1 has not reached action 6 [>pB0.0]" in text
     with pytest.raises(ScheduleError, match="deadlock"):
         validate_schedule(broken)
+
+
+def test_receive_posted_before_a_send_its_data_needs_deadlocks_on_one_stream():
+    """Rank 0 posts the receive for B0.1's gradient before the send of F0.1's activation. Gloo
+    would progress both, but on NCCL one rank's P2P calls run in order on one stream: the
+    receive waits for a gradient that needs the activation queued behind it."""
+    schedule = build_schedule("token-1f1b", 2, 1, 2)
+    actions = list(schedule.stages[0])
+    send = actions.index(G(op("send_next", "F", 0, 1)))
+    recv = actions.index(G(op("recv_next", "B", 0, 1)))
+    assert send < recv
+    actions.insert(send, actions.pop(recv))
+    text = problems_text(with_stage(schedule, 0, actions))
+    assert text.startswith("deadlock: ")
+    assert "behind its own unfinished group [<nB0.1]" in text
+
+
+def test_wait_after_its_compute_reads_the_receive():
+    schedule = build_schedule("token-1f1b", 2, 1, 2)
+    actions = list(schedule.stages[1])
+    wait = actions.index(Wait((op("recv_prev", "F", 0, 1),)))
+    actions.insert(wait + 2, actions.pop(wait))  # after F0.1
+    assert "is waited after its compute" in problems_text(with_stage(schedule, 1, actions))
+
+
+def test_forward_send_waited_after_its_backward():
+    schedule = build_schedule("token-1f1b", 2, 1, 2)
+    actions = list(schedule.stages[0])
+    wait = Wait((op("send_next", "F", 0, 1),))
+    actions.remove(wait)
+    actions.append(wait)
+    text = problems_text(with_stage(schedule, 0, actions))
+    assert ">nF0.1c0 is waited after the unit's backward" in text
+
+
+def test_send_never_waited_and_wait_for_unposted_op():
+    schedule = build_schedule("token-1f1b", 2, 1, 2)
+    actions = list(schedule.stages[0])
+    actions.remove(Wait((op("send_next", "F", 0, 0),)))
+    text = problems_text(with_stage(schedule, 0, actions))
+    assert ">nF0.0c0 is posted but never waited" in text
+    actions = [Wait((op("recv_next", "B", 0, 1),))] + list(schedule.stages[0])
+    text = problems_text(with_stage(schedule, 0, actions))
+    assert "waits for <nB0.1c0, which is not posted before" in text
+
+
+def _channel(rank, p2p_op, P):
+    peer = (rank + (1 if p2p_op.op in ("send_next", "recv_next") else -1)) % P
+    return (rank, peer) if p2p_op.is_send else (peer, rank)
+
+
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(
+    shape=st.sampled_from(
+        [
+            ("token-1f1b", 2, 2, 3, 1),
+            ("terapipe", 2, 1, 4, 1),
+            ("token-interleaved", 2, 2, 2, 2),
+            ("interleaved", 2, 4, 1, 2),
+            ("token-interleaved", 4, 4, 2, 2),
+            ("1f1b", 3, 4, 1, 1),
+        ]
+    ),
+    data=st.data(),
+)
+def test_swapping_two_messages_of_one_channel_is_caught(shape, data):
+    """Exchange the posting positions of two messages that share a FIFO channel (at P = 2 with
+    two chunks also an activation and a gradient): the validator must reject it, and the FIFO
+    matching must be what finds it."""
+    schedule = build_schedule(*shape)
+    P = schedule.num_stages
+    rank = data.draw(st.integers(0, P - 1))
+    actions = list(schedule.stages[rank])
+    posts = [i for i, a in enumerate(actions) if isinstance(a, CommGroup)]
+    pairs = [
+        (i, j)
+        for n, i in enumerate(posts)
+        for j in posts[n + 1 :]
+        if _channel(rank, actions[i].ops[0], P) == _channel(rank, actions[j].ops[0], P)
+    ]
+    i, j = data.draw(st.sampled_from(pairs))
+    actions[i], actions[j] = actions[j], actions[i]
+    broken = with_stage(schedule, rank, actions)
+    assert find_problems(broken)
+    assert match_messages(broken).problems
+
+
+def test_p2_shared_channel_carries_activations_and_gradients():
+    """At P = 2 with two chunks, rank 1 -> rank 0 carries chunk-0 activations and gradients:
+    swapping one of each mispairs them (gloo would hand a gradient to a forward)."""
+    schedule = build_schedule("token-interleaved", 2, 2, 1, 2)
+    actions = list(schedule.stages[0])
+    recvs = [i for i, a in enumerate(actions) if isinstance(a, CommGroup) and not a.ops[0].is_send]
+    kinds = {actions[i].ops[0].kind for i in recvs}
+    assert kinds == {FORWARD, BACKWARD}
+    forward = next(i for i in recvs if actions[i].ops[0].kind == FORWARD)
+    backward = next(i for i in recvs if actions[i].ops[0].kind == BACKWARD)
+    actions[forward], actions[backward] = actions[backward], actions[forward]
+    problems = match_messages(with_stage(schedule, 0, actions)).problems
+    assert any("cannot travel" in p or "different payloads" in p for p in problems)
 
 
 def test_cyclic_compute_order_deadlocks_and_cannot_get_communication():
@@ -205,7 +325,7 @@ def test_missing_receive():
 def test_send_before_its_compute():
     schedule = build_schedule("gpipe", 2, 1)
     broken = with_stage(
-        schedule, 0, [G(op("send_next", "F", 0)), F(0), G(op("recv_next", "B", 0)), B(0)]
+        schedule, 0, blocking([G(op("send_next", "F", 0)), F(0), G(op("recv_next", "B", 0)), B(0)])
     )
     assert "posted before its compute" in problems_text(broken)
 
@@ -213,7 +333,7 @@ def test_send_before_its_compute():
 def test_receive_after_its_compute():
     schedule = build_schedule("gpipe", 2, 1)
     broken = with_stage(
-        schedule, 1, [F(0), G(op("recv_prev", "F", 0)), B(0), G(op("send_prev", "B", 0))]
+        schedule, 1, blocking([F(0), G(op("recv_prev", "F", 0)), B(0), G(op("send_prev", "B", 0))])
     )
     assert "posted after its compute" in problems_text(broken)
 

@@ -86,7 +86,7 @@ def test_print_schedule(capsys):
             "--print-schedule",
         ]
     )
-    assert "stage 0: F0.0 [>nF0.0 <nB0.0] B0.0" in capsys.readouterr().out
+    assert "stage 0: F0.0 [>nF0.0] [<nB0.0] {<nB0.0} {>nF0.0} B0.0" in capsys.readouterr().out
 
 
 def test_trace_and_plot_files(tmp_path, capsys):

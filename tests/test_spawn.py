@@ -8,7 +8,13 @@ import time
 import pytest
 
 from megatron_terapipe.compat import DistributedRunError, run_distributed
-from megatron_terapipe.testing.probes import exit_on_rank, fail_on_rank, hang_on_rank
+from megatron_terapipe.testing.probes import (
+    cpu_remaps_state,
+    exit_on_rank,
+    fail_on_rank,
+    hang_on_rank,
+    pretend_cuda_host,
+)
 
 
 def test_rank_exception_reaches_caller_with_its_traceback():
@@ -38,3 +44,10 @@ def test_rank_dying_without_traceback_is_reported():
     with pytest.raises(DistributedRunError, match="rank 1 died with exit code 3"):
         run_distributed(exit_on_rank, 2, 1, 3, timeout_s=60)
     assert not mp.active_children()
+
+
+def test_ranks_force_the_cpu_remaps_on_a_cuda_host():
+    """The harness runs gloo/CPU ranks; on a host where CUDA is available the CPU remaps must
+    still be installed (enable_cpu without force would skip them: a half-CUDA run)."""
+    states = run_distributed(cpu_remaps_state, 1, timeout_s=120, rank_setup=pretend_cuda_host)
+    assert states == [{"cuda_reported": True, "cpu_enabled": True, "current_device": "cpu"}]

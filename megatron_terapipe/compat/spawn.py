@@ -39,6 +39,7 @@ def _rank_main(
     kwargs: dict,
     results: mp.Queue,
     threads: int,
+    rank_setup: Callable | None,
 ) -> None:
     try:
         import warnings
@@ -57,9 +58,13 @@ def _rank_main(
             WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank),
         )
+        if rank_setup is not None:
+            rank_setup()
         from megatron_terapipe.compat.cpu import enable_cpu
 
-        enable_cpu()
+        # The ranks run on gloo and the CPU even on a CUDA host: without force, enable_cpu()
+        # would leave megatron-core's CUDA buffers and RNG on the GPU (a half-CUDA run).
+        enable_cpu(force=True)
         torch.distributed.init_process_group(
             "gloo",
             rank=rank,
@@ -112,6 +117,7 @@ def run_distributed(
     timeout_s: float = 240.0,
     threads_per_rank: int = 1,
     startup_s: float = 60.0,
+    rank_setup: Callable | None = None,
     **kwargs: Any,
 ) -> list[Any]:
     """Run `fn(rank, world_size, *args, **kwargs)` on `world_size` gloo ranks; per-rank values.
@@ -119,6 +125,7 @@ def run_distributed(
     `fn` must be importable (a module-level function) because ranks are spawned processes.
     Process groups get `timeout_s` as their collective timeout, and the whole run the same
     deadline plus `startup_s` for spawning and importing (seconds on a small, busy machine).
+    `rank_setup` (importable, no arguments) runs first in each rank, before the CPU remaps.
     """
     ctx = mp.get_context("spawn")
     results: mp.Queue = ctx.Queue()
@@ -126,7 +133,18 @@ def run_distributed(
     procs = [
         ctx.Process(
             target=_rank_main,
-            args=(rank, world_size, port, timeout_s, fn, args, kwargs, results, threads_per_rank),
+            args=(
+                rank,
+                world_size,
+                port,
+                timeout_s,
+                fn,
+                args,
+                kwargs,
+                results,
+                threads_per_rank,
+                rank_setup,
+            ),
             daemon=True,
         )
         for rank in range(world_size)

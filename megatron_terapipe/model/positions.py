@@ -15,6 +15,8 @@ import torch
 from megatron_terapipe.model.slice_context import get_slice_context
 
 _HOOKED_ATTR = "_terapipe_rope_offset_hook"
+# set on each model passed in once its modules have been searched: later steps skip the walk
+_MODEL_DONE_ATTR = "_terapipe_rope_offset_hooks_installed"
 
 
 def _rope_offset_pre_hook(module, args, kwargs):
@@ -29,11 +31,17 @@ def _rope_offset_pre_hook(module, args, kwargs):
 
 
 def install_rope_offset_hooks(models: Iterable[torch.nn.Module]) -> int:
-    """Hook every RotaryEmbedding in `models` once; returns how many were hooked now."""
+    """Hook every RotaryEmbedding in `models` once; returns how many were hooked now.
+
+    The executor calls this every step; a model already searched costs one attribute lookup.
+    """
     from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 
     hooked = 0
     for model in models:
+        if getattr(model, _MODEL_DONE_ATTR, False):
+            continue
+        object.__setattr__(model, _MODEL_DONE_ATTR, True)
         for module in model.modules():
             if isinstance(module, RotaryEmbedding) and not getattr(module, _HOOKED_ATTR, False):
                 module.register_forward_pre_hook(_rope_offset_pre_hook, with_kwargs=True)

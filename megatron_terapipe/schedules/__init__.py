@@ -10,6 +10,7 @@ from megatron_terapipe.schedules.generators import (
     STOCK_SCHEDULES,
     TOKEN_SCHEDULES,
     build_schedule,
+    schedule_from_orders,
 )
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
@@ -20,8 +21,9 @@ from megatron_terapipe.schedules.ir import (
     Kind,
     P2POp,
     Schedule,
+    Wait,
 )
-from megatron_terapipe.schedules.network import match_messages, run_blocking
+from megatron_terapipe.schedules.network import match_messages, run_network
 from megatron_terapipe.schedules.validator import ScheduleError, find_problems, validate_schedule
 
 __all__ = [
@@ -39,9 +41,11 @@ __all__ = [
     "ScheduleError",
     "attach_communication",
     "build_schedule",
+    "schedule_from_orders",
     "find_problems",
     "match_messages",
-    "run_blocking",
+    "run_network",
     "validate_schedule",
+    "Wait",
     "virtual_stage",
 ]

@@ -1,31 +1,43 @@
-"""Which P2P messages each compute needs, and where they go in a rank's action list.
+"""Which P2P messages each compute needs, and where each rank posts and waits for them.
 
 Generators only decide compute order; `attach_communication` is the one place that turns compute
-orders into send/receive groups, so every schedule (and the executor that runs it) shares one rule.
+orders into posted groups and waits, so every schedule (and the executor that runs it) shares one
+rule.
 
 Ring arithmetic (megatron-core's interleaved numbering): chunk ``v`` on rank ``p`` is virtual stage
 ``v * P + p``; rank 0's previous rank is ``P - 1`` and rank ``P - 1``'s next rank is 0.
 
-The placement rule, and why: the executor's P2P is blocking rendezvous (a group waits until every
-op has met its peer), so a placement deadlocks unless matched ops can always meet. Megatron-core's
-1F1B pairing ("send what is pending together with the next receive") is deadlock-free for 1F1B
-but not for interleaved orders, where megatron-core itself posts receives one step early and
-buffers them. The rule here covers both:
+What the executor does with the result: posting never blocks; each receive is waited right before
+the compute that reads it; sends complete while the rank computes and are waited at the end of its
+list. What can still go wrong is the order of posting: every rank's P2P calls run one after
+another on one stream (NCCL), so a receive posted before a send the peer needs first deadlocks,
+and messages pair per channel in posting order (gloo and NCCL alike), so two ends that order one
+channel differently swap tensors. The rule:
 
-1. Run the compute orders once as pure dataflow with unit costs (forward 1, backward 2).
-2. Exchange each message at the *latest* moment in [producer end, consumer start] at which
-   neither rank is in the middle of a compute (if there is none, at the producer's end).
-3. On each rank, put the exchanges of one moment in one CommGroup at that moment, ordered by
-   moment (ties by the producer's end time, identical on both ends), then merge groups that
-   follow each other with no compute in between.
+1. Run the compute orders once as pure dataflow with unit costs (forward 1, backward 2). Give
+   every message the key (end of its producing compute in that run, message id); both ends of
+   a message compute the same key.
+2. Post each send right after the compute that produces it.
+3. Post each receive as early as the key order allows: right after the last send with a smaller
+   key (every rank's posting order is then sorted by key; receives keep their key order). That
+   is never after the compute that reads it, and in the unit-cost run never after its data is
+   sent, so the transfer overlaps the receiver's compute and no sender's stream waits for a
+   receive posted late.
+4. Wait for each receive right before its compute; for a forward's send right before that unit's
+   backward (megatron-core's backward wants the sent output deallocated; the unit's gradient
+   has arrived by then, so the send has completed); for the other sends at the end.
 
-Both ends of a message sit in groups with the same (moment, producer end) key and every rank posts
-its groups in key order, so the smallest key that is blocked could always proceed: no deadlock.
-Both ends also post their messages to one peer in key order, so FIFO channel matching pairs the
-intended messages, also when P = 2 and activations and gradients share a channel. For
-1F1B-type orders this reproduces megatron-core's send_forward_recv_backward /
-send_backward_recv_forward pairing exactly; when the unit-cost run is tight, a unit-cost
-simulation of the result has no communication stalls.
+In the unit-cost run itself every message then completes when it is sent, so a schedule's
+simulated step keeps the dataflow bubble (the textbook formulas).
+
+Why this cannot deadlock: take the incomplete message with the smallest key. On each rank
+everything posted before it has a smaller key, so has completed; its sender posts it after the
+producing compute, and every wait before that compute is for data produced (in the unit-cost run)
+before that compute started, so with a smaller key; its receiver posts it before waiting for any
+larger key (receives are posted in key order, each before its wait). So both ends are posted at
+the head of their streams and it completes. Both ends also post each channel's messages in key
+order, so FIFO matching pairs the intended messages, also when P = 2 and activations and gradients
+share a channel. The validator re-proves both on every schedule it is given (`network.py`).
 """
 
 from __future__ import annotations
@@ -46,6 +58,7 @@ from megatron_terapipe.schedules.ir import (
     CommGroup,
     Compute,
     P2POp,
+    Wait,
 )
 
 _OP_RANK = {name: i for i, name in enumerate(OP_ORDER)}
@@ -158,55 +171,29 @@ class _Reference:
                 + ")"
             )
 
-    def _busy_since(self, rank: int, moment: float) -> float | None:
-        """Start of the compute running strictly around `moment` on `rank`, else None."""
-        i = bisect_left(self.start[rank], moment) - 1
-        if i >= 0 and self.end[rank][i] > moment:
-            return self.start[rank][i]
-        return None
 
-    def exchange_moment(self, a: int, b: int, earliest: float, latest: float) -> float:
-        """Latest moment in [earliest, latest] at which neither rank a nor b is mid-compute."""
-        moment = latest
-        while moment >= earliest:
-            around = (self._busy_since(a, moment), self._busy_since(b, moment))
-            busy = [s for s in around if s is not None]
-            if not busy:
-                return moment
-            moment = min(busy)
-        return earliest
+def consumer_of(send: P2POp, rank: int, num_stages: int) -> tuple[int, Compute]:
+    """(rank, compute) that reads what `send` carries: the adjacent virtual stage's same unit."""
+    vstage = virtual_stage(rank, send.chunk, num_stages)
+    target = vstage + 1 if send.kind == FORWARD else vstage - 1
+    chunk, dst_rank = divmod(target, num_stages)
+    return dst_rank, Compute(send.kind, send.microbatch, send.token_slice, chunk)
 
 
-def _same_channel_order(posted: tuple[P2POp, ...], combined: tuple[P2POp, ...]) -> bool:
-    """With P = 2 all sends share one channel, as do all receives: their order must not change."""
-    return all(
-        [op for op in posted if op.is_send == sends]
-        == [op for op in combined if op.is_send == sends]
-        for sends in (True, False)
-    )
-
-
-def _merge_adjacent(actions: list[Action], rank: int, num_stages: int) -> list[Action]:
-    """Merge groups with no compute between them (same blocking, fewer batched calls), unless an
-    op name repeats or, on a channel shared by both directions (P = 2), the merged posting order
-    would change the order of messages to the peer."""
-    merged: list[Action] = []
-    for action in actions:
-        if isinstance(action, CommGroup) and merged and isinstance(merged[-1], CommGroup):
-            before = merged[-1].ops
-            if {op.op for op in before}.isdisjoint(op.op for op in action.ops):
-                combined = canonical_ops(before + action.ops)
-                if num_stages > 2 or _same_channel_order(before + action.ops, combined):
-                    merged[-1] = CommGroup(combined)
-                    continue
-        merged.append(action)
-    return merged
+def _message_key(
+    ref: _Reference, producer_rank: int, producer: Compute
+) -> tuple[float, int, int, int, int, str]:
+    """Sort key of the message `producer` sends; identical at both ends."""
+    end = ref.end[producer_rank][ref.index[producer_rank][producer]]
+    vstage = virtual_stage(producer_rank, producer.chunk, ref.P)
+    return (end, vstage, producer.microbatch, producer.token_slice, 0, producer.kind)
 
 
 def attach_communication(
     compute_orders: Sequence[Sequence[Compute]], num_stages: int, num_chunks: int
 ) -> tuple[tuple[Action, ...], ...]:
-    """Insert CommGroups into each rank's compute order (rule and proof in the module docstring).
+    """Insert posted groups and waits into each rank's compute order (rule and proof in the module
+    docstring).
 
     Raises ValueError if the compute orders cannot run at all (a cyclic wait between stages or a
     compute whose input no stage produces).
@@ -215,28 +202,50 @@ def attach_communication(
     if len(compute_orders) != P:
         raise ValueError(f"{len(compute_orders)} compute orders for num_stages={P}")
     ref = _Reference(compute_orders, P, V)
-    exchanges: list[dict[tuple[float, float], list[P2POp]]] = [defaultdict(list) for _ in range(P)]
-    for rank, order in enumerate(compute_orders):
-        for i, compute in enumerate(order):
-            recv = recv_for(compute, rank, P, V)
-            if recv is None:
-                continue
-            src, src_compute = producer_of(compute, rank, P)
-            produced = ref.end[src][ref.index[src][src_compute]]
-            moment = ref.exchange_moment(rank, src, produced, ref.start[rank][i])
-            key = (moment, produced)
-            exchanges[rank][key].append(recv)
-            exchanges[src][key].append(send_for(src_compute, src, P, V))
-    stages = []
-    for rank, order in enumerate(compute_orders):
-        keys = sorted(exchanges[rank])
-        actions: list[Action] = []
-        k = 0
-        for i, compute in enumerate(order):
-            while k < len(keys) and keys[k][0] <= ref.start[rank][i]:
-                actions.append(CommGroup(canonical_ops(exchanges[rank][keys[k]])))
-                k += 1
-            actions.append(compute)
-        actions.extend(CommGroup(canonical_ops(exchanges[rank][key])) for key in keys[k:])
-        stages.append(tuple(_merge_adjacent(actions, rank, P)))
-    return tuple(stages)
+    return tuple(_rank_actions(order, rank, ref) for rank, order in enumerate(compute_orders))
+
+
+def _rank_actions(order: Sequence[Compute], rank: int, ref: _Reference) -> tuple[Action, ...]:
+    P, V = ref.P, ref.V
+    n = len(order)
+    # slot i: posted just before compute i (slot n: after the last compute)
+    slots: list[list[tuple[tuple, P2POp]]] = [[] for _ in range(n + 1)]
+    send_keys: list[tuple] = []
+    send_slots: list[int] = []
+    for i, compute in enumerate(order):
+        send = send_for(compute, rank, P, V)
+        if send is not None:
+            key = _message_key(ref, rank, compute)
+            slots[i + 1].append((key, send))
+            send_keys.append(key)  # increasing: a rank's computes end in order
+            send_slots.append(i + 1)
+    waits: dict[int, P2POp] = {}
+    for i, compute in enumerate(order):
+        recv = recv_for(compute, rank, P, V)
+        if recv is None:
+            continue
+        key = _message_key(ref, *producer_of(compute, rank, P))
+        below = bisect_left(send_keys, key)  # sends with a smaller key
+        slots[send_slots[below - 1] if below else 0].append((key, recv))
+        waits[i] = recv
+    actions: list[Action] = []
+    waited: set[P2POp] = set()
+    for i in range(n + 1):
+        actions.extend(CommGroup((op,)) for _, op in sorted(slots[i], key=lambda item: item[0]))
+        if i == n:
+            break
+        if i in waits:
+            actions.append(Wait((waits[i],)))
+        if order[i].kind == BACKWARD:
+            # megatron-core's backward_step wants the unit's forward output deallocated, which
+            # is safe once its send completed; the gradient just waited for implies it has.
+            forward = Compute(FORWARD, *order[i].unit)
+            sent = send_for(forward, rank, P, V)
+            if sent is not None:
+                actions.append(Wait((sent,)))
+                waited.add(sent)
+        actions.append(order[i])
+    sends = tuple(op for slot in slots for _, op in slot if op.is_send and op not in waited)
+    if sends:
+        actions.append(Wait(sends))
+    return tuple(actions)

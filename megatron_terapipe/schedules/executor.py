@@ -5,7 +5,12 @@ megatron-core's `get_forward_backward_func()` returns: same keywords, same retur
 side effects (DDP no_sync during the step, `finalize_model_grads` at the end). Each rank walks
 its own action list from the schedule; compute actions call the user's unchanged
 `forward_step_func` on one token slice of one micro-batch, and megatron-core's `backward_step`
-per slice; communication actions post megatron-core's batched P2P ops with per-slice shapes.
+per slice; communication actions post megatron-core's batched P2P ops with per-slice shapes without
+waiting, and Wait actions block only where the schedule says (a receive right before the compute
+that reads it; a forward's send before that unit's backward, other sends at the end; a sent
+tensor is kept alive until its send completes, a forward output deallocated as soon as it has).
+Nothing in a step synchronises with the host except those waits: the per-token-loss token count
+stays on the model's device.
 
 Loss semantics match stock exactly: for loss functions returning (loss, num_tokens, report)
 each slice's loss sum is divided by the micro-batch's *total* token count (known before the
@@ -18,7 +23,7 @@ when every token counts (no loss mask) -- use the three-value form for masked lo
 from __future__ import annotations
 
 import contextlib
-import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -34,8 +39,7 @@ from megatron_terapipe.config import TokenPipelineConfig
 from megatron_terapipe.model.batch_slicing import slice_batch
 from megatron_terapipe.model.positions import install_rope_offset_hooks
 from megatron_terapipe.model.slice_context import TokenSliceContext, activate
-from megatron_terapipe.schedules.communication import attach_communication
-from megatron_terapipe.schedules.generators import build_schedule
+from megatron_terapipe.schedules.generators import build_schedule, schedule_from_orders
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
     FORWARD,
@@ -45,10 +49,13 @@ from megatron_terapipe.schedules.ir import (
     SEND_PREV,
     CommGroup,
     Compute,
+    P2POp,
     Schedule,
+    Wait,
 )
 from megatron_terapipe.schedules.support import check_token_pipeline_support
 from megatron_terapipe.schedules.validator import validate_schedule
+from megatron_terapipe.timing import StepClock
 
 
 @lru_cache(maxsize=64)
@@ -61,13 +68,8 @@ def _forward_only_schedule(name: str, stages: int, microbatches: int, slices: in
     """The forwards of the training schedule, in its order, with their own communication."""
     full = build_schedule(name, stages, microbatches, slices, chunks)
     orders = [[c for c in full.computes(p) if c.kind == FORWARD] for p in range(stages)]
-    schedule = Schedule(
-        name=f"{name}/forward-only",
-        num_stages=stages,
-        num_microbatches=microbatches,
-        num_token_slices=slices,
-        num_chunks=chunks,
-        stages=attach_communication(orders, stages, chunks),
+    schedule = schedule_from_orders(
+        f"{name}/forward-only", stages, microbatches, slices, chunks, orders
     )
     return validate_schedule(schedule, forward_only=True)
 
@@ -115,7 +117,7 @@ class _MicrobatchLoss:
     """Per-slice loss outputs of one micro-batch on the last stage."""
 
     losses: dict[int, torch.Tensor] = field(default_factory=dict)
-    num_tokens: dict[int, torch.Tensor] = field(default_factory=dict)
+    num_tokens: torch.Tensor | int = 0  # the micro-batch's token count, summed over its slices
     reports: dict[int, Any] = field(default_factory=dict)
     three_values: bool = True
 
@@ -153,10 +155,17 @@ class _Step:
         self.to_send: dict[tuple, torch.Tensor] = {}  # (kind, m, t, v) -> tensor for a peer
         self.losses: dict[int, _MicrobatchLoss] = {}
         self.forward_data_store: list = []
-        self.total_num_tokens = torch.zeros([], dtype=torch.int)
+        self.device = kw["device"]
+        self.total_num_tokens = torch.zeros([], dtype=torch.int, device=self.device)
         self.timeline: list[ActionRecord] = []
-        self.t0 = 0.0
+        self.clock = StepClock()
+        self.marks: list[tuple[str, int, int, int, object, object]] = []
         self.first_forward_done: set[int] = set()
+        # posted P2P batches: op -> its batch; sends still in flight, oldest first
+        self.posted: dict[P2POp, _PostedBatch] = {}
+        self.sends_in_flight: deque[_PostedBatch] = deque()
+        self.grad_sync: _GradSync = kw["grad_sync"]
+        self.last_backward = _last_backward_per_chunk(self.schedule.stages[self.rank])
 
     # -- helpers ------------------------------------------------------------------------------
     def is_first_virtual_stage(self, chunk: int) -> bool:
@@ -174,24 +183,37 @@ class _Step:
         if not self.record:
             yield
             return
-        start = time.perf_counter() - self.t0
+        start = self.clock.mark()
         yield
-        self.timeline.append(
-            ActionRecord(kind, microbatch, token_slice, chunk, start, time.perf_counter() - self.t0)
-        )
+        self.marks.append((kind, microbatch, token_slice, chunk, start, self.clock.mark()))
+
+    def finish_timeline(self) -> None:
+        """Turn the step's marks into records (one device synchronisation for the whole step)."""
+        if not self.record:
+            return
+        self.clock.finish()
+        self.timeline = [
+            ActionRecord(kind, m, t, v, self.clock.seconds(start), self.clock.seconds(end))
+            for kind, m, t, v, start, end in self.marks
+        ]
 
     # -- actions ------------------------------------------------------------------------------
     def run(self) -> None:
         if self.record:
             torch.distributed.barrier(group=self.pp_group)
-            self.t0 = time.perf_counter()
-        for action in self.schedule.stages[self.rank]:
+            self.clock.start()
+        for index, action in enumerate(self.schedule.stages[self.rank]):
             if isinstance(action, CommGroup):
-                self.communicate(action)
+                self.post(action)
+            elif isinstance(action, Wait):
+                self.wait(action)
             elif action.kind == FORWARD:
+                self.free_completed_sends()
                 self.forward(action)
             else:
-                self.backward(action)
+                self.free_completed_sends()
+                self.backward(action, index)
+        self.finish_timeline()
 
     def forward(self, action: Compute) -> None:
         m, t, v = action.microbatch, action.token_slice, action.chunk
@@ -241,8 +263,8 @@ class _Step:
         outputs = loss_func(output)
         if len(outputs) == 3:
             loss, num_tokens, report = outputs
-            record.num_tokens[t] = num_tokens
-            self.total_num_tokens += num_tokens.to(self.total_num_tokens.dtype).cpu()
+            record.num_tokens = record.num_tokens + num_tokens
+            self.total_num_tokens += num_tokens.to(self.total_num_tokens.dtype)
         elif len(outputs) == 2:
             loss, report = outputs
             record.three_values = False
@@ -279,13 +301,15 @@ class _Step:
         if record.three_values:
             if self.config.calculate_per_token_loss:
                 return loss
-            total = sum(record.num_tokens.values())
-            return loss / torch.clamp(total, min=1) / self.num_microbatches
+            return loss / torch.clamp(record.num_tokens, min=1) / self.num_microbatches
         weight = self.token_slices[t] / self.seq_length
         return loss * weight * cp_size / self.num_microbatches
 
-    def backward(self, action: Compute) -> None:
+    def backward(self, action: Compute, index: int) -> None:
         m, t, v = action.microbatch, action.token_slice, action.chunk
+        last_of_chunk = self.last_backward.get(v) == index
+        if last_of_chunk:
+            self.grad_sync.before_last_backward(v)
         key = (m, t, v)
         input_tensor = self.inputs.pop(key)
         output = self.outputs.pop(key)
@@ -298,28 +322,32 @@ class _Step:
                 input_tensor, output, output_grad, self.model_type, self.config
             )
         self.context.release(v, m, t)
+        if last_of_chunk:
+            self.grad_sync.after_last_backward(v)
         if not self.is_first_virtual_stage(v):
             self.to_send[(BACKWARD, m, t, v)] = input_grad
 
-    def communicate(self, group: CommGroup) -> None:
+    def post(self, group: CommGroup) -> None:
+        """Post the group's ops in one batched call; nothing waits here."""
         tensors: dict[str, torch.Tensor] = {}
-        recv_keys: dict[str, tuple] = {}
-        sent: list[tuple] = []
+        batch = _PostedBatch()
         for op in group.ops:
             key = (op.kind, op.microbatch, op.token_slice, op.chunk)
-            if op.op in (SEND_NEXT, SEND_PREV):
-                tensors[op.op] = self.to_send[key]
-                sent.append(key)
+            if op.is_send:
+                tensor = self.to_send.pop(key)
+                batch.sends.append((key, tensor))
             else:
-                tensors[op.op] = torch.empty(
+                tensor = torch.empty(
                     self.activation_shape(op.token_slice),
                     dtype=self.config.pipeline_dtype,
-                    device=_device(),
+                    device=self.device,
                     requires_grad=(op.op == RECV_PREV and not self.forward_only),
                 )
-                recv_keys[op.op] = key
+                batch.recvs.append((key, tensor))
+            tensors[op.op] = tensor
+            self.posted[op] = batch
         with self.timed("comm"):
-            requests = _batched_p2p_ops(
+            batch.requests = _batched_p2p_ops(
                 tensor_send_prev=tensors.get(SEND_PREV),
                 tensor_recv_prev=tensors.get(RECV_PREV),
                 tensor_send_next=tensors.get(SEND_NEXT),
@@ -328,19 +356,67 @@ class _Step:
                 prev_pipeline_rank=self.prev_rank,
                 next_pipeline_rank=self.next_rank,
             )
-            for request in requests:
-                request.wait()
-        for op_name, key in recv_keys.items():
-            self.received[key] = tensors[op_name]
-        for key in sent:
-            tensor = self.to_send.pop(key)
+        if batch.sends:
+            self.sends_in_flight.append(batch)
+
+    def wait(self, action: Wait) -> None:
+        """Block until the batches holding these ops have completed; hand over what arrived."""
+        with self.timed("comm"):
+            for op in action.ops:
+                self.complete(self.posted.pop(op))
+
+    def complete(self, batch: _PostedBatch) -> None:
+        if batch.completed:
+            return
+        for request in batch.requests:
+            request.wait()
+        batch.completed = True
+        for key, tensor in batch.recvs:
+            self.received[key] = tensor
+        self.release_sends(batch)
+
+    def release_sends(self, batch: _PostedBatch) -> None:
+        for key, tensor in batch.sends:
             if key[0] == FORWARD:
                 deallocate_output_tensor(tensor, self.config.deallocate_pipeline_outputs)
+        batch.sends.clear()
+
+    def free_completed_sends(self) -> None:
+        """Deallocate forward outputs whose sends have completed (memory only; no waiting)."""
+        while self.sends_in_flight:
+            batch = self.sends_in_flight[0]
+            if not batch.completed and not all(r.is_completed() for r in batch.requests):
+                return
+            self.sends_in_flight.popleft()
+            if not batch.recvs:
+                batch.completed = True
+            self.release_sends(batch)
 
 
-def _device() -> torch.device:
-    if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device())
+@dataclass
+class _PostedBatch:
+    """One batched P2P call in flight: its requests and the tensors it reads or fills."""
+
+    requests: list = field(default_factory=list)
+    sends: list[tuple[tuple, torch.Tensor]] = field(default_factory=list)
+    recvs: list[tuple[tuple, torch.Tensor]] = field(default_factory=list)
+    completed: bool = False
+
+
+def _last_backward_per_chunk(actions: Sequence) -> dict[int, int]:
+    """Index of each chunk's last backward in a rank's list (where its grad sync may start)."""
+    last: dict[int, int] = {}
+    for index, action in enumerate(actions):
+        if isinstance(action, Compute) and action.kind == BACKWARD:
+            last[action.chunk] = index
+    return last
+
+
+def model_device(models: Sequence[torch.nn.Module]) -> torch.device:
+    """Where the model lives: every tensor the step hands to torch.distributed goes there."""
+    for model in models:
+        for param in model.parameters():
+            return param.device
     return torch.device("cpu")
 
 
@@ -371,12 +447,21 @@ def _weighted_reports(reports: Sequence[Any], weights: Sequence[float]) -> Any:
 
 
 class _GradSync:
-    """DDP no_sync over the step, lifted per chunk before its last backward (as stock does)."""
+    """DDP no_sync over the step, lifted per chunk as megatron-core's schedules do.
+
+    Without `grad_sync_func`: right before the chunk's last backward of the step, so that with
+    `overlap_grad_reduce` DDP's hooks dispatch the chunk's bucket reductions while that backward
+    (and the other chunks' later work) still runs. With `grad_sync_func` (Megatron-LM's
+    `--align-grad-reduce`: start_grad_sync per chunk): right after the chunk's last backward,
+    followed by that call, so each chunk's reduction is launched once, explicitly, as soon as its
+    gradients are complete."""
 
     def __init__(self, config, models: list, enabled: bool) -> None:
         self.config = config
         self.models = models
         self.contexts: list = []
+        self.started: set[int] = set()
+        self.explicit = config.grad_sync_func is not None
         if not enabled:
             return
         no_sync = config.no_sync_func
@@ -391,20 +476,36 @@ class _GradSync:
             ctx.__enter__()
             self.contexts.append(ctx)
 
+    def before_last_backward(self, chunk: int) -> None:
+        if not self.explicit:
+            self.release(chunk)
+
+    def after_last_backward(self, chunk: int) -> None:
+        if self.explicit:
+            self.start(chunk)
+
     def release(self, chunk: int) -> None:
+        """Leave no_sync for `chunk`: its next backward reduces gradients as they are ready."""
         if chunk < len(self.contexts) and self.contexts[chunk] is not None:
             self.contexts[chunk].__exit__(None, None, None)
             self.contexts[chunk] = None
 
+    def start(self, chunk: int) -> None:
+        """Launch `chunk`'s remaining gradient reduction (megatron-core's grad_sync_func)."""
+        if chunk >= len(self.contexts) or chunk in self.started:
+            return
+        self.release(chunk)
+        self.started.add(chunk)
+        grad_sync = self.config.grad_sync_func
+        if isinstance(grad_sync, list):
+            grad_sync = grad_sync[chunk]
+        if grad_sync is not None:
+            grad_sync(self.models[chunk].parameters())
+
     def finish(self) -> None:
+        """Chunks that ran no backward on this rank still leave no_sync and sync."""
         for chunk in range(len(self.contexts)):
-            if self.contexts[chunk] is not None:
-                self.release(chunk)
-                grad_sync = self.config.grad_sync_func
-                if isinstance(grad_sync, list):
-                    grad_sync = grad_sync[chunk]
-                if grad_sync is not None:
-                    grad_sync(self.models[chunk].parameters())
+            self.start(chunk)
 
 
 class TokenPipelineForwardBackward:
@@ -479,11 +580,13 @@ class TokenPipelineForwardBackward:
         )
         schedule = _forward_only_schedule(*shape) if forward_only else _training_schedule(*shape)
         install_rope_offset_hooks(models)
+        device = model_device(models)
 
         timers = mconfig.timers
         if timers is not None:
             timers("forward-backward", log_level=1).start(barrier=mconfig.barrier_with_L1_time)
         context = TokenSliceContext(token_slices, requires_grad=not forward_only)
+        grad_sync = _GradSync(mconfig, models, enabled=not forward_only)
         step = _Step(
             forward_step_func=forward_step_func,
             models=models,
@@ -499,8 +602,9 @@ class TokenPipelineForwardBackward:
             context=context,
             record=self.config.record_timeline,
             pp_group=pp_group,
+            device=device,
+            grad_sync=grad_sync,
         )
-        grad_sync = _GradSync(mconfig, models, enabled=not forward_only)
         with activate(context):
             step.run()
         grad_sync.finish()

@@ -216,7 +216,10 @@ def token_interleaved(P: int, M: int, S: int, V: int = 2) -> Schedule:
     return _make("token-interleaved", P, M, S, V, _interleaved_orders(P, M, S, V))
 
 
-def _make(name: str, P: int, M: int, S: int, V: int, orders: list[list[Compute]]) -> Schedule:
+def schedule_from_orders(
+    name: str, P: int, M: int, S: int, V: int, orders: Sequence[Sequence[Compute]]
+) -> Schedule:
+    """A schedule from per-rank compute orders, communication attached by the one rule."""
     return Schedule(
         name=name,
         num_stages=P,
@@ -225,6 +228,10 @@ def _make(name: str, P: int, M: int, S: int, V: int, orders: list[list[Compute]]
         num_chunks=V,
         stages=attach_communication(orders, P, V),
     )
+
+
+def _make(name: str, P: int, M: int, S: int, V: int, orders: list[list[Compute]]) -> Schedule:
+    return schedule_from_orders(name, P, M, S, V, orders)
 
 
 SCHEDULES: dict[str, Callable[..., Schedule]] = {

@@ -7,11 +7,15 @@ Text notation used by `Schedule.format` (one token per action):
 
 - ``F3.1`` / ``B3.1``: forward / backward of micro-batch 3, token slice 1. With more than one model
   chunk the chunk follows a ``c``: ``F3.1c1``.
-- ``[...]``: a CommGroup; its ops are posted together, then all waited. Inside, each op is
-  ``<dir><peer><payload>`` with ``>`` = send, ``<`` = receive, peer ``p`` = previous rank,
-  ``n`` = next rank, and the payload in the same form as a compute: ``[>nF0.1 <pF1.0]`` sends the
-  activation of F0.1 to the next rank and receives the activation for F1.0 from the previous
-  rank; ``<nB0.1`` receives the gradient for B0.1 from the next rank.
+- ``[...]``: a CommGroup; its ops are posted together (one batched call) and the rank goes on
+  without waiting. Inside, each op is ``<dir><peer><payload>`` with ``>`` = send, ``<`` =
+  receive, peer ``p`` = previous rank, ``n`` = next rank, and the payload in the same form as a
+  compute: ``[>nF0.1 <pF1.0]`` sends the activation of F0.1 to the next rank and receives the
+  activation for F1.0 from the previous rank; ``<nB0.1`` receives the gradient for B0.1 from the
+  next rank.
+- ``{...}``: a Wait; the rank blocks until the posted groups holding these ops have completed
+  (``{<pF1.0}`` right before ``F1.0``: wait for the data where it is needed). Sends are waited
+  by the Wait that ends a rank's list, so they complete while the rank computes.
 """
 
 from __future__ import annotations
@@ -83,7 +87,8 @@ class P2POp:
 
 @dataclass(frozen=True)
 class CommGroup:
-    """P2P ops posted together and then all waited (megatron-core's batched isend/irecv)."""
+    """P2P ops posted together in one batched call (megatron-core's batched isend/irecv); posting
+    does not block, a later `Wait` does."""
 
     ops: tuple[P2POp, ...]
 
@@ -91,7 +96,21 @@ class CommGroup:
         return "[" + " ".join(op.format(num_chunks) for op in self.ops) + "]"
 
 
-Action = Union[Compute, CommGroup]
+@dataclass(frozen=True)
+class Wait:
+    """Block until every posted CommGroup holding one of `ops` has completed.
+
+    A group completes as a whole (NCCL runs a batched call as one kernel), so waiting for one op
+    of a group waits for all of them.
+    """
+
+    ops: tuple[P2POp, ...]
+
+    def format(self, num_chunks: int = 1) -> str:
+        return "{" + " ".join(op.format(num_chunks) for op in self.ops) + "}"
+
+
+Action = Union[Compute, CommGroup, Wait]
 
 
 @dataclass(frozen=True)

@@ -1,19 +1,27 @@
 """The physical P2P network model shared by the validator and the simulator.
 
-Messages between two ranks travel over one FIFO channel per ordered pair (src, dst): the k-th
-send posted on (src, dst) matches the k-th receive posted at dst from src, whatever payload either
-side meant (megatron-core's batched isend/irecv carries no tags). With P = 2 a rank's previous and
-next rank are the same rank, so activations and gradients share a channel and their order matters.
+Matching: messages between two ranks travel over one FIFO channel per ordered pair (src, dst): the
+k-th send posted on (src, dst) matches the k-th receive posted at dst from src, whatever payload
+either side meant (megatron-core's batched isend/irecv carries no tags). With P = 2 a rank's
+previous and next rank are the same rank, so activations and gradients share a channel and their
+posting order matters (gloo pairs them per peer in order: a wrong order swaps tensors silently).
+Matching depends only on posting order, so it is fixed before anything runs.
 
-Blocking semantics (what the executor does): a rank runs its actions in order; a CommGroup posts
-all its ops, then blocks until every op has met its peer op (rendezvous: a send completes once the
-matching receive is posted and vice versa); computes never block. Because matching depends only on
-posting order, it is fixed before anything runs; running then only decides *when*.
+Progress (what the executor does, on the strictest backend): a rank runs its actions in order.
+Posting a CommGroup never blocks the rank; a Wait blocks it until the groups it names have
+completed; computes take their time. Each rank's posted groups run one after another in posting
+order (NCCL runs every P2P call of a rank on one stream, one batched call as one kernel): a
+group starts once it is posted and the rank's previous group has completed; one of its ops
+completes once its peer op's group has started too (rendezvous), plus the transfer time; the
+group completes with its last op. Gloo is more permissive (its ops progress independently), so a
+schedule that finishes under this model finishes there too: every event here happens no earlier
+than there. All conditions are conjunctions of earlier events, so whether a schedule deadlocks
+does not depend on the costs; one zero-cost run decides it.
 """
 
 from __future__ import annotations
 
-from collections import defaultdict, deque
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -29,6 +37,7 @@ from megatron_terapipe.schedules.ir import (
     Compute,
     P2POp,
     Schedule,
+    Wait,
 )
 
 # Which op may carry which tensor: activations go forward along the ring, gradients backward.
@@ -113,7 +122,8 @@ class RunResult:
 
     start: list[list[float | None]]
     end: list[list[float | None]]
-    # rank -> index of the CommGroup it is blocked in (only when the run deadlocked)
+    # rank -> index of the Wait it is blocked in, or len(actions) when its list ran to the end
+    # but a posted group never completed (only when the run deadlocked)
     stuck: dict[int, int]
 
     @property
@@ -121,100 +131,182 @@ class RunResult:
         return bool(self.stuck)
 
 
-def run_blocking(
+class _Batches:
+    """Posted groups per rank in posting order, and when each starts and completes."""
+
+    def __init__(self, schedule: Schedule, matching: Matching) -> None:
+        self.matching = matching
+        P = schedule.num_stages
+        # per rank: batch number of each CommGroup action, and each batch's OpRefs
+        self.index_of: list[dict[int, int]] = [{} for _ in range(P)]
+        self.refs: list[list[list[OpRef]]] = [[] for _ in range(P)]
+        self.batch_of_op: list[dict[P2POp, int]] = [{} for _ in range(P)]
+        for rank, actions in enumerate(schedule.stages):
+            for index, action in enumerate(actions):
+                if isinstance(action, CommGroup):
+                    b = len(self.refs[rank])
+                    self.index_of[rank][index] = b
+                    self.refs[rank].append(
+                        [OpRef(rank, index, op) for op in canonical_ops(action.ops)]
+                    )
+                    for op in action.ops:
+                        self.batch_of_op[rank][op] = b
+        self.posted: list[list[float | None]] = [[None] * len(r) for r in self.refs]
+        self.done: list[list[float]] = [[] for _ in range(P)]  # completion of batches 0..k-1
+
+    def start(self, rank: int, b: int) -> float | None:
+        """When batch b of `rank` starts: posted and the rank's previous batch completed."""
+        posted = self.posted[rank][b]
+        if posted is None or len(self.done[rank]) < b:
+            return None
+        return posted if b == 0 else max(posted, self.done[rank][b - 1])
+
+    def resolve(self, transfer_time: Callable[[P2POp], float], eager_sends: bool) -> bool:
+        """Complete every batch that can complete now; whether any did."""
+        progress, changed = False, True
+        while changed:
+            changed = False
+            for rank in range(len(self.refs)):
+                while len(self.done[rank]) < len(self.refs[rank]):
+                    b = len(self.done[rank])
+                    begin = self.start(rank, b)
+                    if begin is None:
+                        break
+                    finish = self._finish(rank, b, begin, transfer_time, eager_sends)
+                    if finish is None:
+                        break
+                    self.done[rank].append(finish)
+                    changed = progress = True
+        return progress
+
+    def _finish(self, rank, b, begin, transfer_time, eager_sends) -> float | None:
+        finish = begin
+        for ref in self.refs[rank][b]:
+            if eager_sends and ref.op.is_send:
+                finish = max(finish, begin + transfer_time(ref.op))
+                continue
+            peer = self.matching.peer.get(ref)
+            if peer is None:
+                return None
+            peer_begin = self.start(peer.rank, self.index_of[peer.rank][peer.action])
+            if peer_begin is None:
+                return None
+            if eager_sends:
+                arrived = max(begin, peer_begin + transfer_time(ref.op))
+            else:
+                arrived = max(begin, peer_begin) + transfer_time(ref.op)
+            finish = max(finish, arrived)
+        return finish
+
+
+def run_network(
     schedule: Schedule,
     matching: Matching,
     compute_time: Callable[[int, Compute], float],
     transfer_time: Callable[[P2POp], float],
     eager_sends: bool = False,
 ) -> RunResult:
-    """Run every rank's list under the blocking semantics; times are exact, not sampled.
-
-    A matched op completes ``transfer_time`` after both of its ends are posted; a group ends when
-    its last op completes. Event-driven: a rank blocked on a group is woken only when the group it
-    waits for is posted, so the cost is linear in the number of actions.
+    """Run every rank's list under the model in the module docstring; times are exact.
 
     `eager_sends` models buffered sends instead (small NCCL/gloo messages): a send completes
-    ``transfer_time`` after it is posted, whether or not the receive is; the receive completes
-    when it is posted and the data has arrived. The executor's contract is rendezvous; eager is
-    the optimistic bound.
+    ``transfer_time`` after its group starts, whether or not the receive is posted; the receive
+    completes once its group has started and the data has arrived. Rendezvous is the contract
+    the validator proves; eager is the optimistic bound.
     """
     stages = schedule.stages
     P = schedule.num_stages
     start: list[list[float | None]] = [[None] * len(a) for a in stages]
     end: list[list[float | None]] = [[None] * len(a) for a in stages]
+    batches = _Batches(schedule, matching)
     pos = [0] * P
     clock = [0.0] * P
-    waiters: dict[tuple[int, int], list[int]] = defaultdict(list)
-    ready = deque(range(P))
-    refs = [
-        {
-            index: [OpRef(rank, index, op) for op in canonical_ops(action.ops)]
-            for index, action in enumerate(actions)
-            if isinstance(action, CommGroup)
-        }
-        for rank, actions in enumerate(stages)
-    ]
-    while ready:
-        rank = ready.popleft()
-        actions = stages[rank]
-        while pos[rank] < len(actions):
-            index = pos[rank]
-            action = actions[index]
-            if isinstance(action, Compute):
-                start[rank][index] = clock[rank]
-                clock[rank] += compute_time(rank, action)
+    changed = True
+    while changed:
+        changed = False
+        for rank in range(P):
+            actions = stages[rank]
+            while pos[rank] < len(actions):
+                index = pos[rank]
+                action = actions[index]
+                if isinstance(action, Compute):
+                    start[rank][index] = clock[rank]
+                    clock[rank] += compute_time(rank, action)
+                elif isinstance(action, CommGroup):
+                    start[rank][index] = clock[rank]
+                    batches.posted[rank][batches.index_of[rank][index]] = clock[rank]
+                elif isinstance(action, Wait):
+                    needed = {batches.batch_of_op[rank].get(op) for op in action.ops}
+                    if None in needed:
+                        raise ValueError(
+                            f"stage {rank} action {index} waits for an op it never posted"
+                        )
+                    last = max(needed, default=-1)
+                    if len(batches.done[rank]) <= last:
+                        batches.resolve(transfer_time, eager_sends)
+                    if len(batches.done[rank]) <= last:
+                        break
+                    start[rank][index] = clock[rank]
+                    clock[rank] = max([clock[rank], *(batches.done[rank][b] for b in needed)])
                 end[rank][index] = clock[rank]
                 pos[rank] += 1
-                continue
-            if start[rank][index] is None:
-                start[rank][index] = clock[rank]
-                ready.extend(waiters.pop((rank, index), ()))
-            finish = clock[rank]
-            blocked = False
-            for ref in refs[rank][index]:
-                if eager_sends and ref.op.is_send:
-                    finish = max(finish, start[rank][index] + transfer_time(ref.op))
-                    continue
-                peer = matching.peer.get(ref)
-                peer_posted = None if peer is None else start[peer.rank][peer.action]
-                if peer_posted is None:
-                    if peer is not None:
-                        waiters[(peer.rank, peer.action)].append(rank)
-                    blocked = True
-                    break
-                if eager_sends:
-                    arrived = max(start[rank][index], peer_posted + transfer_time(ref.op))
-                else:
-                    arrived = max(start[rank][index], peer_posted) + transfer_time(ref.op)
-                finish = max(finish, arrived)
-            if blocked:
-                break
-            clock[rank] = finish
-            end[rank][index] = finish
-            pos[rank] += 1
+                changed = True
+        if not changed:
+            changed = batches.resolve(transfer_time, eager_sends)
     stuck = {rank: pos[rank] for rank in range(P) if pos[rank] < len(stages[rank])}
+    for rank in range(P):
+        if rank not in stuck and len(batches.done[rank]) < len(batches.refs[rank]):
+            stuck[rank] = len(stages[rank])
     return RunResult(start=start, end=end, stuck=stuck)
 
 
 def describe_deadlock(schedule: Schedule, matching: Matching, result: RunResult) -> str:
-    """Which group each blocked rank sits in and which of its ops still lack their peer."""
+    """Where each blocked rank sits, and for the first group it cannot complete, why."""
     V = schedule.num_chunks
+    batches = _Batches(schedule, matching)
+    for rank, actions in enumerate(schedule.stages):
+        for index, action in enumerate(actions):
+            if isinstance(action, CommGroup) and result.start[rank][index] is not None:
+                batches.posted[rank][batches.index_of[rank][index]] = result.start[rank][index]
+    batches.resolve(lambda op: 0.0, False)
     lines = []
     for rank, index in sorted(result.stuck.items()):
-        group = schedule.stages[rank][index]
-        missing = []
-        for op in canonical_ops(group.ops):
-            peer = matching.peer.get(OpRef(rank, index, op))
-            if peer is None:
-                missing.append(f"{op.format(max(V, 2))} (never matched)")
-            elif result.start[peer.rank][peer.action] is None:
-                missing.append(
-                    f"{op.format(max(V, 2))} (peer stage {peer.rank} has not reached "
-                    f"action {peer.action} {schedule.stages[peer.rank][peer.action].format(V)})"
-                )
-        lines.append(
-            f"stage {rank} blocked at action {index} {group.format(V)} waiting for "
-            + ", ".join(missing)
+        actions = schedule.stages[rank]
+        where = (
+            f"stage {rank} blocked at action {index} {actions[index].format(V)}"
+            if index < len(actions)
+            else f"stage {rank} finished its list with posted groups never completed"
         )
+        b = len(batches.done[rank])
+        group = batches.refs[rank][b] if b < len(batches.refs[rank]) else []
+        reasons = []
+        for ref in group:
+            peer = matching.peer.get(ref)
+            name = ref.op.format(max(V, 2))
+            if peer is None:
+                reasons.append(f"{name} (never matched)")
+                continue
+            pb = batches.index_of[peer.rank][peer.action]
+            if batches.posted[peer.rank][pb] is None:
+                reasons.append(
+                    f"{name} (peer stage {peer.rank} has not reached action {peer.action} "
+                    f"{schedule.stages[peer.rank][peer.action].format(V)})"
+                )
+            elif batches.start(peer.rank, pb) is None:
+                queued = schedule.stages[peer.rank]
+                ahead = next(
+                    i
+                    for i, bb in batches.index_of[peer.rank].items()
+                    if bb == len(batches.done[peer.rank])
+                )
+                reasons.append(
+                    f"{name} (peer stage {peer.rank} posted it behind its own unfinished group "
+                    f"{queued[ahead].format(V)} at action {ahead})"
+                )
+        detail = ""
+        if group:
+            detail = (
+                f"; its group {schedule.stages[rank][group[0].action].format(V)} at action "
+                f"{group[0].action} waits for " + ", ".join(reasons)
+            )
+        lines.append(where + detail)
     return "; ".join(lines)

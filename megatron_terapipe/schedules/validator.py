@@ -4,11 +4,16 @@ Checks, in the order they are reported:
 1. shape: stage count, index ranges, group well-formedness (at most one op per op name);
 2. every (m, t, v) forward and backward runs exactly once per stage;
 3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v);
-4. each compute's receive comes before it and its send after it, each exactly once;
+4. each compute's receive is posted before it and its send after it, each exactly once; every
+   posted op is waited exactly once after it is posted, a receive before the compute that
+   reads it, a forward's send before that unit's backward (megatron-core's backward_step wants
+   the sent output deallocated), other sends as late as the end of the list;
 5. FIFO channel matching pairs every send with a receive of the same payload between adjacent
    virtual stages;
-6. a zero-cost run under blocking rendezvous semantics finishes (no deadlock).
-Cross-stage data dependencies follow from 4-6: a receive completes only once its send is posted.
+6. a zero-cost run of the network model (`network.py`: non-blocking posts, each rank's groups
+   run in posting order on one serial stream, rendezvous) finishes: no deadlock on NCCL or gloo.
+Cross-stage data dependencies follow from 4-6: a receive completes only once its send is posted,
+and a compute reads a receive only after waiting for it.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from megatron_terapipe.schedules.ir import (
     CommGroup,
     Compute,
     Schedule,
+    Wait,
 )
-from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_blocking
+from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_network
 
 _MAX_REPORTED = 20
 
@@ -60,7 +66,7 @@ def find_problems(schedule: Schedule, forward_only: bool = False) -> list[str]:
     matching = match_messages(schedule)
     if matching.problems:
         return matching.problems
-    result = run_blocking(schedule, matching, lambda rank, c: 0.0, lambda op: 0.0)
+    result = run_network(schedule, matching, lambda rank, c: 0.0, lambda op: 0.0)
     if result.deadlocked:
         return ["deadlock: " + describe_deadlock(schedule, matching, result)]
     return []
@@ -84,6 +90,10 @@ def _shape_problems(s: Schedule) -> list[str]:
             where = f"stage {rank} action {index}"
             if isinstance(action, Compute):
                 items = [(action.kind, action.microbatch, action.token_slice, action.chunk)]
+            elif isinstance(action, Wait):
+                if not action.ops:
+                    problems.append(f"{where}: empty Wait")
+                items = [(op.kind, op.microbatch, op.token_slice, op.chunk) for op in action.ops]
             elif isinstance(action, CommGroup):
                 names = [op.op for op in action.ops]
                 if not names:
@@ -163,7 +173,7 @@ def _comm_placement_problems(s: Schedule, rank: int) -> list[str]:
             if send is not None:
                 needed_send[send] = index
     posted: Counter = Counter()
-    problems = []
+    problems = _wait_problems(s, rank, needed_recv)
     for index, action in enumerate(s.stages[rank]):
         if not isinstance(action, CommGroup):
             continue
@@ -193,4 +203,49 @@ def _comm_placement_problems(s: Schedule, rank: int) -> list[str]:
             problems.append(
                 f"stage {rank}: {op.format(max(V, 2))} is posted {posted[op]} times, expected once"
             )
+    return problems
+
+
+def _wait_problems(s: Schedule, rank: int, needed_recv: dict) -> list[str]:
+    """Every posted op is waited once, after its posting; a receive before its consumer."""
+    V = s.num_chunks
+    posted_at: dict = {}
+    waited_at: dict = {}
+    backward_at: dict = {}
+    problems = []
+    for index, action in enumerate(s.stages[rank]):
+        if isinstance(action, Compute) and action.kind == BACKWARD:
+            backward_at[action.unit] = index
+        elif isinstance(action, CommGroup):
+            for op in action.ops:
+                posted_at.setdefault(op, index)
+        elif isinstance(action, Wait):
+            for op in action.ops:
+                name = op.format(max(V, 2))
+                if op not in posted_at:
+                    problems.append(
+                        f"stage {rank} action {index}: waits for {name}, which is not posted before"
+                    )
+                elif op in waited_at:
+                    problems.append(
+                        f"stage {rank} action {index}: waits for {name} again "
+                        f"(already at action {waited_at[op]})"
+                    )
+                waited_at.setdefault(op, index)
+    for op, index in posted_at.items():
+        name = op.format(max(V, 2))
+        if op not in waited_at:
+            problems.append(f"stage {rank} action {index}: {name} is posted but never waited")
+        elif not op.is_send and op in needed_recv and waited_at[op] > needed_recv[op]:
+            problems.append(
+                f"stage {rank} action {waited_at[op]}: {name} is waited after its compute "
+                f"(action {needed_recv[op]}) reads it"
+            )
+        elif op.is_send and op.kind == FORWARD:
+            backward = backward_at.get((op.microbatch, op.token_slice, op.chunk))
+            if backward is not None and waited_at[op] > backward:
+                problems.append(
+                    f"stage {rank} action {waited_at[op]}: {name} is waited after the unit's "
+                    f"backward (action {backward}), which needs the sent output deallocated"
+                )
     return problems

@@ -1,7 +1,9 @@
 """Event simulation of a schedule on per-action costs.
 
-It runs the validator's network model (`schedules.network`: FIFO channels, blocking groups) with
-real costs instead of zeros, so a simulated step waits exactly where the executor would.
+It runs the validator's network model (`schedules.network`: FIFO channels, non-blocking posts,
+one serial P2P stream per rank, Waits where data is read) with real costs instead of zeros, so a
+simulated step waits exactly where the executor would. Time spent in a Wait is the timeline's
+"comm".
 """
 
 from __future__ import annotations
@@ -11,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_terapipe.schedules.communication import canonical_ops
-from megatron_terapipe.schedules.ir import FORWARD, CommGroup, Compute, P2POp, Schedule
-from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_blocking
+from megatron_terapipe.schedules.ir import FORWARD, Compute, P2POp, Schedule, Wait
+from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_network
 from megatron_terapipe.schedules.validator import ScheduleError
 from megatron_terapipe.simulate.costs import ActionCosts
 from megatron_terapipe.simulate.timeline import Timeline, TimelineEvent
@@ -106,9 +108,7 @@ def simulate(
     matching = match_messages(schedule)
     if matching.problems:
         raise ScheduleError(schedule.name, matching.problems)
-    run = run_blocking(
-        schedule, matching, compute_time, transfer_time, eager_sends=(p2p == "eager")
-    )
+    run = run_network(schedule, matching, compute_time, transfer_time, eager_sends=(p2p == "eager"))
     if run.deadlocked:
         raise ScheduleError(
             schedule.name, ["deadlock: " + describe_deadlock(schedule, matching, run)]
@@ -120,7 +120,7 @@ def simulate(
             start, end = run.start[rank][index], run.end[rank][index]
             if isinstance(action, Compute):
                 events.append(TimelineEvent(rank, action.kind, *action.unit, start=start, end=end))
-            elif isinstance(action, CommGroup) and end > start:
+            elif isinstance(action, Wait) and end > start:
                 ops = canonical_ops(action.ops)
                 shown = next((op for op in ops if not op.is_send), ops[0])
                 events.append(

@@ -49,6 +49,7 @@ def reference_case(case: RunCase, world_size: int) -> RunCase:
         num_microbatches=case.num_microbatches * dp,
         distributed_optimizer=False,
         token_pipeline=None,
+        check_devices=False,
     )
 
 

@@ -86,3 +86,28 @@ def rng_probe(rank: int, world_size: int, seed: int) -> dict[str, Any]:
     finally:
         parallel_state.destroy_model_parallel()
     return out
+
+
+def pretend_cuda_host() -> None:
+    """Make this process look like a CUDA host to `torch.cuda.is_available()`."""
+    import torch
+
+    torch.cuda.is_available = lambda: True
+
+
+def cpu_remaps_state(rank: int, world_size: int) -> dict[str, Any]:
+    """What a spawned rank sees: CUDA reported available, CPU remaps on, buffers on the CPU."""
+    import torch
+    from megatron.core import parallel_state
+
+    from megatron_terapipe.compat.cpu import cpu_enabled
+
+    parallel_state.initialize_model_parallel()
+    try:
+        return {
+            "cuda_reported": torch.cuda.is_available(),
+            "cpu_enabled": cpu_enabled(),
+            "current_device": str(torch.cuda.current_device()),
+        }
+    finally:
+        parallel_state.destroy_model_parallel()

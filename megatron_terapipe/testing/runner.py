@@ -7,11 +7,14 @@ go through this module, so they share model construction, data, DDP and optimize
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from megatron_terapipe.testing.device_check import distributed_tensors_on
 from megatron_terapipe.testing.gpt import (
     TinyGPT,
     build_gpt_chunks,
@@ -57,6 +60,10 @@ class RunCase:
     forward_only: bool = False
     data_seed: int = 0
     init_seed: int = 1234
+    # Check every tensor handed to torch.distributed during forward-backward against the
+    # model's device, with tensors created without a device landing on 'meta' (testing/
+    # device_check.py): what would be a host tensor on a GPU fails here too.
+    check_devices: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -167,15 +174,23 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
             dp_rank * case.num_microbatches : (dp_rank + 1) * case.num_microbatches
         ]
         iterators = [iter(list(batches)) for _ in model]
-        losses = forward_backward(
-            forward_step_func=forward_step,
-            data_iterator=iterators if len(model) > 1 else iterators[0],
-            model=model if len(model) > 1 else model[0],
-            num_microbatches=case.num_microbatches,
-            seq_length=case.model.seq_length,
-            micro_batch_size=case.micro_batch_size,
-            forward_only=case.forward_only,
-        )
+        checking = contextlib.nullcontext()
+        if case.check_devices:
+            device = next(model[0].parameters()).device
+            checking = distributed_tensors_on(device, default_device="meta")
+        with checking:
+            losses = forward_backward(
+                forward_step_func=forward_step,
+                data_iterator=iterators if len(model) > 1 else iterators[0],
+                model=model if len(model) > 1 else model[0],
+                num_microbatches=case.num_microbatches,
+                seq_length=case.model.seq_length,
+                micro_batch_size=case.micro_batch_size,
+                forward_only=case.forward_only,
+            )
+        timeline = getattr(forward_backward, "last_timeline", None)
+        if timeline:
+            result.setdefault("timelines", []).append([dataclasses.asdict(r) for r in timeline])
         result["losses"].append(
             [{k: v.detach().float().clone() for k, v in item.items()} for item in losses]
             if parallel_state.is_pipeline_last_stage(ignore_virtual=True)
