@@ -19,6 +19,7 @@ from megatron_terapipe.slicing import (
     AnalyticCostModel,
     ProfiledCostModel,
     cost_model_from_args,
+    make_plan,
     plan_from_args,
     predict_step_time,
 )
@@ -132,3 +133,28 @@ def test_the_measured_backward_ratio_prices_the_simulator():
     assert by_profile == simulator_scorer(default, "token-1f1b", 4, 4, 1, backward_ratio=1.0)(
         slices)
     assert by_profile != pytest.approx(simulator_scorer(default, "token-1f1b", 4, 4, 1)(slices))
+
+
+class _QuadraticCost:
+    """t = b·l + c·l·(ctx + l/2) per slice, a fixed P2P time per message."""
+
+    name = "quadratic"
+
+    def forward_backward_time(self, batch, slice_len, context_len):
+        return 3.0 * slice_len + 0.1 * slice_len * (context_len + slice_len / 2)
+
+    def p2p_time(self, batch, slice_len):
+        return 3.0
+
+
+def test_simulator_scored_plans_are_never_slower_than_an_equal_slicing():
+    """The formula's shortlist can miss the equal slicing the simulator prefers (here it keeps
+    only its best candidate); equal slicings of up to 16 slices are simulated regardless."""
+    cost = _QuadraticCost()
+    plan = make_plan(cost, seq_length=SEQ, num_stages=2, batch=1, batch_mode="fixed",
+                     num_microbatches=1, schedule="token-1f1b", score="simulator",
+                     simulator_candidates=1, granularity=4)
+    score = simulator_scorer(cost, "token-1f1b", 2, 1, 1)
+    assert plan.predicted_step_time == pytest.approx(score(plan.token_slices), rel=1e-12)
+    for n in range(1, 17):
+        assert plan.predicted_step_time <= score(equal_token_slices(SEQ, n, 4)) + 1e-9, n
