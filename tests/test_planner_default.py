@@ -23,6 +23,7 @@ from megatron_terapipe.slicing import (
     plan_from_args,
     predict_step_time,
 )
+from megatron_terapipe.slicing.megatron_args import EQUAL_PREFERENCE
 from megatron_terapipe.slicing.strategies import simulator_scorer
 from megatron_terapipe.token_slices import equal_token_slices
 
@@ -96,10 +97,15 @@ def test_default_plans_are_valid_and_brute_force_consistent(profiled):
         assert sum(plan["token_slices"]) == SEQ
         assert all(x > 0 and x % G == 0 for x in plan["token_slices"])
 
-    # TeraPipe's order: the DP is exact, so the plan is the best of all 2^7 slicings.
+    # TeraPipe's order: the DP is exact, so its plan is the best of all 2^7 slicings; an equal
+    # slicing replaces it only within EQUAL_PREFERENCE.
     times = {s: predict_step_time(cost, s, 2, (1,) * 4)[0] for s in compositions(SEQ // G)}
-    assert terapipe["predicted_step_time"] == pytest.approx(min(times.values()), rel=1e-9)
-    assert times[tuple(terapipe["token_slices"])] == pytest.approx(min(times.values()), rel=1e-9)
+    best = min(times.values())
+    dp = terapipe["extra"].get("dp_predicted_step_time", terapipe["predicted_step_time"])
+    assert dp == pytest.approx(best, rel=1e-9)
+    chosen = times[tuple(terapipe["token_slices"])]
+    assert chosen == pytest.approx(terapipe["predicted_step_time"], rel=1e-9)
+    assert chosen <= best * (1 + EQUAL_PREFERENCE) + 1e-12
 
     # token-1f1b: the prediction is the simulator's on this very slicing, and no equal slicing
     # predicts faster.
@@ -158,3 +164,39 @@ def test_simulator_scored_plans_are_never_slower_than_an_equal_slicing():
     assert plan.predicted_step_time == pytest.approx(score(plan.token_slices), rel=1e-12)
     for n in range(1, 17):
         assert plan.predicted_step_time <= score(equal_token_slices(SEQ, n, 4)) + 1e-9, n
+
+
+class _FixedPlusQuadraticCost(_QuadraticCost):
+    """t = a + l + c·l·(ctx + l/2): a fixed cost per slice against a context cost."""
+
+    def __init__(self, fixed: float, context: float) -> None:
+        self.fixed, self.context = fixed, context
+
+    def forward_backward_time(self, batch, slice_len, context_len):
+        return self.fixed + slice_len + self.context * slice_len * (context_len + slice_len / 2)
+
+    def p2p_time(self, batch, slice_len):
+        return 0.0
+
+
+@pytest.mark.parametrize("fixed, equal_wins", [(1.0, True), (4.0, False)])
+def test_auto_prefers_equal_slices_unless_the_dp_gains_enough(fixed, equal_wins):
+    """`auto` keeps the DP's uneven slicing only when it is predicted more than EQUAL_PREFERENCE
+    faster than every equal slicing (brute force over N = 1..8 slices of whole granules,
+    through the flag's explicit-list path)."""
+    cost = _FixedPlusQuadraticCost(fixed, 0.05)
+    args = tiny_args(token_pipeline_schedule="token-1f1b")
+    plan = plan_from_args(args, cost_model=cost)
+    equal = {n: plan_from_args(tiny_args(
+        token_pipeline_schedule="token-1f1b",
+        token_pipeline_slices=",".join(map(str, equal_token_slices(SEQ, n, G))) + ","),
+        cost_model=cost) for n in range(1, SEQ // G + 1)}
+    best = min(equal.values(), key=lambda p: p.predicted_step_time)
+    if equal_wins:
+        assert plan.strategy == "dp, equal preferred" and plan.token_slices == best.token_slices
+        dp = plan.extra["dp_predicted_step_time"]
+        assert dp < best.predicted_step_time <= dp * (1 + EQUAL_PREFERENCE)
+        assert plan.extra["dp_token_slices"] != list(best.token_slices)
+    else:
+        assert plan.strategy == "dp" and len(set(plan.token_slices)) > 1
+        assert plan.predicted_step_time * (1 + EQUAL_PREFERENCE) < best.predicted_step_time

@@ -153,6 +153,7 @@ def plan_from_args(
         # Few simulations: planning runs at start-up while every other rank waits.
         plan = make_plan(cost, granularity=g, multiple_of=multiple_of, strategy="dp",
                          memory_cap_gib=cap, simulator_candidates=8, **common)
+        plan = _prefer_equal(plan, cost, seq, g, cap, **common)
     else:
         if mode == "count":
             slices = equal_token_slices(seq, value, multiple_of)
@@ -171,6 +172,39 @@ def plan_from_args(
         plan.extra["profile_seconds"] = cost.meta["profile_seconds"]
     plan.extra["num_microbatches"] = micro
     return plan
+
+
+# The DP's uneven slicing must beat the best equal one by more than this predicted fraction to be
+# chosen: a measured cost model is least certain between its grid points, where uneven slices
+# fall, and equal slices are what a user would compare against.
+EQUAL_PREFERENCE = 0.03
+
+
+def _prefer_equal(plan: SlicingPlan, cost: Any, seq: int, g: int, cap: float | None,
+                  **common: Any) -> SlicingPlan:
+    """The best equal slicing (up to ALWAYS_SIMULATED_EQUAL slices, same score, within the
+    memory cap) instead of the DP's plan when it is predicted within EQUAL_PREFERENCE of it."""
+    from megatron_terapipe.slicing.planner import ALWAYS_SIMULATED_EQUAL
+
+    best = None
+    for n in range(1, min(ALWAYS_SIMULATED_EQUAL, seq // g) + 1):
+        try:
+            candidate = _fixed_plan(cost, equal_token_slices(seq, n, g), "equal", cap, **common)
+        except ValueError:  # over the memory cap
+            continue
+        if best is None or candidate.predicted_step_time < best.predicted_step_time:
+            best = candidate
+    if best is None or best.token_slices == plan.token_slices or (
+            best.predicted_step_time > plan.predicted_step_time * (1 + EQUAL_PREFERENCE)):
+        return plan
+    best.strategy = "dp, equal preferred"
+    best.extra.update(
+        granularity=g,
+        dp_token_slices=list(plan.token_slices),
+        dp_predicted_step_time=plan.predicted_step_time,
+        equal_preference=f"equal slices predicted within {EQUAL_PREFERENCE:.0%} of the DP's plan",
+    )
+    return best
 
 
 def _score_for(schedule: str) -> tuple[str, str]:
