@@ -228,3 +228,17 @@ def _config_tokens(path: str) -> list[str]:
     from megatron_terapipe.training.config_files import read_config
 
     return read_config(path)
+
+
+def test_overlap_grad_reduce_trains_like_the_synchronous_reduction():
+    """--overlap-grad-reduce (DDP reduces buckets during the token pipeline's backward; aligned:
+    each chunk's start_grad_sync after its last backward) against the reduction at the end of
+    the step, data-parallel 2: same losses (a reduction never started makes megatron-core's
+    finish_grad_sync fail; one started before the last backward reduces partial gradients)."""
+    common = [
+        "--config", TINY, "--pipeline-model-parallel-size", "1", "--train-iters", "4",
+        "--eval-iters", "0", "--token-pipeline", "--token-pipeline-slices", "4",
+    ]  # fmt: skip
+    plain = losses(_check(torchrun(common)))
+    overlapped = losses(_check(torchrun(common + ["--overlap-grad-reduce"])))
+    _assert_close(overlapped, plain, range(1, 5))

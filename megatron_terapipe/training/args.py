@@ -12,6 +12,7 @@ import argparse
 import math
 import os
 from collections.abc import Sequence
+from typing import NoReturn
 
 from megatron_terapipe.arguments import (
     add_token_pipeline_args,
@@ -114,6 +115,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument(
+        "--overlap-grad-reduce",
+        action="store_true",
+        help="Reduce data-parallel gradients in buckets during the backward (megatron-core DDP).",
+    )
+    g.add_argument(
+        "--no-align-grad-reduce",
+        dest="align_grad_reduce",
+        action="store_false",
+        help="With --overlap-grad-reduce: let each chunk start its reduction on its own instead "
+        "of after the chunk's last backward of the step.",
+    )
     g.add_argument(
         "--distributed-backend",
         default=None,
@@ -251,6 +264,20 @@ def _add_negations(parser: argparse.ArgumentParser) -> None:
         )
 
 
+# How long a rank that leaves the error message to rank 0 waits before exiting: torchrun stops
+# every other rank as soon as one exits, and rank 0 must get to print first.
+QUIET_EXIT_GRACE_S = 5.0
+
+
+def exit_quietly(status: int = 2) -> NoReturn:
+    """Exit without a message, after rank 0 has had the time to print it (see above)."""
+    import sys
+    import time
+
+    time.sleep(QUIET_EXIT_GRACE_S)
+    sys.exit(status)
+
+
 def parse_args(argv: Sequence[str] | None = None, quiet: bool = False) -> argparse.Namespace:
     """Parse (with --config files expanded); argparse exits with status 2 on unknown flags.
 
@@ -260,7 +287,7 @@ def parse_args(argv: Sequence[str] | None = None, quiet: bool = False) -> argpar
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     if quiet:
-        parser.error = lambda message: sys.exit(2)  # type: ignore[method-assign]
+        parser.error = lambda message: exit_quietly(2)  # type: ignore[method-assign]
     try:
         expanded = expand_config_args(argv)
     except ValueError as exc:

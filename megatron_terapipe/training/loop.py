@@ -15,6 +15,7 @@ import torch
 
 from megatron_terapipe.training import reporting
 from megatron_terapipe.training.initialize import print_rank_0, print_rank_last
+from megatron_terapipe.training.model import attach_schedule_hooks
 
 
 def _reduce_losses(losses_reduced: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -138,11 +139,7 @@ def train(
     config = _model_config(model)
     config.grad_scale_func = optimizer.scale_loss
     config.timers = timers
-    from megatron.core.distributed import finalize_model_grads
-
-    config.finalize_model_grads_func = finalize_model_grads
-    no_sync = [chunk.no_sync for chunk in model]
-    config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
+    attach_schedule_hooks(config, model, args.align_grad_reduce)
 
     writer = reporting.tensorboard_writer(args)
     for chunk in model:

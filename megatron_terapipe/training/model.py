@@ -191,7 +191,7 @@ def build_model(args: Namespace, config, verbose: bool = True) -> list:
 
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=args.accumulate_allreduce_grads_in_fp32 or args.bf16,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=args.overlap_grad_reduce,
         use_distributed_optimizer=args.use_distributed_optimizer,
         check_for_nan_in_grad=True,
         bucket_size=None,
@@ -204,12 +204,18 @@ def build_model(args: Namespace, config, verbose: bool = True) -> list:
     ]
 
 
-def attach_schedule_hooks(config, model: list) -> None:
+def attach_schedule_hooks(config, model: list, align_grad_reduce: bool = True) -> None:
     """What megatron-core's schedules call on `config` around a step: DDP's no_sync (grad
-    accumulation across micro-batches) and finalize_model_grads (grad all-reduce, tied
-    embeddings); Megatron-LM's train() sets the same two."""
+    accumulation across micro-batches), finalize_model_grads (grad all-reduce, tied
+    embeddings) and, with --overlap-grad-reduce and aligned reduction, each chunk's
+    start_grad_sync; Megatron-LM's train() sets the same."""
     from megatron.core.distributed import finalize_model_grads
 
+    def per_chunk(funcs: list):
+        return funcs[0] if len(funcs) == 1 else funcs
+
     config.finalize_model_grads_func = finalize_model_grads
-    no_sync = [chunk.no_sync for chunk in model]
-    config.no_sync_func = no_sync[0] if len(model) == 1 else no_sync
+    config.no_sync_func = per_chunk([chunk.no_sync for chunk in model])
+    ddp_config = getattr(model[0], "ddp_config", None)
+    if ddp_config is not None and ddp_config.overlap_grad_reduce and align_grad_reduce:
+        config.grad_sync_func = per_chunk([chunk.start_grad_sync for chunk in model])

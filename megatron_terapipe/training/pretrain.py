@@ -24,13 +24,19 @@ def _is_rank_0() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def report_error(message: str, every_rank: bool = False) -> None:
+def report_error(message: str, every_rank: bool = False) -> int:
     """One `pretrain_gpt.py: error:` line set, from rank 0 only: every rank finds the same
     problem, and torchrun would print it once per rank. A problem only one rank can see
-    (`every_rank`) is printed by that rank."""
+    (`every_rank`) is printed by that rank. Returns the exit status; a rank that prints
+    nothing returns only after rank 0 has had the time to print (torchrun stops the other
+    ranks as soon as one exits)."""
     if every_rank or _is_rank_0():
         prefix = "" if _is_rank_0() or not every_rank else f"[rank {os.environ.get('RANK')}] "
         print(f"{prefix}pretrain_gpt.py: error: {message}", file=sys.stderr, flush=True)
+        return EXIT_BAD_ARGS
+    from megatron_terapipe.training.args import exit_quietly
+
+    exit_quietly(EXIT_BAD_ARGS)
 
 
 def parse_and_validate(argv: Sequence[str] | None = None):
@@ -167,11 +173,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args, problem = parse_and_validate(argv)
     if problem is not None:
-        report_error(problem)
-        return EXIT_BAD_ARGS
+        return report_error(problem)
     try:
         pretrain(args)
     except (StartupConfigurationError, CheckpointError, DataError) as exc:
-        report_error(str(exc), every_rank=getattr(exc, "rank_local", False))
-        return EXIT_BAD_ARGS
+        return report_error(str(exc), every_rank=getattr(exc, "rank_local", False))
     return 0
