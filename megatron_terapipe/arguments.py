@@ -12,8 +12,9 @@ Flag semantics (Megatron-LM naming style):
 - ``--token-pipeline-slices {N|auto|l1,l2,...}``: N equal slices, the DP planner (``auto``,
   the default), or explicit lengths that sum to ``--seq-length``.
 - ``--token-pipeline-granularity G``: slices are multiples of G tokens (planner unit).
-- ``--token-pipeline-cost-model {analytic|analytic:<preset>|profile|PATH}``: the planner's
-  cost model; PATH is a ``.json`` profile or a ``.npz`` latency table.
+- ``--token-pipeline-cost-model {profile|analytic|analytic:<preset>|PATH}``: the planner's
+  cost model (default profile: measured at start-up); PATH is a ``.json`` profile or a ``.npz``
+  latency table.
 - ``--token-pipeline-memory-cap GIB``: activation memory per stage the plan must fit in.
 """
 
@@ -30,7 +31,7 @@ from megatron_terapipe.unsupported_features import args_errors as unsupported_ar
 GROUP_TITLE = "token pipeline (TeraPipe)"
 DEFAULT_SCHEDULE = "terapipe"
 DEFAULT_SLICES = "auto"
-DEFAULT_COST_MODEL = "analytic"
+DEFAULT_COST_MODEL = "profile"
 
 # Flags whose value only matters with --token-pipeline; giving one without it is a mistake.
 _DEPENDENT_FLAGS = {
@@ -116,9 +117,10 @@ def add_token_pipeline_args(parser: argparse.ArgumentParser) -> argparse.Argumen
     group.add_argument(
         "--token-pipeline-cost-model",
         default=None,
-        metavar="{analytic|analytic:<preset>|profile|PATH}",
-        help="Cost model of the planner: analytic (FLOP-based, default), profile (measure this "
-        "device at start-up), or a .json profile / .npz latency table.",
+        metavar="{profile|analytic|analytic:<preset>|PATH}",
+        help="Cost model of the planner: profile (default: time this stage's layers on this "
+        "device at start-up, seconds; analytic under tensor parallelism), analytic "
+        "(FLOP-based, data-sheet rates), or a .json profile / .npz latency table.",
     )
     group.add_argument(
         "--token-pipeline-memory-cap",

@@ -10,10 +10,13 @@ For each M, one pair of gloo ranks (1 thread each) runs every variant round-robi
 - stock interleaved, where megatron-core can interleave (M divisible by PP);
 - stock 1F1B on megatron-core's local-spec DotProductAttention: a kernel difference, reported
   on its own line, never as the schedule's gain;
-- the token pipeline with S in --num-token-slices for each order in --schedules.
+- the token pipeline with S in --num-token-slices for each order in --schedules;
+- per order, an `auto` row: the slices `--token-pipeline-slices auto` chooses for these very
+  arguments (the product's planner and default cost model, profiled at start-up on rank 0).
 Reported: median and min-max step time over the timed rounds, the ratio to the baseline, and a
-verdict (faster / slower / tie when the rounds' ranges overlap). Model and layout flags are
-pretrain_gpt.py's.
+verdict (faster / slower / tie when the rounds' ranges overlap); for each auto row the planner's
+predicted step time next to the measured one and its distance to the best equal-S row of the
+same order (goal: within 5 %). Model and layout flags are pretrain_gpt.py's.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from megatron_terapipe.benchmark.spec import BenchSpec, stock_variants, token_va
 # Issue 12's goals for the best token variant over same-kernel stock 1F1B (PP=2, 8 layers,
 # h256, seq 2048); the limits are 2x (M=1) and 1.25x (M=4), the 1F1B bubble.
 TARGETS = {1: 1.65, 4: 1.10}
+AUTO_TOLERANCE = 0.05  # issue 12: auto within 5 % of the best equal-S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,6 +51,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="values of M to run (overrides --num-microbatches), comma separated")
     parser.add_argument("--num-token-slices", type=int_list, default=[4, 8, 16])
     parser.add_argument("--schedules", type=str_list, default=["terapipe", "token-1f1b"])
+    parser.add_argument("--no-auto", action="store_true",
+                        help="skip the auto rows (the product's planner, profiled at start-up)")
     parser.add_argument("--no-local-attention", action="store_true",
                         help="skip the stock 1F1B row on megatron-core's local-spec attention")
     parser.add_argument("--warmup", type=int, default=1)
@@ -70,8 +76,10 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
     variants, notes = stock_variants(model.num_layers, model.pipeline_model_parallel_size,
                               num_microbatches, virtual_stages(args) or 2,
                               local_kernel=not args.no_local_attention)
-    variants += [token_variant(schedule, s) for schedule in args.schedules
-                 for s in args.num_token_slices]
+    for schedule in args.schedules:
+        variants += [token_variant(schedule, s) for s in args.num_token_slices]
+        if not args.no_auto:
+            variants.append(token_variant(schedule, auto=True))
     return BenchSpec(
         model=model,
         variants=tuple(variants),
@@ -86,15 +94,17 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
     )
 
 
-ROW_KEYS = ("schedule", "kind", "attention", "attention_kernel", "baseline", "num_token_slices",
-            "step_time", "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
+ROW_KEYS = ("schedule", "kind", "order", "attention", "attention_kernel", "baseline",
+            "num_token_slices", "token_slices", "planned_by", "planner_predicted_step_time",
+            "planner_error", "plan_cost_model", "plan_profile_seconds", "step_time",
+            "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
             "peak_activation_mib", "max_loss_diff")
 
 
 def summarise(rows: list[dict], num_microbatches: int) -> dict:
     """The rows (baseline first) and the best token variant against the baseline."""
-    out = sorted(({k: r[k] for k in ROW_KEYS} for r in rows), key=lambda r: not r["baseline"])
+    out = sorted(({k: r.get(k) for k in ROW_KEYS} for r in rows), key=lambda r: not r["baseline"])
     baseline = out[0]
     token = [r for r in out if r["kind"] == "token"]
     best = min(token, key=lambda r: r["step_time"]) if token else None
@@ -113,7 +123,48 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
         if best and target else None,
         "kernel_difference": {r["schedule"]: r["step_time"] / baseline["step_time"]
                               for r in kernel},
+        "auto": auto_summary(token),
     }
+
+
+def auto_summary(token_rows: list[dict]) -> list[dict]:
+    """Per order with an auto row: its slices, predicted and measured step time, and its distance
+    to the fastest equal-S row of the same order (medians)."""
+    out = []
+    for auto in (r for r in token_rows if r["planned_by"] == "auto"):
+        equal = [r for r in token_rows if r["order"] == auto["order"] and not r["planned_by"]]
+        best = min(equal, key=lambda r: r["step_time"]) if equal else None
+        gap = auto["step_time"] / best["step_time"] - 1.0 if best else None
+        out.append({
+            "schedule": auto["schedule"],
+            "token_slices": auto["token_slices"],
+            "cost_model": auto["plan_cost_model"],
+            "profile_seconds": auto["plan_profile_seconds"],
+            "predicted_step_time": auto["planner_predicted_step_time"],
+            "measured_step_time": auto["step_time"],
+            "prediction_error": auto["planner_error"],
+            "best_equal": best["schedule"] if best else None,
+            "best_equal_step_time": best["step_time"] if best else None,
+            "vs_best_equal": gap,
+            "within_tolerance": gap <= AUTO_TOLERANCE if gap is not None else None,
+        })
+    return out
+
+
+def format_auto(entry: dict) -> str:
+    pred = entry["predicted_step_time"]
+    line = (f"  {entry['schedule']}: slices {entry['token_slices']} (S={len(entry['token_slices'])}"
+            f", {entry['cost_model']}); planner predicted "
+            + ("-" if pred is None else f"{pred:.3f} s")
+            + f", measured {entry['measured_step_time']:.3f} s")
+    if entry["prediction_error"] is not None:
+        line += f" ({100 * entry['prediction_error']:+.1f} %)"
+    if entry["best_equal"] is not None:
+        line += (f"\n    auto vs best equal-S ({entry['best_equal']}, "
+                 f"{entry['best_equal_step_time']:.3f} s): {100 * entry['vs_best_equal']:+.1f} % "
+                 f"(within {100 * AUTO_TOLERANCE:.0f} %: "
+                 f"{'yes' if entry['within_tolerance'] else 'no'})")
+    return line
 
 
 def _ratio(row: dict) -> str:
@@ -142,6 +193,8 @@ def format_summary(summary: dict) -> str:
             f"; goal >= {target}x: {'met' if summary['target_met'] else 'NOT met'}")
         lines.append(f"  best: {summary['best']} ({low:.3f}-{high:.3f} s): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")
+    for entry in summary["auto"]:
+        lines.append(format_auto(entry))
     for note in summary["config"]["notes"]:
         lines.append(f"  note: {note}")
     for name, ratio in summary["kernel_difference"].items():

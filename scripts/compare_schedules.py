@@ -7,7 +7,9 @@
 Runs, in one pair of processes, round-robin: stock megatron-core 1F1B on the same attention
 kernel as the token pipeline (the baseline of every ratio), stock interleaved (when V > 1 fits),
 stock 1F1B on megatron-core's local-spec attention (a kernel difference, on its own line), and
-the token pipeline (terapipe and token-1f1b orders; equal slices and DP-planned slices). Prints
+the token pipeline (terapipe and token-1f1b orders; equal slices, `auto` slices - what
+`--token-pipeline-slices auto` chooses, the product's planner - and DP-planned slices from costs
+fitted to the warm-up round; planned rows show the planner's predicted step time). Prints
 one table, the time breakdown per stage and a summary (docs/benchmarks.md defines every column).
 Model and layout flags are pretrain_gpt.py's.
 """
@@ -42,7 +44,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-schedules", type=str_list, default=["terapipe", "token-1f1b"])
     parser.add_argument("--num-token-slices", type=int_list, default=[8],
                         help="equal-slice counts to run, comma separated")
-    parser.add_argument("--no-planned", action="store_true", help="skip DP-planned slices")
+    parser.add_argument("--no-planned", action="store_true",
+                        help="skip DP-planned slices (fitted to the warm-up round)")
+    parser.add_argument("--no-auto", action="store_true",
+                        help="skip auto slices (the product's planner, profiled at start-up)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -73,6 +78,8 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
                                      microbatches, chunks, local_kernel=not args.no_local_attention)
     for schedule in args.token_schedules:
         variants += [token_variant(schedule, s) for s in args.num_token_slices]
+        if not args.no_auto:
+            variants.append(token_variant(schedule, auto=True))
         if not args.no_planned:
             variants.append(token_variant(schedule, planned=True))
     return BenchSpec(

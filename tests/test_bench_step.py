@@ -3,6 +3,8 @@
 import importlib.util
 import os
 
+import pytest
+
 from megatron_terapipe.benchmark.compare import verdict
 from megatron_terapipe.benchmark.table import format_summary as table_summary
 
@@ -75,3 +77,63 @@ def test_comparison_summary_says_where_the_token_pipeline_loses():
     text = table_summary(rows)
     assert "SLOWER" in text and "slower than the baseline: token-1f1b S=8" in text
     assert "kernel difference, not a schedule gain: stock 1F1B, local attention" in text
+
+
+def _token(name, order, time, planned_by=None, predicted=None):
+    return {**_row(name, "token", [time], baseline_times=BASE, s=4), "order": order,
+            "planned_by": planned_by, "planner_predicted_step_time": predicted,
+            "planner_error": predicted / time - 1 if predicted else None,
+            "plan_cost_model": "profile:start-up" if planned_by else None,
+            "plan_profile_seconds": 1.0 if planned_by else None,
+            "token_slices": [8, 8], "step_time": time}
+
+
+def test_auto_is_judged_against_the_best_equal_slicing_of_its_own_order():
+    bench = _bench_step()
+    rows = [
+        _token("token-1f1b S=4", "token-1f1b", 1.20),
+        _token("token-1f1b S=8", "token-1f1b", 1.00),
+        _token("terapipe S=8", "terapipe", 0.50),  # other order: not the reference
+        _token("token-1f1b DP-planned", "token-1f1b", 0.90, "fit", 0.8),  # not equal-S
+        _token("token-1f1b auto", "token-1f1b", 1.04, "auto", 0.95),
+        _token("terapipe auto", "terapipe", 0.60, "auto", 0.55),
+    ]
+    summary = bench.summarise([_row("stock 1F1B", "stock-1f1b", BASE, baseline=True), *rows], 1)
+    auto = {a["schedule"]: a for a in summary["auto"]}
+    one = auto["token-1f1b auto"]
+    assert one["best_equal"] == "token-1f1b S=8"
+    assert one["vs_best_equal"] == pytest.approx(0.04) and one["within_tolerance"] is True
+    assert one["predicted_step_time"] == 0.95 and one["measured_step_time"] == 1.04
+    tera = auto["terapipe auto"]
+    assert tera["best_equal"] == "terapipe S=8" and tera["within_tolerance"] is False  # +20 %
+    text = bench.format_summary({**summary, "config": {"notes": []}})
+    assert "planner predicted 0.950 s, measured 1.040 s (-8.7 %)" in text
+    assert "auto vs best equal-S (token-1f1b S=8, 1.000 s): +4.0 % (within 5 %: yes)" in text
+    assert "+20.0 % (within 5 %: no)" in text
+
+
+def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
+    """Tiny end to end: the auto row is planned by the default cost model and carries the
+    planner's prediction next to the measured step time."""
+    import json
+
+    bench = _bench_step()
+    code = bench.main([
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "64", "--microbatch-counts", "2", "--num-token-slices", "2",
+        "--schedules", "token-1f1b", "--iterations", "1", "--no-local-attention", "--json",
+        "--timeout", "240",
+    ])
+    assert code == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    rows = {r["schedule"]: r for r in result["rows"]}
+    auto = rows["token-1f1b auto"]
+    assert auto["planned_by"] == "auto" and auto["plan_cost_model"] == "profile:start-up"
+    assert sum(auto["token_slices"]) == 64 and auto["plan_profile_seconds"] > 0
+    assert auto["planner_predicted_step_time"] > 0
+    assert auto["planner_error"] == pytest.approx(
+        auto["planner_predicted_step_time"] / auto["step_time"] - 1)
+    (entry,) = result["auto"]
+    assert entry["best_equal"] == "token-1f1b S=2"
+    assert entry["vs_best_equal"] == pytest.approx(
+        auto["step_time"] / rows["token-1f1b S=2"]["step_time"] - 1)

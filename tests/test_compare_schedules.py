@@ -39,6 +39,24 @@ def test_every_schedule_has_a_row(output):
     assert "stock 1F1B, local attention" in names
     for order in ("terapipe", "token-1f1b"):
         assert f"{order} S=4" in names and f"{order} DP-planned" in names
+        assert f"{order} auto" in names
+
+
+def test_planned_rows_show_the_planners_prediction(output):
+    """auto = the product's planner (default cost model), DP-planned = the warm-up fit's DP;
+    both carry the planner's predicted step time next to the measured one."""
+    for row in output["results"]:
+        planned = row["planned_by"]
+        assert planned == ("auto" if row["schedule"].endswith(" auto") else
+                           "fit" if row["schedule"].endswith("DP-planned") else None)
+        if planned is None:
+            assert row["planner_predicted_step_time"] is None
+            continue
+        assert row["planner_predicted_step_time"] > 0
+        assert row["planner_error"] == pytest.approx(
+            row["planner_predicted_step_time"] / row["step_time"] - 1)
+        if planned == "auto":
+            assert row["plan_cost_model"] == "profile:start-up"
 
 
 def test_baseline_is_stock_1f1b_on_the_token_pipelines_kernel(output):

@@ -100,7 +100,7 @@ def test_plan_from_args_auto_plans_the_executor_micro_batches():
     assert sum(result.token_slices) == 1024 and all(x % 64 == 0 for x in result.token_slices)
     assert result.batch_slices == (1,) * 8
     assert result.extra["num_microbatches"] == 8
-    assert result.strategy == "dp" and result.cost_model == "analytic:a100"
+    assert result.strategy.startswith("dp") and result.cost_model == "analytic:a100"
     # More micro-batches in flight weigh the bubble less: never more slices than with one.
     single = plan_from_args(megatron_args(), num_microbatches=1)
     assert single.num_token_slices >= result.num_token_slices

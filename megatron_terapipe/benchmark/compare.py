@@ -131,11 +131,30 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "measured_span": timeline.step_time(),
             "analytic_step_time": analytic_time,
             "max_loss_diff": max_loss_difference(m.losses, baseline.losses if baseline else None),
+            **_planner_fields(m),
             "losses": m.losses,
         })
     return Comparison(spec, rows, measured, simulated, fitted, p2p, replayed,
                       extra={"analytic_model": getattr(analytic, "name", None),
                              "baseline": baseline.name if baseline is not None else None})
+
+
+def _planner_fields(m: Measured) -> dict[str, Any]:
+    """For a planned row: who planned it, with which cost model, and the planner's own predicted
+    step time next to the measured one (its error is the planner's, not the simulator fit's)."""
+    plan = m.extra.get("plan")
+    if not plan:
+        return {"planned_by": None, "planner_predicted_step_time": None, "planner_error": None}
+    predicted = plan.get("predicted_step_time")
+    extra = plan.get("extra", {})
+    return {
+        "planned_by": plan.get("planned_by"),
+        "planner_predicted_step_time": predicted,
+        "planner_error": predicted / m.step_time - 1.0 if predicted else None,
+        "plan_cost_model": plan.get("cost_model"),
+        "plan_profile_seconds": extra.get("profile_seconds"),
+        "plan_seconds": plan.get("planning_seconds"),
+    }
 
 
 def verdict(step_times: list[float], baseline_times: list[float]) -> str:

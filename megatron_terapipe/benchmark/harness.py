@@ -4,7 +4,8 @@ Machine noise on a shared CPU box drifts over minutes, so variants are not run o
 other: each round runs one step of every variant (in a rotating order), and a variant's step
 time is the median over rounds. Round 0 is the warm-up; it also measures peak activation memory
 (saved-tensor hooks cost a little time, so they stay out of the timed rounds) and the losses.
-DP-planned variants get their slices after round 0, from costs fitted to round 0's timelines.
+Planned variants get their slices after round 0: DP-planned ones from costs fitted to round 0's
+timelines, `auto` ones from the product's own planner (benchmark.planning).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ class VariantRun:
     peak_activation_bytes: int | None = None
     cuda_peak_bytes: int | None = None
     losses: list[float] | None = None  # per micro-batch, last stage only
+    plan: dict | None = None  # SlicingPlan.to_dict() of a planned variant
     error: str | None = None
 
 
@@ -181,24 +183,27 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
     p2p = calibrate_p2p(spec.model.hidden_size, spec.micro_batch_size) if world_size > 1 else (
         P2PFit())
     batches = _batches(spec, spec.data_seed)
-    fixed = [v for v in spec.variants if not v.planned]
+    fixed = [v for v in spec.variants if not v.slices_from_planner]
     runners = {v.name: _Runner(spec, v, models[_model_key(v)]) for v in fixed}
     runs = {v.name: VariantRun(v) for v in spec.variants}
 
     # Round 0: warm-up, memory, losses.
     for variant in fixed:
         _warmup(runners[variant.name], batches, runs[variant.name], spec)
-    planned = [v for v in spec.variants if v.planned]
+    planned = [v for v in spec.variants if v.slices_from_planner]
     if planned:
-        from megatron_terapipe.benchmark.planning import plan_slices
+        from megatron_terapipe.benchmark.planning import auto_plan, plan_slices
 
         warm = {name: (run.token_slices, run.warmup_timeline) for name, run in runs.items()
                 if not run.variant.is_stock and run.warmup_timeline}
-        warm["~calibration"] = _calibrate(spec, models)
+        if any(v.planned for v in planned):
+            warm["~calibration"] = _calibrate(spec, models)
         for variant in planned:
-            slices = plan_slices(spec, variant, warm, p2p)
-            concrete = replace(variant, token_slices=tuple(slices))
+            plan = (auto_plan(spec, variant) if variant.auto
+                    else plan_slices(spec, variant, warm, p2p))
+            concrete = replace(variant, token_slices=tuple(plan["token_slices"]))
             runs[variant.name].variant = concrete
+            runs[variant.name].plan = {**plan, "planned_by": "auto" if variant.auto else "fit"}
             runners[variant.name] = _Runner(spec, concrete, models[_model_key(variant)])
             _warmup(runners[variant.name], batches, runs[variant.name], spec)
 

@@ -79,6 +79,7 @@ def merge_ranks(rank_results: Sequence[dict[str, Any]]) -> list[Measured]:
                 virtual_pipeline=variant.virtual_pipeline,
                 attention=variant.attention,
                 is_baseline=variant.is_baseline,
+                extra={"plan": first.get("plan")} if first.get("plan") else {},
             )
         )
     return merged

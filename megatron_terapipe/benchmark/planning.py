@@ -1,8 +1,10 @@
-"""DP-planned token slices for a benchmark variant, from costs measured in the same run.
+"""Planned token slices for a benchmark variant, two ways.
 
-The planner (slicing.planner.make_plan, TeraPipe's Algorithm 1) needs a cost model; on this
-machine the honest one is fitted to the warm-up round's own timelines, so the plan is what the
-DP would choose for this CPU, not for a data-sheet device.
+- `auto_plan`: what `--token-pipeline-slices auto` gives a user - the product's start-up path
+  (`slicing.plan_and_broadcast` on the benchmark's pretrain_gpt.py arguments, default cost model).
+  This is the row that says whether the planner finds the fast slicing by itself.
+- `plan_slices` ("DP-planned"): the same DP on a cost model fitted to the warm-up round's own
+  timelines - what the DP would choose if it knew this run's costs.
 """
 
 from __future__ import annotations
@@ -21,13 +23,32 @@ def _gather(records: list) -> list[list]:
     return gathered
 
 
+def auto_plan(spec: BenchSpec, variant: Variant) -> dict[str, Any]:
+    """The product's plan (as a dict) for `variant`'s schedule; collective: every rank calls it
+    and gets rank 0's plan. Its `predicted_step_time` is the planner's own prediction."""
+    import copy
+    import time
+
+    from megatron_terapipe.slicing import plan_and_broadcast
+
+    args = copy.copy(spec.model)
+    args.token_pipeline = True
+    args.token_pipeline_schedule = variant.schedule
+    args.token_pipeline_slices = "auto"
+    started = time.perf_counter()
+    plan = plan_and_broadcast(args, print_fn=lambda line: None).to_dict()
+    plan["planning_seconds"] = time.perf_counter() - started  # this rank's wait, rank 0's work
+    return plan
+
+
 def plan_slices(
     spec: BenchSpec,
     variant: Variant,
     warm: dict[str, tuple[tuple[int, ...], list]],
     p2p: P2PFit,
-) -> tuple[int, ...]:
-    """Slices for `variant`; every rank takes part (collectives) and gets rank 0's answer.
+) -> dict[str, Any]:
+    """The plan (a dict) for `variant`; every rank takes part (collectives) and gets rank 0's
+    answer.
 
     `warm` maps a name to (token_slices, this rank's records); it should hold a step with
     varied slice lengths (harness.calibration_slices) besides any equal-slice warm-ups.
@@ -52,7 +73,7 @@ def plan_slices(
             schedule=variant.schedule,
             score=score,
         )
-        answer = [tuple(plan.token_slices)]
+        answer = [plan.to_dict()]
     torch.distributed.broadcast_object_list(answer, src=0)
     return answer[0]
 

@@ -33,7 +33,9 @@ class Variant:
     `kind` is STOCK_1F1B / STOCK_INTERLEAVED (megatron-core's own functions) or TOKEN (this
     package's executor with `schedule` and either `token_slices` or `num_token_slices`).
     `planned=True` asks the harness to choose `token_slices` with the DP planner from the
-    costs measured in the warm-up round, `num_token_slices` then being ignored.
+    costs measured in the warm-up round, `num_token_slices` then being ignored. `auto=True`
+    asks for what `--token-pipeline-slices auto` gives a user: the product's planner
+    (`slicing.plan_and_broadcast`) with its default cost model on the benchmark's arguments.
     """
 
     name: str
@@ -42,8 +44,14 @@ class Variant:
     num_token_slices: int | None = None
     token_slices: tuple[int, ...] | None = None
     planned: bool = False
+    auto: bool = False
     virtual_pipeline: int | None = None
     attention: str = SAME_KERNEL
+
+    @property
+    def slices_from_planner(self) -> bool:
+        """Slices chosen after the warm-up round (by the fit's DP or the product's planner)."""
+        return self.planned or self.auto
 
     @property
     def is_stock(self) -> bool:
@@ -88,8 +96,10 @@ def stock_interleaved(chunks: int) -> Variant:
 
 
 def token_variant(schedule: str, num_token_slices: int | None = None, planned: bool = False,
-                  token_slices: tuple[int, ...] | None = None) -> Variant:
-    if planned:
+                  token_slices: tuple[int, ...] | None = None, auto: bool = False) -> Variant:
+    if auto:
+        name = f"{schedule} auto"
+    elif planned:
         name = f"{schedule} DP-planned"
     elif token_slices is not None:
         name = f"{schedule} slices={list(token_slices)}"
@@ -97,7 +107,7 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
         name = f"{schedule} S={num_token_slices}"
     return Variant(
         name, TOKEN, schedule=schedule, num_token_slices=num_token_slices,
-        token_slices=token_slices, planned=planned,
+        token_slices=token_slices, planned=planned, auto=auto,
     )
 
 

@@ -47,6 +47,9 @@ COLUMNS = (
     ("bubble replay", lambda r: _per_stage(r.get("bubble_replayed", []), ".1%")),
     ("peak act MiB", lambda r: _per_stage(r["peak_activation_mib"], ".0f")),
     ("sim step s", lambda r: _num(r["predicted_step_time"], ".3f")),
+    ("planner pred s", lambda r: _num(r.get("planner_predicted_step_time"), ".3f")),
+    ("planner err", lambda r: _num(100 * r["planner_error"], "+.1f") + "%"
+     if r.get("planner_error") is not None else "-"),
     ("sim err", lambda r: _num(100 * r["prediction_error"], "+.1f") + "%"),
     ("max |dloss|", lambda r: _num(r["max_loss_diff"], ".1e")),
 )

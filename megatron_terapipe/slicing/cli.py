@@ -231,6 +231,7 @@ def _cost_model(args: argparse.Namespace, dims: dict[str, Any] | None) -> Any:
 def _profile(args: argparse.Namespace, dims: dict[str, Any]) -> Any:
     from megatron_terapipe.slicing.planner import default_granularity
     from megatron_terapipe.slicing.profiler import (
+        datasheet_p2p,
         default_grid,
         measure_fn_for_megatron_stage,
         profile_stage,
@@ -240,10 +241,8 @@ def _profile(args: argparse.Namespace, dims: dict[str, Any]) -> Any:
     g = args.granularity or default_granularity(args.seq_length, multiple)
     measure = measure_fn_for_megatron_stage(**dims)
     grid = default_grid(args.seq_length, args.batch_size or 1, g)
-    analytic = AnalyticCostModel.from_preset(args.device_preset or "cpu", **dims)
-    p2p = {"p2p_latency_s": analytic.link_latency_s,
-           "p2p_bandwidth_gbps": analytic.link_bandwidth_gbps,
-           "p2p_bytes_per_token": float(dims["hidden_size"] * analytic.bytes_per_element)}
+    p2p = datasheet_p2p(dims["hidden_size"], AnalyticCostModel.bytes_per_element,
+                        args.device_preset or "cpu")
     meta = {"dims": measure.dims, "device": measure.device, "clock": measure.clock}
     log = None if args.json else (lambda line: print(line, file=sys.stderr))
     profile = profile_stage(measure, grid, repeats=args.profile_repeats, meta=meta, p2p=p2p,

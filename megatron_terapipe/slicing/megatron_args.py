@@ -63,26 +63,33 @@ def _count(n: int) -> tuple[str, int]:
 
 
 def cost_model_from_args(args: Any) -> Any:
-    """`--token-pipeline-cost-model`: analytic[:preset] (default), profile, or a file path
-    (.json profile from the profiler, .npz latency table)."""
-    spec = str(getattr(args, "token_pipeline_cost_model", None) or "analytic")
+    """`--token-pipeline-cost-model`: profile (default), analytic[:preset], or a file path
+    (.json profile from the profiler, .npz latency table).
+
+    profile times this stage's real layers on this device at start-up (startup_profile: one
+    layer scaled to the stage, a few seconds for the CPU benchmark model), because the DP's
+    trade-off - pipeline bubble against each slice's fixed cost - is only as right as those
+    costs, and a data sheet does not know them. It runs one TP shard on one rank, so under
+    tensor parallelism the default falls back to the analytic model (noted in the plan).
+    """
+    from megatron_terapipe.arguments import DEFAULT_COST_MODEL
+
+    spec = str(getattr(args, "token_pipeline_cost_model", None) or DEFAULT_COST_MODEL)
     if spec == "analytic" or spec.startswith("analytic:"):
         preset = spec.split(":", 1)[1] if ":" in spec else None
         return AnalyticCostModel.from_args(args, preset=preset)
     if spec == "profile":
-        from megatron_terapipe.slicing.profiler import (
-            default_grid,
-            measure_fn_for_megatron_stage,
-            profile_stage,
-        )
+        tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
+        if tp > 1:
+            model = AnalyticCostModel.from_args(args)
+            model.note = (f"--token-pipeline-cost-model profile times one rank, not a TP = {tp} "
+                          f"group: planned with {model.name}; for measured costs profile "
+                          "beforehand (terapipe-plan --cost-model profile --profile-out "
+                          "FILE.json) and pass FILE.json")
+            return model
+        from megatron_terapipe.slicing.profiler import startup_profile
 
-        measure = measure_fn_for_megatron_stage(args)
-        grid = default_grid(args.seq_length, args.micro_batch_size, _granularity(args))
-        profile = profile_stage(measure, grid, repeats=3,
-                                meta={"dims": measure.dims, "device": measure.device,
-                                      "clock": measure.clock})
-        profile.source = "start-up"
-        return profile
+        return startup_profile(args, _granularity(args))
     if spec.endswith(".npz"):
         return LatencyTableCostModel.load(spec)
     if spec.endswith(".json"):
@@ -146,6 +153,7 @@ def plan_from_args(
         # Few simulations: planning runs at start-up while every other rank waits.
         plan = make_plan(cost, granularity=g, multiple_of=multiple_of, strategy="dp",
                          memory_cap_gib=cap, simulator_candidates=8, **common)
+        plan = _prefer_equal(plan, cost, seq, g, cap, **common)
     else:
         if mode == "count":
             slices = equal_token_slices(seq, value, multiple_of)
@@ -155,11 +163,48 @@ def plan_from_args(
                            cap, **common)
     if note:
         plan.extra["score_note"] = note
+    if getattr(cost, "note", None):
+        plan.extra["cost_model_note"] = cost.note
     if hasattr(cost, "r2"):
         plan.extra.update(profile_r2=round(cost.r2, 4),
                           profile_r2_context=round(cost.r2_context, 4))
+    if "profile_seconds" in getattr(cost, "meta", {}):
+        plan.extra["profile_seconds"] = cost.meta["profile_seconds"]
     plan.extra["num_microbatches"] = micro
     return plan
+
+
+# The DP's uneven slicing must beat the best equal one by more than this predicted fraction to be
+# chosen: a measured cost model is least certain between its grid points, where uneven slices
+# fall, and equal slices are what a user would compare against.
+EQUAL_PREFERENCE = 0.03
+
+
+def _prefer_equal(plan: SlicingPlan, cost: Any, seq: int, g: int, cap: float | None,
+                  **common: Any) -> SlicingPlan:
+    """The best equal slicing (up to ALWAYS_SIMULATED_EQUAL slices, same score, within the
+    memory cap) instead of the DP's plan when it is predicted within EQUAL_PREFERENCE of it."""
+    from megatron_terapipe.slicing.planner import ALWAYS_SIMULATED_EQUAL
+
+    best = None
+    for n in range(1, min(ALWAYS_SIMULATED_EQUAL, seq // g) + 1):
+        try:
+            candidate = _fixed_plan(cost, equal_token_slices(seq, n, g), "equal", cap, **common)
+        except ValueError:  # over the memory cap
+            continue
+        if best is None or candidate.predicted_step_time < best.predicted_step_time:
+            best = candidate
+    if best is None or best.token_slices == plan.token_slices or (
+            best.predicted_step_time > plan.predicted_step_time * (1 + EQUAL_PREFERENCE)):
+        return plan
+    best.strategy = "dp, equal preferred"
+    best.extra.update(
+        granularity=g,
+        dp_token_slices=list(plan.token_slices),
+        dp_predicted_step_time=plan.predicted_step_time,
+        equal_preference=f"equal slices predicted within {EQUAL_PREFERENCE:.0%} of the DP's plan",
+    )
+    return best
 
 
 def _score_for(schedule: str) -> tuple[str, str]:

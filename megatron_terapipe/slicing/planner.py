@@ -16,7 +16,8 @@ The DP itself is in `dp.py`; this module decides what it is asked:
 - score: 'formula' (TeraPipe's Σ t + (K−1)·max t) or 'simulator' (the schedule simulator's
   makespan of `schedule`); with the simulator the DP's candidates, a sweep of t_max bounds and
   the equal strategies' slicings are ranked by the formula, the best `simulator_candidates`
-  are simulated, and the fastest is kept (simulations cost far more than formula scores).
+  are simulated together with every equal slicing of up to ALWAYS_SIMULATED_EQUAL slices, and
+  the fastest is kept (simulations cost far more than formula scores).
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ from megatron_terapipe.token_slices import equal_token_slices, validate_token_sl
 
 STRATEGIES = ("dp", "equal", "equal-flops")
 SCORES = ("formula", "simulator")
+# Equal slicings up to this count are always simulated, whatever the formula's shortlist: the
+# plan is then never predicted slower than the equal slicing a user would try by hand.
+ALWAYS_SIMULATED_EQUAL = 16
 MAX_UNITS = 4096  # (U+1)² table entries per batch size: 134 MB of float64 at this bound
 
 
@@ -167,15 +171,16 @@ def make_plan(
             candidates = [tuple(u * g for u in s) for size, s in sol.explored if size == b]
             candidates += [tuple(u * g for u in s)
                            for s in dp.slicings_at_bounds(table, b, budget=budget)]
-            candidates += _strategy_candidates("equal", seq_length, g, None, cost_model,
-                                               flops_model)
+            equal = _strategy_candidates("equal", seq_length, g, None, cost_model, flops_model)
+            candidates += equal
             candidates += _strategy_candidates("equal-flops", seq_length, g, None, cost_model,
                                                flops_model, quiet=True)
             token_slices, step = _best(
                 candidates, batch_slices, fits,
                 _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
                         num_chunks),
-                formula_scorer(table, g, num_stages, batch_slices), simulator_candidates)
+                formula_scorer(table, g, num_stages, batch_slices), simulator_candidates,
+                always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL])
             per_slice = (token_slices,) * len(batch_slices)
             extra["formula_step_time"] = formula_scorer(table, g, num_stages, batch_slices)(
                 token_slices
@@ -365,11 +370,14 @@ def _scorer(score: str, cost_model: Any, table: np.ndarray, g: int, num_stages: 
 
 def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...], fits: Any,
           scorer: Any, prefilter: Any = None, shortlist: int | None = None,
+          always: list[tuple[int, ...]] = (),
           ) -> tuple[tuple[int, ...], float]:
-    """Best candidate under `scorer`; with `shortlist`, only that many, chosen by `prefilter`."""
+    """Best candidate under `scorer`; with `shortlist`, only that many, chosen by `prefilter`,
+    plus the `always` candidates."""
     pool = [s for s in dict.fromkeys(candidates) if fits(batch_slices, s)]  # unique, in order
     if shortlist is not None and len(pool) > shortlist:
         pool = sorted(pool, key=prefilter)[:shortlist]
+        pool += [s for s in dict.fromkeys(always) if s not in pool and fits(batch_slices, s)]
     best: tuple[float, tuple[int, ...]] | None = None
     for slices in pool:
         value = scorer(slices)

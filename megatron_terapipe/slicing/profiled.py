@@ -33,6 +33,8 @@ class ProfiledCostModel:
     p2p_latency_s: float = 0.0
     p2p_bytes_per_token: float = 0.0
     p2p_bandwidth_gbps: float = float("inf")
+    # Backward over forward time, measured; the simulator splits each slice's time with it.
+    backward_ratio: float = 2.0
     meta: dict = field(default_factory=dict)
     source: str = "<fit>"
 
@@ -54,6 +56,9 @@ class ProfiledCostModel:
             raise ValueError(f"{self.source}: batches and slice_lens must be strictly increasing")
         if not np.isfinite(self.no_context).all() or (self.no_context < 0).any():
             raise ValueError(f"{self.source}: no_context times must be finite and >= 0")
+        if not self.backward_ratio > 0:
+            raise ValueError(f"{self.source}: backward_ratio must be > 0, got "
+                             f"{self.backward_ratio}")
 
     @property
     def name(self) -> str:
@@ -153,6 +158,7 @@ class ProfiledCostModel:
             "p2p_latency_s": self.p2p_latency_s,
             "p2p_bytes_per_token": self.p2p_bytes_per_token,
             "p2p_bandwidth_gbps": _num(self.p2p_bandwidth_gbps),
+            "backward_ratio": self.backward_ratio,
             "meta": self.meta,
         }
 
@@ -180,6 +186,7 @@ class ProfiledCostModel:
             p2p_latency_s=float(data.get("p2p_latency_s", 0.0)),
             p2p_bytes_per_token=float(data.get("p2p_bytes_per_token", 0.0)),
             p2p_bandwidth_gbps=_unnum(data.get("p2p_bandwidth_gbps"), float("inf")),
+            backward_ratio=float(data.get("backward_ratio", 2.0)),
             meta=dict(data.get("meta", {})),
             source=path,
         )

@@ -91,6 +91,14 @@ def profile_stage(
         for point in order:
             best[point] = min(best[point], float(measure_fn(*point)))
     samples = [(b, n, c, best[b, n, c]) for b, n, c in points]
+    forward = getattr(measure_fn, "forward_seconds", None)
+    extra = dict(p2p or {})
+    if forward and all(p in forward for p in points):
+        # Time-weighted: long slices, which dominate a step, dominate the ratio too.
+        fwd = sum(forward[p] for p in points)
+        total = sum(best[p] for p in points)
+        if 0 < fwd < total:
+            extra["backward_ratio"] = (total - fwd) / fwd
     if log is not None:
         for b, n, c, seconds in samples:
             log(f"profile b={b} l={n} c={c}: {seconds * 1e3:.3f} ms")
@@ -98,7 +106,7 @@ def profile_stage(
     info.update(grid={"batches": list(grid.batches), "slice_lens": list(grid.slice_lens),
                       "context_lens": list(grid.context_lens), "seq_length": grid.seq_length},
                 samples=[list(s) for s in samples])
-    return ProfiledCostModel.fit(samples, meta=info, **(p2p or {}))
+    return ProfiledCostModel.fit(samples, meta=info, **extra)
 
 
 def measure_fn_for_megatron_stage(
@@ -115,6 +123,7 @@ def measure_fn_for_megatron_stage(
     warmup: int = 1,
     repeats: int = 1,
     clock: str | None = None,
+    profiled_layers: int | None = None,
 ) -> MeasureFn:
     """A measure_fn timing this stage's real megatron-core layers with prefix-KV attention.
 
@@ -135,8 +144,14 @@ def measure_fn_for_megatron_stage(
         else torch.device("cpu")
     if dtype is None:
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    built = dims["layers_per_stage"]
+    if profiled_layers is not None:
+        if profiled_layers < 1:
+            raise ValueError(f"profiled_layers must be >= 1, got {profiled_layers}")
+        built = min(built, int(profiled_layers))
+    scale = dims["layers_per_stage"] / built
     with preserved_rng_state():
-        block = _build_block(dims, dtype, device)
+        block = _build_block(dims, dtype, device, built)
     hidden = dims["hidden_size"]
     clock = clock or ("wall" if device.type == "cuda" else "cpu")
     if clock not in ("wall", "cpu"):
@@ -164,28 +179,81 @@ def measure_fn_for_megatron_stage(
             start = now()
             with context.running(0, 0, len(slices) - 1):
                 out = block(x, attention_mask=None)
+                middle = now()
                 out.backward(grad)
-            return now() - start
+            end = now()
+            return end - start, middle - start
+
+    warmed: set[tuple[int, int, int]] = set()
+    forward_seconds: dict[tuple[int, int, int], float] = {}
 
     def measure(batch: int, slice_len: int, context_len: int) -> float:
         threads = torch.get_num_threads()
         if clock == "cpu":
             torch.set_num_threads(1)  # all work on this thread, so thread_time sees it all
         try:
+            point = (batch, slice_len, context_len)
             with preserved_rng_state():
-                for _ in range(warmup):
+                for _ in range(0 if point in warmed else warmup):
                     run_once(batch, slice_len, context_len)
+                warmed.add(point)
                 # The least of the repeats: interference only ever adds time.
-                return min(
+                total, forward = min(
                     run_once(batch, slice_len, context_len) for _ in range(max(1, repeats))
                 )
+            best = forward_seconds.get(point)
+            forward_seconds[point] = scale * forward if best is None else min(best, scale * forward)
+            return scale * total
         finally:
             torch.set_num_threads(threads)
 
     measure.dims = dims  # type: ignore[attr-defined]
     measure.device = str(device)  # type: ignore[attr-defined]
     measure.clock = clock  # type: ignore[attr-defined]
+    measure.profiled_layers = built  # type: ignore[attr-defined]
+    measure.bytes_per_element = torch.empty((), dtype=dtype).element_size()  # type: ignore[attr-defined]
+    measure.forward_seconds = forward_seconds  # type: ignore[attr-defined]
     return measure
+
+
+def datasheet_p2p(hidden_size: int, bytes_per_element: int, preset: str | None = None
+                  ) -> dict[str, float]:
+    """P2P terms of a profile from the device preset's link (a stage alone cannot time them):
+    one message carries hidden_size elements per token."""
+    from megatron_terapipe.slicing.cost_models import DEVICE_PRESETS, detect_device_preset
+
+    rates = DEVICE_PRESETS[preset or detect_device_preset()]
+    return {"p2p_latency_s": rates.link_latency_s,
+            "p2p_bandwidth_gbps": rates.link_bandwidth_gbps,
+            "p2p_bytes_per_token": float(hidden_size * bytes_per_element)}
+
+
+# What start-up profiling (the default cost model) times: one layer of the stage, scaled to the
+# stage, in two passes over the default grid. About 3 runs per grid point in all.
+STARTUP_PROFILED_LAYERS = 1
+STARTUP_PASSES = 2
+
+
+def startup_profile(args: Any, granularity: int,
+                    log: Callable[[str], None] | None = None) -> ProfiledCostModel:
+    """The profile `--token-pipeline-cost-model profile` plans with: this stage's layers, in
+    the job's dtype, on this device, for its sequence length and micro-batch size."""
+    import torch
+
+    dtype = (torch.bfloat16 if getattr(args, "bf16", False) else
+             torch.float16 if getattr(args, "fp16", False) else torch.float32)
+    started = time.perf_counter()
+    measure = measure_fn_for_megatron_stage(args, dtype=dtype,
+                                            profiled_layers=STARTUP_PROFILED_LAYERS)
+    grid = default_grid(int(args.seq_length), int(getattr(args, "micro_batch_size", 1) or 1),
+                        granularity)
+    meta = {"dims": measure.dims, "device": measure.device, "clock": measure.clock,
+            "profiled_layers": measure.profiled_layers, "passes": STARTUP_PASSES}
+    p2p = datasheet_p2p(measure.dims["hidden_size"], measure.bytes_per_element)
+    profile = profile_stage(measure, grid, repeats=STARTUP_PASSES, meta=meta, p2p=p2p, log=log)
+    profile.meta["profile_seconds"] = round(time.perf_counter() - started, 3)
+    profile.source = "start-up"
+    return profile
 
 
 def _stage_dims(args: Any, *values: Any) -> dict[str, int]:
@@ -247,7 +315,7 @@ def _ensure_single_rank_megatron() -> None:
     tensor_parallel.model_parallel_cuda_manual_seed(1234)
 
 
-def _build_block(dims: dict[str, int], dtype: Any, device: Any) -> Any:
+def _build_block(dims: dict[str, int], dtype: Any, device: Any, num_layers: int) -> Any:
     import torch
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlock
@@ -257,7 +325,7 @@ def _build_block(dims: dict[str, int], dtype: Any, device: Any) -> Any:
 
     t = dims["tensor_model_parallel_size"]
     config = TransformerConfig(
-        num_layers=dims["layers_per_stage"],
+        num_layers=num_layers,
         hidden_size=dims["hidden_size"],
         num_attention_heads=dims["num_attention_heads"] // t,
         num_query_groups=dims["num_query_groups"] // t,

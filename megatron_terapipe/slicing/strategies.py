@@ -101,9 +101,15 @@ def simulator_scorer(
     num_microbatches: int,
     batch: int,
     num_chunks: int = 1,
-    backward_ratio: float = 2.0,
+    backward_ratio: float | None = None,
 ) -> Scorer:
-    """Makespan from the schedule simulator (imported lazily: it is optional for planning)."""
+    """Makespan from the schedule simulator (imported lazily: it is optional for planning).
+
+    backward_ratio: backward over forward time; by default the cost model's own (a profile
+    measures it), else 2.
+    """
+    if backward_ratio is None:
+        backward_ratio = float(getattr(cost_model, "backward_ratio", 2.0))
     try:
         from megatron_terapipe.schedules import build_schedule
         from megatron_terapipe.simulate import ActionCosts, simulate
