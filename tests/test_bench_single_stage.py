@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["--num-layers", "1", "--hidden-size", "32", "--num-attention-heads", "2",
-        "--seq-length", "64", "--vocab-size", "64", "--rounds", "2", "--warmup", "0"]
+# Big enough that one micro-batch's activations (MiBs, allocated above glibc's mmap threshold)
+# always grow the resident set: at seq 64 the step could fit in pages the process already had.
+TINY = ["--num-layers", "1", "--hidden-size", "64", "--num-attention-heads", "2",
+        "--seq-length", "512", "--vocab-size", "64", "--rounds", "2", "--warmup", "0"]
 
 
 def _run(*extra: str) -> subprocess.CompletedProcess:
@@ -41,4 +43,4 @@ def test_reports_time_and_memory_per_slice_count(tmp_path):
 def test_rejects_slice_counts_that_do_not_divide_the_sequence():
     result = _run("--num-token-slices", "1,3", "--no-memory")
     assert result.returncode != 0
-    assert "--num-token-slices: 3 does not divide --seq-length 64" in result.stderr
+    assert "--num-token-slices: 3 does not divide --seq-length 512" in result.stderr
