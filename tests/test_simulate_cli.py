@@ -114,7 +114,6 @@ def test_trace_and_plot_files(tmp_path, capsys):
 
 
 def test_analytic_cost_model(capsys):
-    pytest.importorskip("megatron_terapipe.slicing.cost_models")
     common = [
         "--pipeline-model-parallel-size",
         "4",

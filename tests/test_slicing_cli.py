@@ -156,7 +156,7 @@ def test_simulator_scoring_reports_a_missing_simulator(monkeypatch):
 
 
 def test_simulator_scoring_with_the_real_simulator():
-    simulate = pytest.importorskip("megatron_terapipe.simulate")
+    from megatron_terapipe import simulate
     if not hasattr(simulate, "simulate"):
         pytest.skip("simulator not available")
     from megatron_terapipe.slicing.strategies import simulator_scorer
