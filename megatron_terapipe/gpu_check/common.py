@@ -30,6 +30,18 @@ def step_main(run) -> None:
     sys.exit(0)
 
 
+def judge_losses(record: dict[str, Any], stock: dict, token: dict, rtol: float) -> dict:
+    """Steps b and e: each step's loss of the token run within `rtol` of the stock run's."""
+    record.update(stock=stock, token=token, loss_rtol=rtol)
+    if "error" in stock or "error" in token:
+        record["status"] = "error"
+        return record
+    diffs = [abs(t - s) / abs(s) for s, t in zip(stock["losses"], token["losses"])]
+    record["loss_rel_diffs"] = diffs
+    record["status"] = "pass" if max(diffs) <= rtol else "fail"
+    return record
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -18,7 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
-from megatron_terapipe.gpu_check.common import free_port, write_record
+from megatron_terapipe.gpu_check.common import free_port, judge_losses, write_record
 from megatron_terapipe.gpu_check.criteria import BF16_LOSS_RTOL
 
 STEPS = 5
@@ -121,17 +121,8 @@ def run(dry_run: bool, out_dir: str, timeout_s: float = 140.0) -> dict[str, Any]
         "title": f"world-size-1 {backend}: DDP + distributed optimizer + per-token loss + bf16,"
         f" {STEPS} steps, stock vs token pipeline (4 slices)",
         "flags": flags,
-        "loss_rtol": BF16_LOSS_RTOL,
-        "stock": stock,
-        "token": token,
     }
-    if "error" in stock or "error" in token:
-        record["status"] = "error"
-        return record
-    diffs = [abs(t - s) / abs(s) for s, t in zip(stock["losses"], token["losses"])]
-    record["loss_rel_diffs"] = diffs
-    record["status"] = "pass" if max(diffs) <= BF16_LOSS_RTOL else "fail"
-    return record
+    return judge_losses(record, stock, token, BF16_LOSS_RTOL)
 
 
 def _main() -> None:

@@ -22,7 +22,7 @@ import subprocess
 import sys
 from typing import Any
 
-from megatron_terapipe.gpu_check.common import free_port, step_main
+from megatron_terapipe.gpu_check.common import free_port, judge_losses, step_main
 from megatron_terapipe.gpu_check.criteria import FP32_RTOL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -145,14 +145,8 @@ def run(dry_run: bool, out_dir: str, timeout_s: float = 290.0) -> dict[str, Any]
         return record
     stock = train(tree, FLAGS, timeout_s / 2)
     token = train(tree, FLAGS + TOKEN_FLAGS, timeout_s / 2)
-    record.update(stock=stock, token=token, loss_rtol=FP32_RTOL, flags=FLAGS)
-    if "error" in stock or "error" in token:
-        record["status"] = "error"
-        return record
-    diffs = [abs(t - s) / abs(s) for s, t in zip(stock["losses"], token["losses"])]
-    record["loss_rel_diffs"] = diffs
-    record["status"] = "pass" if max(diffs) <= FP32_RTOL else "fail"
-    return record
+    record["flags"] = FLAGS
+    return judge_losses(record, stock, token, FP32_RTOL)
 
 
 if __name__ == "__main__":
