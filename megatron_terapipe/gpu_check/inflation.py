@@ -4,15 +4,14 @@ One micro-batch through one stage (no pipeline), cut into S equal slices, S in 1
 16: the forward+backward time relative to S = 1 (the same prefix-KV attention kernel, one
 slice) and the peak device memory. This is what slicing costs before any bubble is saved.
 
-scripts/bench_single_stage.py measures exactly this when present (its JSON is kept as is);
-otherwise model/single_stage.py's slice-by-slice forward/backward is timed here directly.
+Measured by scripts/bench_single_stage.py (its JSON is kept as is), the CPU benchmark of the
+same quantity, so both report one thing.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import statistics
 import subprocess
 import sys
 from typing import Any
@@ -64,50 +63,6 @@ def _bench_script(shape: GPTShape, device: str, rounds: int, bf16: bool, json_pa
     return out
 
 
-def measure_here(shape: GPTShape, device, dtype, rounds: int) -> list[dict[str, Any]]:
-    """Median of `rounds` timed steps per S (after one warm-up), and peak memory."""
-    import torch
-
-    from megatron_terapipe.gpu_check.common import build_gpt, single_rank_megatron, token_batch
-    from megatron_terapipe.model.single_stage import sliced_forward_backward
-    from megatron_terapipe.timing import synchronized_clock
-    from megatron_terapipe.token_slices import equal_token_slices
-
-    single_rank_megatron()
-    model = build_gpt(shape, dtype, device)
-    batch = token_batch(shape, 1, device)
-
-    def loss_of_slice(m, b):
-        losses = m(b["tokens"], b["position_ids"], None, labels=b["labels"]).float()
-        return (losses * b["loss_mask"]).sum(), b["loss_mask"].sum()
-
-    rows = []
-    for count in SLICE_COUNTS:
-        slices = equal_token_slices(shape.seq_length, count)
-        times = []
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        for i in range(rounds + 1):
-            start = synchronized_clock()
-            sliced_forward_backward(model, batch, slices, shape.seq_length, loss_of_slice)
-            elapsed = synchronized_clock() - start
-            model.zero_grad(set_to_none=True)
-            if i:  # the first round warms up kernels and the allocator
-                times.append(elapsed)
-        rows.append({
-            "num_token_slices": count,
-            "median_s": statistics.median(times),
-            "min_s": min(times),
-            "max_s": max(times),
-            "peak_memory_gib": (torch.cuda.max_memory_allocated(device) / 2**30
-                                if device.type == "cuda" else None),
-        })
-    base = rows[0]["median_s"]
-    for row in rows:
-        row["t_S_over_t_1"] = row["median_s"] / base
-    return rows
-
-
 def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
     import torch
 
@@ -124,18 +79,12 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
         "dtype": str(dtype).replace("torch.", ""),
         "rounds": rounds,
     }
-    if os.path.exists(BENCH):
-        out = _bench_script(shape, device.type, rounds, dtype == torch.bfloat16,
-                            os.path.join(out_dir, "d_bench_single_stage.json"), 140,
-                            memory=not dry_run)
-        record.update(via="scripts/bench_single_stage.py", **out)
-        record["status"] = "error" if "error" in out else "measured"
-        return record
-    record["via"] = "model/single_stage.py (scripts/bench_single_stage.py not present)"
-    record["rows"] = measure_here(shape, device, dtype, rounds)
-    record["status"] = "measured"
+    out = _bench_script(shape, device.type, rounds, dtype == torch.bfloat16,
+                        os.path.join(out_dir, "d_bench_single_stage.json"), 140,
+                        memory=not dry_run)
+    record.update(via="scripts/bench_single_stage.py", **out)
+    record["status"] = "error" if "error" in out else "measured"
     return record
-
 
 if __name__ == "__main__":
     step_main(run)
