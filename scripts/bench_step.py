@@ -99,7 +99,7 @@ ROW_KEYS = ("schedule", "kind", "order", "attention", "attention_kernel", "basel
             "planner_error", "plan_cost_model", "plan_profile_seconds", "step_time",
             "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
-            "peak_activation_mib", "max_loss_diff")
+            "peak_activation_mib", "page_faults", "max_loss_diff")
 
 
 def summarise(rows: list[dict], num_microbatches: int) -> dict:
@@ -197,6 +197,8 @@ def format_summary(summary: dict) -> str:
         lines.append(format_auto(entry))
     for note in summary["config"]["notes"]:
         lines.append(f"  note: {note}")
+    if summary.get("cpu_allocator"):
+        lines.append(f"  CPU allocator: {summary['cpu_allocator']}")
     for name, ratio in summary["kernel_difference"].items():
         lines.append(f"  kernel difference (not a schedule gain): {name} takes {ratio:.2f}x the "
                      "baseline's time")
@@ -215,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = summarise(comparison.rows, count)
         summary["config"] = data["config"]
         summary["load_average_1m"] = data.get("load_average_1m")
+        summary["cpu_allocator"] = data.get("cpu_allocator")
         summaries.append(summary)
         if not args.json:
             print(format_summary(summary), flush=True)

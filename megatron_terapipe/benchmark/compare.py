@@ -126,6 +126,7 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "cpu_per_busy_s": [c / b if b > 0 else math.nan
                                for c, b in zip(m.cpu_time, timeline.busy_time())],
             "cuda_peak_mib": [_mib(b) for b in m.cuda_peak_bytes],
+            "page_faults": list(m.page_faults),
             "predicted_step_time": sim.step_time,
             "prediction_error": sim.step_time / timeline.step_time() - 1.0,
             "measured_span": timeline.step_time(),
@@ -136,6 +137,7 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
         })
     return Comparison(spec, rows, measured, simulated, fitted, p2p, replayed,
                       extra={"analytic_model": getattr(analytic, "name", None),
+                             "cpu_allocator": rank_results[0].get("allocator"),
                              "baseline": baseline.name if baseline is not None else None})
 
 

@@ -4,6 +4,8 @@ Machine noise on a shared CPU box drifts over minutes, so variants are not run o
 other: each round runs one step of every variant (in a rotating order), and a variant's step
 time is the median over rounds. Round 0 is the warm-up; it also measures peak activation memory
 (saved-tensor hooks cost a little time, so they stay out of the timed rounds) and the losses.
+Every rank keeps the memory it frees (compat.allocator): no variant pays the page faults of
+re-faulted activations, an allocator term a GPU run does not have.
 Planned variants get their slices after round 0: DP-planned ones from costs fitted to round 0's
 timelines, `auto` ones from the product's own planner (benchmark.planning).
 """
@@ -29,6 +31,7 @@ from megatron_terapipe.benchmark.models import (
 from megatron_terapipe.benchmark.p2p import calibrate_p2p
 from megatron_terapipe.benchmark.spec import SAME_KERNEL, STOCK_INTERLEAVED, BenchSpec, Variant
 from megatron_terapipe.benchmark.stock_timeline import StockRecorder
+from megatron_terapipe.compat.allocator import allocator_note, keep_freed_memory, minor_page_faults
 from megatron_terapipe.timing import synchronized_clock
 from megatron_terapipe.training.data import forward_step
 
@@ -41,6 +44,7 @@ class VariantRun:
     token_slices: tuple[int, ...] = ()
     step_times: list[float] = field(default_factory=list)  # timed rounds, this rank
     cpu_times: list[float] = field(default_factory=list)  # process CPU seconds in those steps
+    page_faults: list[int] = field(default_factory=list)  # minor page faults in those steps
     timelines: list[list] = field(default_factory=list)  # ActionRecords per timed round
     warmup_timeline: list = field(default_factory=list)
     peak_activation_bytes: int | None = None
@@ -80,7 +84,8 @@ class _Runner:
         """One forward-backward; returns (seconds on this rank, losses, records).
 
         `self.cpu_time` is left holding the process CPU seconds of the step: next to the
-        busy time of the records it shows how much CPU the rank actually got (a shared box).
+        busy time of the records it shows how much CPU the rank actually got (a shared box);
+        `self.page_faults` its minor page faults (an allocator term, see compat.allocator).
         """
         from megatron.core import parallel_state
 
@@ -94,6 +99,7 @@ class _Runner:
         with virtual_pipeline(self.built.virtual_pipeline), _instrumented(self, tracker):
             torch.distributed.barrier(group=pp_group)
             cpu0 = time.process_time()
+            faults0 = minor_page_faults()
             t0 = synchronized_clock()
             if self.recorder is not None:
                 self.recorder.start(t0)
@@ -108,6 +114,7 @@ class _Runner:
             )
             elapsed = synchronized_clock() - t0
             self.cpu_time = time.process_time() - cpu0
+            self.page_faults = minor_page_faults() - faults0
         records = self.recorder.records if self.recorder is not None else self.func.last_timeline
         return elapsed, losses, list(records)
 
@@ -175,6 +182,8 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             f"benchmark runs one pipeline (world size = PP = {spec.pipeline_parallel}), "
             f"got world size {world_size}"
         )
+    # Before the first large allocation, so that every variant runs on memory the process keeps.
+    keep_freed_memory()
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=spec.pipeline_parallel)
     tensor_parallel.model_parallel_cuda_manual_seed(spec.init_seed)
     torch.manual_seed(spec.init_seed)
@@ -214,11 +223,13 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             elapsed, _, records = runners[name].step(batches)
             runs[name].step_times.append(elapsed)
             runs[name].cpu_times.append(runners[name].cpu_time)
+            runs[name].page_faults.append(runners[name].page_faults)
             runs[name].timelines.append(records)
     return {
         "rank": rank,
         "runs": [vars(run) for run in runs.values()],
         "p2p": {"latency_s": p2p.latency_s, "seconds_per_byte": p2p.seconds_per_byte},
+        "allocator": allocator_note(),
     }
 
 

@@ -40,6 +40,7 @@ class Measured:
     attention: str = "sdpa"
     is_baseline: bool = False
     extra: dict = field(default_factory=dict)
+    page_faults: list[int | None] = field(default_factory=list)  # per rank, median round
 
     @property
     def step_time(self) -> float:
@@ -73,6 +74,8 @@ def merge_ranks(rank_results: Sequence[dict[str, Any]]) -> list[Measured]:
                           for run in per_rank],
                 cpu_time=[run["cpu_times"][median_round] if rounds else float("nan")
                           for run in per_rank],
+                page_faults=[run["page_faults"][median_round]
+                             if rounds and run.get("page_faults") else None for run in per_rank],
                 peak_activation_bytes=[run["peak_activation_bytes"] for run in per_rank],
                 cuda_peak_bytes=[run["cuda_peak_bytes"] for run in per_rank],
                 losses=losses,

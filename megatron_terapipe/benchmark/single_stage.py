@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_terapipe.benchmark.cli_args import int_list
+from megatron_terapipe.compat.allocator import allocator_note, keep_freed_memory
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 TARGETS = {"time_8": 1.04, "memory_8": 1.10, "memory_16": 1.15}
@@ -257,6 +258,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_args(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
+    if args.memory_of is None:  # timing: every S on memory the process keeps (compat.allocator)
+        keep_freed_memory()
     model, batch = build_stage(args)
     if args.memory_of is not None:
         peak = step_peak_bytes(model, batch, args.memory_of, args.seq_length, args.device)
@@ -269,7 +272,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(times, memory)
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "memory_of")}
     summary["load_average"] = os.getloadavg()
+    summary["cpu_allocator"] = allocator_note()
     print(format_table(summary))
+    print(f"CPU allocator (timing): {summary['cpu_allocator']}")
     print(f"load average: {' '.join(f'{v:.2f}' for v in summary['load_average'])}")
     if args.json:
         with open(args.json, "w") as out:
