@@ -36,6 +36,22 @@ def _patch(owner: Any, name: str, value: Any, label: str) -> None:
     _PATCHES.append(label)
 
 
+class _CpuWeightGradAccumulation:
+    """apex's fused_weight_gradient_mlp_cuda on the CPU: main_grad += grad_outputᵀ · input.
+
+    Inputs arrive 2-D ([tokens, in] and [tokens, out]); the product is formed in main_grad's
+    dtype (fp32 for the fp32 entry point, as apex accumulates), added in place.
+    """
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        dtype = main_grad.dtype
+        main_grad.addmm_(grad_output.t().to(dtype), total_input.to(dtype))
+
+    wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
+
+
 def _cpu_device_for(device: Any) -> Any:
     if isinstance(device, str) and device.startswith("cuda"):
         return "cpu"
@@ -279,6 +295,18 @@ def enable_cpu(force: bool = False) -> bool:
         lambda state, *a, **k: torch.set_rng_state(state),
         "tensor_parallel.random._set_cuda_rng_state -> cpu",
     )
+    # Megatron-LM's default --gradient-accumulation-fusion: the weight-gradient GEMM accumulates
+    # straight into the fp32 main_grad (apex's fused_weight_gradient_mlp_cuda on GPUs). Its CPU
+    # equivalent, so that a CPU run takes the path a GPU run takes (one GEMM into main_grad per
+    # backward instead of a GEMM, a .grad and DDP's add).
+    from megatron.core.tensor_parallel import layers as tp_layers
+
+    if not tp_layers._grad_accum_fusion_available:
+        _patch(tp_layers, "fused_weight_gradient_mlp_cuda", _CpuWeightGradAccumulation,
+               "fused_weight_gradient_mlp_cuda -> CPU addmm_ into main_grad")
+        _patch(tp_layers, "_grad_accum_fusion_available", True,
+               "gradient-accumulation fusion available (CPU addmm_)")
+
     tracker_class = _make_cpu_rng_tracker_class(mcore_random.CudaRNGStatesTracker)
     _patch(mcore_random, "CudaRNGStatesTracker", tracker_class, "CPU RNG states tracker")
     if mcore_random._CUDA_RNG_STATE_TRACKER is not None:

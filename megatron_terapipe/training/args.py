@@ -149,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--loss-scale-window", type=float, default=1000)
     g.add_argument("--hysteresis", type=int, default=2)
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_false",
+                   dest="gradient_accumulation_fusion",
+                   help="Compute each weight gradient into .grad and let DDP add it to main_grad "
+                   "instead of accumulating into main_grad in the GEMM (apex's "
+                   "fused_weight_gradient_mlp_cuda; on CPU its addmm_ equivalent). Without "
+                   "that extension on a GPU the unfused path is used anyway.")
     g.add_argument("--recompute-granularity", default=None, choices=["full", "selective"])
     g.add_argument("--recompute-method", default=None, choices=["uniform", "block"])
     g.add_argument("--recompute-num-layers", type=int, default=None)

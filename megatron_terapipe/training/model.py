@@ -72,7 +72,7 @@ def transformer_config_from_args(args: Namespace):
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        gradient_accumulation_fusion=gradient_accumulation_fusion(args),
         persist_layer_norm=False,
     )
     if args.virtual_pipeline_model_parallel_size:
@@ -84,6 +84,16 @@ def transformer_config_from_args(args: Namespace):
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         kwargs["recompute_num_layers"] = 1
     return TransformerConfig(**kwargs)
+
+
+def gradient_accumulation_fusion(args: Namespace) -> bool:
+    """Megatron-LM's --gradient-accumulation-fusion (on unless --no-...), where megatron-core
+    has the weight-gradient accumulation kernel (apex on GPUs, compat's CPU equivalent)."""
+    if not getattr(args, "gradient_accumulation_fusion", True):
+        return False
+    from megatron.core.tensor_parallel import layers
+
+    return bool(layers._grad_accum_fusion_available)
 
 
 def base_layer_spec(args: Namespace):
