@@ -1,16 +1,16 @@
 """Hold the CPU allocator equal across the variants a benchmark compares.
 
-glibc's malloc serves large blocks with fresh `mmap`s and returns freed heap tops to the OS, so
-a process that frees and re-allocates megabyte activations every step faults their pages in
-again every step, and which variant pays depends on its tensor sizes and on glibc's adaptive
-thresholds. Measured on the benchmark model (PP = 2, seq 2048): stock 1F1B (8 MiB MLP
-activations) took 9-28 thousand minor faults a step on the last stage and its rounds spread by
-up to 25 %; the token pipeline (slice-sized tensors) about ten. With this setting every
-variant took 0 after warm-up, stock ran 5-10 % faster and the rounds spread by about 3 %. A GPU
-run has no such term (CUDA's caching allocator keeps what it once held), so a CPU benchmark that
-left it in would credit the schedule with an allocator artefact. `keep_freed_memory()` makes
-freed memory stay in the process (no mmap, no trim): every variant then runs on memory the
-process already owns, after warm-up.
+glibc's malloc serves large blocks with fresh `mmap`s and returns freed heap tops to the OS, so a
+process that frees and re-allocates megabyte activations every step faults their pages in again
+every step, and which variant pays depends on its tensor sizes and on glibc's adaptive thresholds.
+Measured on the benchmark model (PP = 2, seq 2048): stock 1F1B (8 MiB MLP activations) took 9-28
+thousand minor faults a step on the last stage and its rounds spread by up to 25 %; the token
+pipeline (slice-sized tensors) about ten. With this setting every same-kernel variant took 0-50 a
+step after warm-up, stock ran 5-10 % faster and the rounds spread by about 3 %. A GPU run has no
+such term (CUDA's caching allocator keeps what it once held), so a CPU benchmark that left it in
+would credit the schedule with an allocator artefact. `keep_freed_memory()` makes freed memory stay
+in the process (no mmap, no trim): every variant then runs on memory the process already owns, after
+warm-up.
 
 CPU-only, glibc-only; elsewhere it does nothing and says so.
 """
