@@ -199,6 +199,9 @@ def format_summary(summary: dict) -> str:
         lines.append(f"  note: {note}")
     if summary.get("cpu_allocator"):
         lines.append(f"  CPU allocator: {summary['cpu_allocator']}")
+    if summary.get("gradient_accumulation_fusion") is not None:
+        fused = "on" if summary["gradient_accumulation_fusion"] else "off"
+        lines.append(f"  gradient-accumulation fusion: {fused} (every row)")
     for name, ratio in summary["kernel_difference"].items():
         lines.append(f"  kernel difference (not a schedule gain): {name} takes {ratio:.2f}x the "
                      "baseline's time")
@@ -218,6 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["config"] = data["config"]
         summary["load_average_1m"] = data.get("load_average_1m")
         summary["cpu_allocator"] = data.get("cpu_allocator")
+        summary["gradient_accumulation_fusion"] = data.get("gradient_accumulation_fusion")
         summaries.append(summary)
         if not args.json:
             print(format_summary(summary), flush=True)

@@ -137,6 +137,9 @@ def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
     assert entry["best_equal"] == "token-1f1b S=2"
     # Every rank held the CPU allocator equal (compat.allocator) and counted its page faults.
     assert result["cpu_allocator"].startswith("glibc malloc: freed memory kept")
+    # The models ran megatron's fused weight-gradient accumulation (compat's CPU kernel), as
+    # the trainer does by default.
+    assert result["gradient_accumulation_fusion"] is True
     for row in result["rows"]:
         assert len(row["page_faults"]) == 2 and all(isinstance(f, int) for f in row["page_faults"])
     assert entry["vs_best_equal"] == pytest.approx(

@@ -125,6 +125,12 @@ def test_model_flags_are_pretrain_gpts():
     assert spec.model.ffn_hidden_size == 96 and spec.model.swiglu
     assert spec.model.padded_vocab_size == 256  # pretrain_gpt.py's padding of 128 + EOD
     assert args.ignored_flags == ["--lr"]
+    # Fusion shapes the step (one GEMM into main_grad per weight): on unless turned off, as in
+    # pretrain_gpt.py, and the trainer's flag reaches the benchmark model.
+    assert spec.model.gradient_accumulation_fusion
+    unfused = script.parse_args(["--num-layers", "4", "--no-gradient-accumulation-fusion"])
+    assert unfused.ignored_flags == []
+    assert not script.build_spec(unfused).model.gradient_accumulation_fusion
     with pytest.raises(SystemExit):
         script.parse_args(["--no-such-flag", "1"])
     with pytest.raises(SystemExit, match="--num-layers=6 is not divisible"):

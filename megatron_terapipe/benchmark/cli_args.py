@@ -26,7 +26,7 @@ MODEL_GROUPS = ("network size", "parallelism")
 MODEL_TRAINING_FLAGS = (
     "--micro-batch-size", "--global-batch-size", "--seq-length", "--bf16", "--fp16",
     "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--seed",
-    "--vocab-size",
+    "--vocab-size", "--no-gradient-accumulation-fusion",
 )  # fmt: skip
 # Chosen per row by the benchmark itself (it runs both kernels), so not a model flag here.
 PER_ROW_FLAGS = ("--attention-backend",)

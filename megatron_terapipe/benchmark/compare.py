@@ -138,6 +138,8 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
     return Comparison(spec, rows, measured, simulated, fitted, p2p, replayed,
                       extra={"analytic_model": getattr(analytic, "name", None),
                              "cpu_allocator": rank_results[0].get("allocator"),
+                             "gradient_accumulation_fusion": all(
+                                 r.get("gradient_accumulation_fusion") for r in rank_results),
                              "baseline": baseline.name if baseline is not None else None})
 
 

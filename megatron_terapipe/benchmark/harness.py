@@ -230,6 +230,9 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
         "runs": [vars(run) for run in runs.values()],
         "p2p": {"latency_s": p2p.latency_s, "seconds_per_byte": p2p.seconds_per_byte},
         "allocator": allocator_note(),
+        # What the built models run with (the flag, where megatron-core has the kernel).
+        "gradient_accumulation_fusion": all(
+            built.config.gradient_accumulation_fusion for built in models.values()),
     }
 
 
