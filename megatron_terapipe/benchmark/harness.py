@@ -183,7 +183,7 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             f"got world size {world_size}"
         )
     # Before the first large allocation, so that every variant runs on memory the process keeps.
-    keep_freed_memory()
+    allocator_held = keep_freed_memory()
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=spec.pipeline_parallel)
     tensor_parallel.model_parallel_cuda_manual_seed(spec.init_seed)
     torch.manual_seed(spec.init_seed)
@@ -229,7 +229,7 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
         "rank": rank,
         "runs": [vars(run) for run in runs.values()],
         "p2p": {"latency_s": p2p.latency_s, "seconds_per_byte": p2p.seconds_per_byte},
-        "allocator": allocator_note(),
+        "allocator": allocator_note(allocator_held),
         # What the built models run with (the flag, where megatron-core has the kernel).
         "gradient_accumulation_fusion": all(
             built.config.gradient_accumulation_fusion for built in models.values()),

@@ -258,8 +258,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_args(args)
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
-    if args.memory_of is None:  # timing: every S on memory the process keeps (compat.allocator)
-        keep_freed_memory()
+    # Timing: every S on memory the process keeps (compat.allocator); the memory processes
+    # give memory back at once instead (MALLOC_ENV), so that the peak resident set is the step's.
+    allocator_held = args.memory_of is None and keep_freed_memory()
     model, batch = build_stage(args)
     if args.memory_of is not None:
         peak = step_peak_bytes(model, batch, args.memory_of, args.seq_length, args.device)
@@ -272,7 +273,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary = summarize(times, memory)
     summary["settings"] = {k: v for k, v in vars(args).items() if k not in ("json", "memory_of")}
     summary["load_average"] = os.getloadavg()
-    summary["cpu_allocator"] = allocator_note()
+    summary["cpu_allocator"] = allocator_note(allocator_held)
     print(format_table(summary))
     print(f"CPU allocator (timing): {summary['cpu_allocator']}")
     print(f"load average: {' '.join(f'{v:.2f}' for v in summary['load_average'])}")

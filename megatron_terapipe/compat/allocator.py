@@ -25,13 +25,11 @@ import resource
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
-_STATE = {"held": False}
-
-
 def keep_freed_memory() -> bool:
-    """Serve every allocation from the heap and never shrink it; True if glibc took it."""
-    if _STATE["held"]:
-        return True
+    """Serve every allocation from the heap and never shrink it; True if glibc took it.
+
+    Process-wide and idempotent: call it once, before the first large allocation.
+    """
     name = ctypes.util.find_library("c")
     if not name:
         return False
@@ -41,14 +39,13 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to hold
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
-    _STATE["held"] = ok
-    return ok
+    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
 
 
-def allocator_note() -> str:
-    """What a benchmark's output says about the CPU allocator."""
-    if _STATE["held"]:
+def allocator_note(held: bool) -> str:
+    """What a benchmark's output says about the CPU allocator, given keep_freed_memory()'s
+    answer."""
+    if held:
         return "glibc malloc: freed memory kept in the process (no mmap, no trim), every variant"
     return "CPU allocator as the platform gives it (glibc tunables not applied)"
 
