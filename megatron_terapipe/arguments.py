@@ -16,6 +16,8 @@ Flag semantics (Megatron-LM naming style):
   cost model (default profile: measured at start-up); PATH is a ``.json`` profile or a ``.npz``
   latency table.
 - ``--token-pipeline-memory-cap GIB``: activation memory per stage the plan must fit in.
+- ``--token-pipeline-split-backward``: split each backward that sends a gradient into its input
+  gradient (sent at once) and its weight-gradient GEMMs (run right after), zero-bubble style.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ _DEPENDENT_FLAGS = {
     "token_pipeline_granularity": "--token-pipeline-granularity",
     "token_pipeline_cost_model": "--token-pipeline-cost-model",
     "token_pipeline_memory_cap": "--token-pipeline-memory-cap",
+    "token_pipeline_split_backward": "--token-pipeline-split-backward",
 }
 
 
@@ -129,6 +132,15 @@ def add_token_pipeline_args(parser: argparse.ArgumentParser) -> argparse.Argumen
         metavar="GIB",
         help="Activation memory per pipeline stage (GiB) the planned slicing must fit in.",
     )
+    group.add_argument(
+        "--token-pipeline-split-backward",
+        action="store_true",
+        default=None,
+        help="Split each backward that sends a gradient to the previous stage: the input "
+        "gradient first, sent at once, then the layer's weight-gradient GEMMs (zero-bubble "
+        "style B/W split). Exact; needs gradient-accumulation fusion, no --sequence-parallel, "
+        "the local transformer implementation.",
+    )
     return parser
 
 
@@ -144,6 +156,7 @@ def resolved_token_pipeline_args(args: Any) -> Any:
     for name in ("token_pipeline_granularity", "token_pipeline_memory_cap"):
         if not hasattr(args, name):
             setattr(args, name, None)
+    args.token_pipeline_split_backward = bool(getattr(args, "token_pipeline_split_backward", False))
     return args
 
 
@@ -298,6 +311,7 @@ def token_pipeline_errors(args: Any) -> list[str]:
                 f"multiple of --token-pipeline-granularity={granularity}"
             )
 
+    errors.extend(_split_backward_errors(args))
     errors.extend(_cost_model_errors(getattr(args, "token_pipeline_cost_model", None)))
     cap = getattr(args, "token_pipeline_memory_cap", None)
     if cap is not None and not cap > 0:
@@ -346,6 +360,31 @@ def token_pipeline_warnings(args: Any) -> list[str]:
     return []
 
 
+def _split_backward_errors(args: Any) -> list[str]:
+    """Setups in which megatron-core's linear layers cannot hand their weight gradients to a
+    later W action (see `model.weight_grad_deferral`)."""
+    if not getattr(args, "token_pipeline_split_backward", False):
+        return []
+    flag = "--token-pipeline-split-backward"
+    errors = []
+    if getattr(args, "gradient_accumulation_fusion", True) is False:
+        errors.append(
+            f"{flag} needs gradient-accumulation fusion (the weight-gradient GEMM megatron-core "
+            "can defer); drop --no-gradient-accumulation-fusion"
+        )
+    if getattr(args, "sequence_parallel", False):
+        errors.append(
+            f"{flag} does not support --sequence-parallel: megatron-core's weight-gradient GEMM "
+            "reads a shared all-gather buffer that the next layer overwrites"
+        )
+    if getattr(args, "transformer_impl", "local") == "transformer_engine":
+        errors.append(
+            f"{flag} needs --transformer-impl local: Transformer Engine's linear layers compute "
+            "their weight gradients inside TE"
+        )
+    return errors
+
+
 def _cost_model_errors(spec: str | None) -> list[str]:
     if spec is None or spec in ("analytic", "profile") or spec.startswith("analytic:"):
         return []
@@ -374,15 +413,19 @@ def token_pipeline_config_from_args(args: Any, plan: Any = None) -> TokenPipelin
     so it runs once at start-up (see `megatron_lm.setup_token_pipeline`), not here.
     """
     schedule = getattr(args, "token_pipeline_schedule", None) or DEFAULT_SCHEDULE
+    common = {
+        "schedule": schedule,
+        "split_backward": bool(getattr(args, "token_pipeline_split_backward", False)),
+    }
     if plan is not None:
-        return TokenPipelineConfig(schedule=schedule, plan=plan)
+        return TokenPipelineConfig(plan=plan, **common)
     slices = getattr(args, "token_pipeline_slices", None)
     if isinstance(slices, str):
         slices = parse_slices(slices)
     if isinstance(slices, int):
-        return TokenPipelineConfig(schedule=schedule, num_token_slices=slices)
+        return TokenPipelineConfig(num_token_slices=slices, **common)
     if isinstance(slices, tuple):
-        return TokenPipelineConfig(schedule=schedule, token_slices=slices)
+        return TokenPipelineConfig(token_slices=slices, **common)
     raise ValueError(
         "--token-pipeline-slices auto needs the planner's result; call "
         "megatron_terapipe.megatron_lm.setup_token_pipeline(args) first"

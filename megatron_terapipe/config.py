@@ -25,6 +25,9 @@ class TokenPipelineConfig:
     plan: Any = None
     # Record per-action start/end times on every rank (for measured timelines).
     record_timeline: bool = False
+    # Split each backward that sends a gradient into B (input gradient, sent at once) and W
+    # (weight-gradient GEMMs), as `schedules.generators.split_backward_orders` describes.
+    split_backward: bool = False
     extra: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:

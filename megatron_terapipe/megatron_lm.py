@@ -167,6 +167,7 @@ def setup_token_pipeline(args: Any, print_fn: Callable[[str], None] | None = Non
         print_fn(
             f"> token pipeline: schedule {config.schedule}, token slices {list(slices)} "
             f"(from --token-pipeline-slices {_slices_text(args.token_pipeline_slices)})"
+            + (", split backward (B/W)" if config.split_backward else "")
         )
     return config
 

@@ -1,7 +1,11 @@
 """DP gradient reduction overlaps the backward: DDP no_sync is lifted per chunk right before that
 chunk's last backward of the step, so each chunk's reduction is dispatched while that backward
 runs (DP = 2 x PP = 2 x VP = 2 on gloo, megatron-core DDP with overlap_grad_reduce), and the
-gradients equal those of the run without overlap."""
+gradients equal those of the run without overlap.
+
+With split backwards (`--token-pipeline-split-backward`) the chunk's last backward runs under
+no_sync and its reduction starts only after that backward's weight-gradient action (W), since
+the weight gradients reach main_grad there; gradients again equal the run without overlap."""
 
 from __future__ import annotations
 
@@ -11,7 +15,16 @@ from megatron_terapipe.compat import run_distributed
 from megatron_terapipe.testing.grad_sync import grad_sync_events
 from megatron_terapipe.testing.reference import relative_error
 
-MODES = [(False, False), (True, False), (True, True)]
+# (overlap_grad_reduce, align_grad_reduce, split_backward)
+MODES = [
+    (False, False, False),
+    (True, False, False),
+    (True, True, False),
+    (False, False, True),
+    (True, False, True),
+    (True, True, True),
+]
+SPLIT_PLAIN = 3
 
 
 @pytest.fixture(scope="module")
@@ -25,10 +38,14 @@ def _last_backward(events, chunk):
     return begins[-1], ends[-1]
 
 
-@pytest.mark.parametrize("mode", [1, 2], ids=["overlap", "overlap+align"])
-def test_gradients_equal_the_run_without_overlap(runs, mode):
+@pytest.mark.parametrize(
+    "mode, plain_mode",
+    [(1, 0), (2, 0), (4, SPLIT_PLAIN), (5, SPLIT_PLAIN)],
+    ids=["overlap", "overlap+align", "split+overlap", "split+overlap+align"],
+)
+def test_gradients_equal_the_run_without_overlap(runs, mode, plain_mode):
     for rank, per_rank in enumerate(runs):
-        plain, overlapped = per_rank[0], per_rank[mode]
+        plain, overlapped = per_rank[plain_mode], per_rank[mode]
         for step, (a, b) in enumerate(zip(plain["steps"], overlapped["steps"])):
             for (place, want), (_, got) in zip(a["grads"], b["grads"]):
                 err = relative_error(got, want)
@@ -65,3 +82,36 @@ def test_align_grad_reduce_launches_each_chunk_right_after_its_last_backward(run
                 later = [i for i, e in enumerate(events) if i > end and e[0] == "backward-begin"]
                 assert dispatched and end < dispatched[0], (rank, chunk, events)
                 assert not later or dispatched[0] < later[0], (rank, chunk, events)
+
+
+def test_split_runs_weight_gradient_actions_and_matches_the_unsplit_run(runs):
+    """The split run really ran W actions on the ranks that send gradients (every rank but the
+    first virtual stage's chunk), and its fused gradients equal the unsplit, unfused run's
+    within fp32 summation-order rounding."""
+    for rank, per_rank in enumerate(runs):
+        split = per_rank[SPLIT_PLAIN]
+        assert split["split"] is True and per_rank[0]["split"] is False
+        for step, (a, b) in enumerate(zip(per_rank[0]["steps"], split["steps"])):
+            assert any(e[0] == "weight-grad-end" for e in b["events"]), (rank, b["events"])
+            assert not any(e[0] == "weight-grad-end" for e in a["events"])
+            for (place, want), (_, got) in zip(a["grads"], b["grads"]):
+                err = relative_error(got, want)
+                assert err <= 1e-5, (rank, step, place.name, err)
+
+
+@pytest.mark.parametrize("mode", [4, 5], ids=["split+overlap", "split+overlap+align"])
+def test_split_last_backward_reduces_after_its_weight_gradients(runs, mode):
+    """A split last backward keeps no_sync over its B (DDP's hooks fire there, before W has added
+    the weight gradients); the chunk's reduction is dispatched after its last W, once."""
+    for rank, per_rank in enumerate(runs):
+        for step in per_rank[mode]["steps"]:
+            events = step["events"]
+            for chunk in (0, 1):
+                begin, end = _last_backward(events, chunk)
+                weight_grads = [i for i, e in enumerate(events) if e == ("weight-grad-end", chunk)]
+                dispatched = [i for i, e in enumerate(events) if e == ("dispatch", chunk)]
+                assert dispatched, (rank, chunk, events)
+                if weight_grads and weight_grads[-1] > end:  # this chunk's last backward split
+                    assert dispatched[0] > weight_grads[-1], (rank, chunk, events)
+                    exits = [i for i, e in enumerate(events) if e == ("no_sync-exit", chunk)]
+                    assert exits and exits[0] > end, (rank, chunk, events)

@@ -18,6 +18,8 @@ from megatron_terapipe.testing.runner import RunCase
 
 SEQ128 = TinyGPT(seq_length=128)
 ROPE_GQA = TinyGPT(position_embedding_type="rope", num_query_groups=2)
+# Gradient-accumulation fusion (Megatron-LM's default): what a split backward defers to W.
+FUSED = TinyGPT(config_overrides={"gradient_accumulation_fusion": True})
 
 
 def tp(schedule: str = "terapipe", **slices) -> dict:
@@ -82,6 +84,25 @@ TWO_RANKS = {
         num_microbatches=1,
         token_pipeline=tp(token_slices=[2, 6, 24]),
     ),
+    "pp2-terapipe-M1-split": RunCase(
+        model=FUSED,
+        pipeline_parallel=2,
+        num_microbatches=1,
+        token_pipeline=tp(num_token_slices=4, split_backward=True),
+    ),
+    "pp2-1f1b-M3-split-uneven": RunCase(
+        model=FUSED,
+        pipeline_parallel=2,
+        num_microbatches=3,
+        token_pipeline=tp("token-1f1b", token_slices=[1, 2, 21, 8], split_backward=True),
+    ),
+    "pp2-vp2-interleaved-split": RunCase(
+        model=FUSED,
+        pipeline_parallel=2,
+        virtual_pipeline=2,
+        num_microbatches=2,
+        token_pipeline=tp("token-interleaved", num_token_slices=4, split_backward=True),
+    ),
     "pp2-sgd-two-steps": RunCase(
         pipeline_parallel=2,
         num_microbatches=3,
@@ -108,6 +129,12 @@ FOUR_RANKS = {
         pipeline_parallel=2,
         num_microbatches=3,
         token_pipeline=tp("terapipe"),
+    ),
+    "pp4-1f1b-M3-split": RunCase(
+        model=FUSED,
+        pipeline_parallel=4,
+        num_microbatches=3,
+        token_pipeline=tp("token-1f1b", num_token_slices=4, split_backward=True),
     ),
 }
 

@@ -73,7 +73,11 @@ class _Runner:
             )
         from megatron_terapipe import TokenPipelineConfig, get_forward_backward_func
 
-        kwargs: dict[str, Any] = {"schedule": self.variant.schedule, "record_timeline": True}
+        kwargs: dict[str, Any] = {
+            "schedule": self.variant.schedule,
+            "record_timeline": True,
+            "split_backward": self.variant.split_backward,
+        }
         if self.variant.token_slices is not None:
             kwargs["token_slices"] = self.variant.token_slices
         else:

@@ -36,6 +36,7 @@ class Variant:
     costs measured in the warm-up round, `num_token_slices` then being ignored. `auto=True`
     asks for what `--token-pipeline-slices auto` gives a user: the product's planner
     (`slicing.plan_and_broadcast`) with its default cost model on the benchmark's arguments.
+    `split_backward` runs the schedule with split backwards (`--token-pipeline-split-backward`).
     """
 
     name: str
@@ -47,6 +48,7 @@ class Variant:
     auto: bool = False
     virtual_pipeline: int | None = None
     attention: str = SAME_KERNEL
+    split_backward: bool = False
 
     @property
     def slices_from_planner(self) -> bool:
@@ -96,7 +98,8 @@ def stock_interleaved(chunks: int) -> Variant:
 
 
 def token_variant(schedule: str, num_token_slices: int | None = None, planned: bool = False,
-                  token_slices: tuple[int, ...] | None = None, auto: bool = False) -> Variant:
+                  token_slices: tuple[int, ...] | None = None, auto: bool = False,
+                  split_backward: bool = False) -> Variant:
     if auto:
         name = f"{schedule} auto"
     elif planned:
@@ -105,9 +108,11 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
         name = f"{schedule} slices={list(token_slices)}"
     else:
         name = f"{schedule} S={num_token_slices}"
+    if split_backward:
+        name += " split-B/W"
     return Variant(
         name, TOKEN, schedule=schedule, num_token_slices=num_token_slices,
-        token_slices=token_slices, planned=planned, auto=auto,
+        token_slices=token_slices, planned=planned, auto=auto, split_backward=split_backward,
     )
 
 

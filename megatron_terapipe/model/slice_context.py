@@ -92,6 +92,9 @@ class TokenSliceContext:
         self._buffers: dict[tuple[int, int], dict[int, PrefixKV]] = {}
         # (chunk, micro-batch) -> slices released so far
         self._released: dict[tuple[int, int], int] = {}
+        # Set while a split backward runs: its weight-gradient GEMMs queue here
+        # (`weight_grad_deferral`), for the unit's W action.
+        self.deferred_weight_grads = None
 
     @contextlib.contextmanager
     def running(self, chunk: int, microbatch: int, token_slice: int) -> Iterator[CurrentSlice]:

@@ -11,10 +11,12 @@ from megatron_terapipe.schedules.generators import (
     TOKEN_SCHEDULES,
     build_schedule,
     schedule_from_orders,
+    split_backward_orders,
 )
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
     FORWARD,
+    WEIGHT_GRAD,
     Action,
     CommGroup,
     Compute,
@@ -29,6 +31,7 @@ from megatron_terapipe.schedules.validator import ScheduleError, find_problems, 
 __all__ = [
     "BACKWARD",
     "FORWARD",
+    "WEIGHT_GRAD",
     "SCHEDULES",
     "STOCK_SCHEDULES",
     "TOKEN_SCHEDULES",
@@ -42,6 +45,7 @@ __all__ = [
     "attach_communication",
     "build_schedule",
     "schedule_from_orders",
+    "split_backward_orders",
     "find_problems",
     "match_messages",
     "run_network",

@@ -14,7 +14,8 @@ another on one stream (NCCL), so a receive posted before a send the peer needs f
 and messages pair per channel in posting order (gloo and NCCL alike), so two ends that order one
 channel differently swap tensors. The rule:
 
-1. Run the compute orders once as pure dataflow with unit costs (forward 1, backward 2). Give
+1. Run the compute orders once as pure dataflow with unit costs (forward 1, backward 2, a split
+   backward's weight gradient 1; W actions exchange nothing). Give
    every message the key (end of its producing compute in that run, message id); both ends of
    a message compute the same key.
 2. Post each send right after the compute that produces it.
@@ -54,6 +55,7 @@ from megatron_terapipe.schedules.ir import (
     RECV_PREV,
     SEND_NEXT,
     SEND_PREV,
+    WEIGHT_GRAD,
     Action,
     CommGroup,
     Compute,
@@ -66,6 +68,12 @@ _OP_RANK = {name: i for i, name in enumerate(OP_ORDER)}
 # Unit costs of the reference run that decides the exchange moments.
 REFERENCE_FORWARD_COST = 1.0
 REFERENCE_BACKWARD_COST = 2.0
+REFERENCE_WEIGHT_GRAD_COST = 1.0
+_REFERENCE_COST = {
+    FORWARD: REFERENCE_FORWARD_COST,
+    BACKWARD: REFERENCE_BACKWARD_COST,
+    WEIGHT_GRAD: REFERENCE_WEIGHT_GRAD_COST,
+}
 
 
 def virtual_stage(rank: int, chunk: int, num_stages: int) -> int:
@@ -155,9 +163,7 @@ class _Reference:
                         break
                     begin = max(begin, self.end[src][j])
                 i = pos[rank]
-                cost = REFERENCE_FORWARD_COST
-                if compute.kind == BACKWARD:
-                    cost = REFERENCE_BACKWARD_COST
+                cost = _REFERENCE_COST[compute.kind]
                 self.start[rank][i], self.end[rank][i] = begin, begin + cost
                 clock[rank] = begin + cost
                 done[rank][i] = True

@@ -39,6 +39,12 @@ from megatron_terapipe.config import TokenPipelineConfig
 from megatron_terapipe.model.batch_slicing import slice_batch
 from megatron_terapipe.model.positions import install_rope_offset_hooks
 from megatron_terapipe.model.slice_context import TokenSliceContext, activate
+from megatron_terapipe.model.weight_grad_deferral import (
+    DeferredWeightGrads,
+    deferring_weight_grads,
+    install_weight_grad_deferral,
+    split_backward_problems,
+)
 from megatron_terapipe.schedules.generators import build_schedule, schedule_from_orders
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
@@ -47,6 +53,7 @@ from megatron_terapipe.schedules.ir import (
     RECV_PREV,
     SEND_NEXT,
     SEND_PREV,
+    WEIGHT_GRAD,
     CommGroup,
     Compute,
     P2POp,
@@ -59,8 +66,12 @@ from megatron_terapipe.timing import StepClock
 
 
 @lru_cache(maxsize=64)
-def _training_schedule(name: str, stages: int, microbatches: int, slices: int, chunks: int):
-    return validate_schedule(build_schedule(name, stages, microbatches, slices, chunks))
+def _training_schedule(
+    name: str, stages: int, microbatches: int, slices: int, chunks: int, split_backward: bool
+):
+    return validate_schedule(
+        build_schedule(name, stages, microbatches, slices, chunks, split_backward=split_backward)
+    )
 
 
 @lru_cache(maxsize=64)
@@ -78,7 +89,7 @@ def _forward_only_schedule(name: str, stages: int, microbatches: int, slices: in
 class ActionRecord:
     """Start/end (seconds since the step began, aligned across pipeline ranks) of one action."""
 
-    kind: str  # "F", "B" or "comm"
+    kind: str  # "F", "B", "W" or "comm"
     microbatch: int
     token_slice: int
     chunk: int
@@ -166,6 +177,15 @@ class _Step:
         self.sends_in_flight: deque[_PostedBatch] = deque()
         self.grad_sync: _GradSync = kw["grad_sync"]
         self.last_backward = _last_backward_per_chunk(self.schedule.stages[self.rank])
+        actions = self.schedule.stages[self.rank]
+        self.last_backward_unit = {v: actions[i].unit for v, i in self.last_backward.items()}
+        # units whose backward is split: B queues its weight gradients, W runs them
+        self.split_units = {
+            a.unit
+            for a in self.schedule.stages[self.rank]
+            if isinstance(a, Compute) and a.kind == WEIGHT_GRAD
+        }
+        self.weight_grads: dict[tuple, DeferredWeightGrads] = {}
 
     # -- helpers ------------------------------------------------------------------------------
     def is_first_virtual_stage(self, chunk: int) -> bool:
@@ -210,6 +230,8 @@ class _Step:
             elif action.kind == FORWARD:
                 self.free_completed_sends()
                 self.forward(action)
+            elif action.kind == WEIGHT_GRAD:
+                self.weight_grad(action)
             else:
                 self.free_completed_sends()
                 self.backward(action, index)
@@ -307,25 +329,40 @@ class _Step:
 
     def backward(self, action: Compute, index: int) -> None:
         m, t, v = action.microbatch, action.token_slice, action.chunk
+        key = (m, t, v)
+        split = key in self.split_units
         last_of_chunk = self.last_backward.get(v) == index
         if last_of_chunk:
-            self.grad_sync.before_last_backward(v)
-        key = (m, t, v)
+            self.grad_sync.before_last_backward(v, split)
         input_tensor = self.inputs.pop(key)
         output = self.outputs.pop(key)
         if self.is_last_virtual_stage(v):
             output, output_grad = self.scaled_loss(m, t), None
         else:
             output_grad = self.received.pop((BACKWARD, m, t, v))
-        with self.timed(BACKWARD, m, t, v), self.context.running(v, m, t):
+        with (
+            self.timed(BACKWARD, m, t, v),
+            self.context.running(v, m, t),
+            deferring_weight_grads(self.context) if split else contextlib.nullcontext() as queue,
+        ):
             input_grad = backward_step(
                 input_tensor, output, output_grad, self.model_type, self.config
             )
+        if split:
+            self.weight_grads[key] = queue
         self.context.release(v, m, t)
         if last_of_chunk:
-            self.grad_sync.after_last_backward(v)
+            self.grad_sync.after_last_backward(v, split)
         if not self.is_first_virtual_stage(v):
             self.to_send[(BACKWARD, m, t, v)] = input_grad
+
+    def weight_grad(self, action: Compute) -> None:
+        """A split backward's weight-gradient GEMMs, queued by its B action."""
+        with self.timed(WEIGHT_GRAD, *action.unit):
+            self.weight_grads.pop(action.unit).run()
+        chunk = action.chunk
+        if self.last_backward_unit.get(chunk) == action.unit:
+            self.grad_sync.after_split_last_backward(chunk)
 
     def post(self, group: CommGroup) -> None:
         """Post the group's ops in one batched call; nothing waits here."""
@@ -454,7 +491,12 @@ class _GradSync:
     (and the other chunks' later work) still runs. With `grad_sync_func` (Megatron-LM's
     `--align-grad-reduce`: start_grad_sync per chunk): right after the chunk's last backward,
     followed by that call, so each chunk's reduction is launched once, explicitly, as soon as its
-    gradients are complete."""
+    gradients are complete.
+
+    A split last backward (B then W) keeps no_sync over its B: DDP's hooks run during B, before W
+    has added the weight gradients to `main_grad`. The sync starts after W instead: with
+    `grad_sync_func` as above, otherwise, when DDP overlaps its reduction, by DDP's own
+    `start_grad_sync` (without overlap `finalize_model_grads` reduces, as always)."""
 
     def __init__(self, config, models: list, enabled: bool) -> None:
         self.config = config
@@ -476,13 +518,17 @@ class _GradSync:
             ctx.__enter__()
             self.contexts.append(ctx)
 
-    def before_last_backward(self, chunk: int) -> None:
-        if not self.explicit:
+    def before_last_backward(self, chunk: int, split: bool) -> None:
+        if not self.explicit and not split:
             self.release(chunk)
 
-    def after_last_backward(self, chunk: int) -> None:
-        if self.explicit:
+    def after_last_backward(self, chunk: int, split: bool) -> None:
+        if self.explicit and not split:
             self.start(chunk)
+
+    def after_split_last_backward(self, chunk: int) -> None:
+        """The W of the chunk's last backward has run: its gradients are complete."""
+        self.start(chunk, dispatch_overlapped=True)
 
     def release(self, chunk: int) -> None:
         """Leave no_sync for `chunk`: its next backward reduces gradients as they are ready."""
@@ -490,8 +536,9 @@ class _GradSync:
             self.contexts[chunk].__exit__(None, None, None)
             self.contexts[chunk] = None
 
-    def start(self, chunk: int) -> None:
-        """Launch `chunk`'s remaining gradient reduction (megatron-core's grad_sync_func)."""
+    def start(self, chunk: int, dispatch_overlapped: bool = False) -> None:
+        """Launch `chunk`'s remaining gradient reduction (megatron-core's grad_sync_func; with
+        `dispatch_overlapped`, DDP's start_grad_sync when DDP overlaps and no hook did)."""
         if chunk >= len(self.contexts) or chunk in self.started:
             return
         self.release(chunk)
@@ -499,13 +546,25 @@ class _GradSync:
         grad_sync = self.config.grad_sync_func
         if isinstance(grad_sync, list):
             grad_sync = grad_sync[chunk]
+        model = self.models[chunk]
         if grad_sync is not None:
-            grad_sync(self.models[chunk].parameters())
+            grad_sync(model.parameters())
+        elif dispatch_overlapped and _overlaps_grad_reduce(model):
+            model.start_grad_sync()
 
     def finish(self) -> None:
         """Chunks that ran no backward on this rank still leave no_sync and sync."""
         for chunk in range(len(self.contexts)):
             self.start(chunk)
+
+
+def _overlaps_grad_reduce(model: torch.nn.Module) -> bool:
+    """Whether `model` is megatron-core DDP with overlap_grad_reduce (reductions started by
+    hooks during the backward, or by an explicit start_grad_sync)."""
+    ddp_config = getattr(model, "ddp_config", None)
+    return bool(getattr(ddp_config, "overlap_grad_reduce", False)) and hasattr(
+        model, "start_grad_sync"
+    )
 
 
 class TokenPipelineForwardBackward:
@@ -578,7 +637,20 @@ class TokenPipelineForwardBackward:
             len(token_slices),
             len(models),
         )
-        schedule = _forward_only_schedule(*shape) if forward_only else _training_schedule(*shape)
+        split_backward = self.config.split_backward and not forward_only
+        if split_backward:
+            problems = split_backward_problems(mconfig, models)
+            if problems:
+                raise ValueError(
+                    "token pipeline: split_backward (--token-pipeline-split-backward) cannot run "
+                    "exactly with " + "; ".join(problems)
+                )
+            install_weight_grad_deferral()
+        schedule = (
+            _forward_only_schedule(*shape)
+            if forward_only
+            else _training_schedule(*shape, split_backward)
+        )
         install_rope_offset_hooks(models)
         device = model_device(models)
 

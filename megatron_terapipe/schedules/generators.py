@@ -13,6 +13,10 @@ the remaining backwards (`_phased_order`). They differ only in
 Token schedules run a micro-batch's backwards in reverse slice order (slice t's key/value gradient
 is complete only once every later slice's backward has run), so their backward sequence is not
 the forward one: `_backward_units` reverses slices within each micro-batch.
+
+Any of them can split its backwards (`split_backward_orders`): the input gradient first, sent on
+at once, then the unit's weight-gradient GEMMs, so the previous stage starts its backward one
+weight-gradient earlier at every hop of the backward chain.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 from megatron_terapipe.schedules.communication import attach_communication
-from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, Compute, Schedule
+from megatron_terapipe.schedules.communication import virtual_stage
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, WEIGHT_GRAD, Compute, Schedule
 
 Unit = tuple[int, int]  # (micro-batch, token slice)
 
@@ -216,10 +221,42 @@ def token_interleaved(P: int, M: int, S: int, V: int = 2) -> Schedule:
     return _make("token-interleaved", P, M, S, V, _interleaved_orders(P, M, S, V))
 
 
+def split_backward_orders(
+    orders: Sequence[Sequence[Compute]], num_stages: int
+) -> list[list[Compute]]:
+    """Follow every backward that sends a gradient (all but the first virtual stage's) with its
+    own weight-gradient action W.
+
+    W right after B (after its send is posted, which `attach_communication` places there) moves
+    the weight-gradient GEMMs off the path the gradient travels without holding anything longer
+    than one action. A chunk's gradient sync then starts after the W of its last backward (the
+    executor's `_GradSync`), once `main_grad` is complete.
+    """
+    split: list[list[Compute]] = []
+    for rank, order in enumerate(orders):
+        actions: list[Compute] = []
+        for compute in order:
+            actions.append(compute)
+            sends = virtual_stage(rank, compute.chunk, num_stages) > 0
+            if compute.kind == BACKWARD and sends:
+                actions.append(Compute(WEIGHT_GRAD, *compute.unit))
+        split.append(actions)
+    return split
+
+
 def schedule_from_orders(
-    name: str, P: int, M: int, S: int, V: int, orders: Sequence[Sequence[Compute]]
+    name: str,
+    P: int,
+    M: int,
+    S: int,
+    V: int,
+    orders: Sequence[Sequence[Compute]],
+    split_backward: bool = False,
 ) -> Schedule:
-    """A schedule from per-rank compute orders, communication attached by the one rule."""
+    """A schedule from per-rank compute orders, communication attached by the one rule;
+    `split_backward` first splits the backwards (`split_backward_orders`)."""
+    if split_backward:
+        orders = split_backward_orders(orders, P)
     return Schedule(
         name=name,
         num_stages=P,
@@ -227,6 +264,7 @@ def schedule_from_orders(
         num_token_slices=S,
         num_chunks=V,
         stages=attach_communication(orders, P, V),
+        split_backward=split_backward,
     )
 
 
@@ -252,8 +290,17 @@ def build_schedule(
     num_microbatches: int,
     num_token_slices: int = 1,
     num_chunks: int = 1,
+    split_backward: bool = False,
 ) -> Schedule:
-    """Build a named schedule; ValueError names a bad value and what is allowed."""
+    """Build a named schedule; ValueError names a bad value and what is allowed.
+    `split_backward` splits its backwards into B and W actions (`split_backward_orders`)."""
     if name not in SCHEDULES:
         raise ValueError(f"unknown schedule {name!r}; valid choices: {', '.join(SCHEDULES)}")
-    return SCHEDULES[name](num_stages, num_microbatches, num_token_slices, num_chunks)
+    schedule = SCHEDULES[name](num_stages, num_microbatches, num_token_slices, num_chunks)
+    if not split_backward:
+        return schedule
+    orders = [schedule.computes(p) for p in range(num_stages)]
+    return schedule_from_orders(
+        schedule.name, num_stages, num_microbatches, num_token_slices, num_chunks, orders,
+        split_backward=True,
+    )

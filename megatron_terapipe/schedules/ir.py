@@ -7,6 +7,9 @@ Text notation used by `Schedule.format` (one token per action):
 
 - ``F3.1`` / ``B3.1``: forward / backward of micro-batch 3, token slice 1. With more than one model
   chunk the chunk follows a ``c``: ``F3.1c1``.
+- ``W3.1``: the weight-gradient half of ``B3.1`` when the schedule splits backwards (zero-bubble
+  style, Qi et al. 2023): ``B3.1`` then computes only the input gradient, which is sent on at
+  once, and ``W3.1`` the deferred weight-gradient GEMMs.
 - ``[...]``: a CommGroup; its ops are posted together (one batched call) and the rank goes on
   without waiting. Inside, each op is ``<dir><peer><payload>`` with ``>`` = send, ``<`` =
   receive, peer ``p`` = previous rank, ``n`` = next rank, and the payload in the same form as a
@@ -23,11 +26,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Union
 
-Kind = Literal["F", "B"]
+Kind = Literal["F", "B", "W"]
 
 FORWARD = "F"
 BACKWARD = "B"
+WEIGHT_GRAD = "W"
+# What a P2P message carries: an activation (F) or an input gradient (B).
 KINDS = (FORWARD, BACKWARD)
+COMPUTE_KINDS = (FORWARD, BACKWARD, WEIGHT_GRAD)
 
 SEND_PREV = "send_prev"
 RECV_PREV = "recv_prev"
@@ -48,7 +54,8 @@ def _unit_text(kind: str, microbatch: int, token_slice: int, chunk: int, num_chu
 
 @dataclass(frozen=True)
 class Compute:
-    """Forward or backward of one (micro-batch, token slice) unit on one model chunk of a rank."""
+    """Forward, backward or (split backwards) weight gradient of one (micro-batch, token slice)
+    unit on one model chunk of a rank."""
 
     kind: str
     microbatch: int
@@ -123,6 +130,8 @@ class Schedule:
     num_token_slices: int
     num_chunks: int
     stages: tuple[tuple[Action, ...], ...]
+    # Backwards split into B (input gradient) and W (weight gradient) actions.
+    split_backward: bool = False
 
     def computes(self, stage: int) -> list[Compute]:
         """The compute order of one rank, communication stripped."""
@@ -141,5 +150,6 @@ class Schedule:
         header = (
             f"{self.name}: P={self.num_stages} M={self.num_microbatches} "
             f"S={self.num_token_slices} V={self.num_chunks}"
+            + (" split-backward" if self.split_backward else "")
         )
         return header + "\n" + self.format()

@@ -3,7 +3,9 @@
 Checks, in the order they are reported:
 1. shape: stage count, index ranges, group well-formedness (at most one op per op name);
 2. every (m, t, v) forward and backward runs exactly once per stage;
-3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v);
+3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v); a
+   split backward's W(m,t,v) at most once, after B(m,t,v), and none after the chunk's gradient
+   sync point (its last backward, or that backward's W), where `main_grad` is read;
 4. each compute's receive is posted before it and its send after it, each exactly once; every
    posted op is waited exactly once after it is posted, a receive before the compute that
    reads it, a forward's send before that unit's backward (megatron-core's backward_step wants
@@ -23,9 +25,11 @@ from collections import Counter
 from megatron_terapipe.schedules.communication import recv_for, send_for
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
+    COMPUTE_KINDS,
     FORWARD,
     KINDS,
     OP_NAMES,
+    WEIGHT_GRAD,
     CommGroup,
     Compute,
     Schedule,
@@ -88,7 +92,9 @@ def _shape_problems(s: Schedule) -> list[str]:
     for rank, actions in enumerate(s.stages):
         for index, action in enumerate(actions):
             where = f"stage {rank} action {index}"
+            kinds = KINDS
             if isinstance(action, Compute):
+                kinds = COMPUTE_KINDS
                 items = [(action.kind, action.microbatch, action.token_slice, action.chunk)]
             elif isinstance(action, Wait):
                 if not action.ops:
@@ -108,8 +114,8 @@ def _shape_problems(s: Schedule) -> list[str]:
                 problems.append(f"{where}: not a Compute or CommGroup: {action!r}")
                 continue
             for kind, *index_values in items:
-                if kind not in KINDS:
-                    problems.append(f"{where}: kind {kind!r} is not one of {KINDS}")
+                if kind not in kinds:
+                    problems.append(f"{where}: kind {kind!r} is not one of {kinds}")
                 names = ("microbatch", "slice", "chunk")
                 for value, limit, what in zip(index_values, limits, names):
                     if not 0 <= value < limit:
@@ -127,6 +133,7 @@ def _compute_problems(s: Schedule, rank: int, forward_only: bool) -> list[str]:
             counts[key] += 1
             position.setdefault(key, index)
     V, M, S = s.num_chunks, s.num_microbatches, s.num_token_slices
+    problems += _weight_grad_problems(s, rank, forward_only)
     for kind in KINDS:
         expected = 0 if forward_only and kind == BACKWARD else 1
         for m in range(M):
@@ -157,6 +164,44 @@ def _compute_problems(s: Schedule, rank: int, forward_only: bool) -> list[str]:
                         f"stage {rank}: B{unit} runs before B{m}.{t + 1}c{v} "
                         "(backwards of a micro-batch must run in reverse slice order)"
                     )
+    return problems
+
+
+def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[str]:
+    """W(u) at most once and after B(u); no W of a chunk after the chunk's gradient sync point
+    (its last backward, or that backward's W when it is split), where `main_grad` is read."""
+    problems = []
+    backward_at: dict[tuple[int, int, int], int] = {}
+    weight_grad_at: dict[tuple[int, int, int], int] = {}
+    last_unit: dict[int, tuple[int, int, int]] = {}
+    for index, action in enumerate(s.stages[rank]):
+        if isinstance(action, Compute) and action.kind == BACKWARD:
+            backward_at.setdefault(action.unit, index)
+            last_unit[action.chunk] = action.unit
+        elif isinstance(action, Compute) and action.kind == WEIGHT_GRAD:
+            weight_grad_at.setdefault(action.unit, index)
+    seen: set[tuple[int, int, int]] = set()
+    for index, action in enumerate(s.stages[rank]):
+        if not (isinstance(action, Compute) and action.kind == WEIGHT_GRAD):
+            continue
+        name = action.format(max(s.num_chunks, 2))
+        if forward_only:
+            problems.append(f"stage {rank} action {index}: {name} in a forward-only schedule")
+            continue
+        if action.unit in seen:
+            problems.append(f"stage {rank} action {index}: {name} runs more than once")
+        seen.add(action.unit)
+        backward = backward_at.get(action.unit)
+        if backward is None or backward > index:
+            problems.append(f"stage {rank} action {index}: {name} runs before its backward")
+            continue
+        last = last_unit[action.chunk]
+        sync_point = weight_grad_at.get(last, backward_at[last])
+        if index > sync_point:
+            problems.append(
+                f"stage {rank} action {index}: {name} runs after chunk {action.chunk}'s gradient "
+                f"sync point (action {sync_point}), which reads main_grad"
+            )
     return problems
 
 

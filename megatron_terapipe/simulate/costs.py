@@ -16,9 +16,14 @@ from typing import Any
 class ActionCosts:
     """Times (seconds, or abstract units) of one action.
 
-    forward/backward: (stage, chunk, slice_len, context_len) -> time of that compute.
+    forward/backward: (stage, chunk, slice_len, context_len) -> time of that compute; `backward`
+    prices a whole backward, weight gradients included.
     transfer: (slice_len) -> time of one P2P message of that slice, 0 for none.
     activation_bytes: (slice_len, context_len) -> bytes one forward keeps until its backward.
+    weight_grad: same arguments -> the weight-gradient part of that backward, which a split
+    backward runs as its own W action (the B action then costs the rest); None prices it as
+    `weight_grad_share` of the backward (0.5: Zero Bubble's B = W, right for GEMM-bound layers;
+    attention-heavy stages have less).
     """
 
     forward: Callable[[int, int, int, int], float]
@@ -27,6 +32,20 @@ class ActionCosts:
     activation_bytes: Callable[[int, int], float] | None = None
     name: str = "custom"
     time_unit: str = "s"
+    weight_grad: Callable[[int, int, int, int], float] | None = None
+    weight_grad_share: float = 0.5
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight_grad_share <= 1.0:
+            raise ValueError(
+                f"weight_grad_share must be in [0, 1], got {self.weight_grad_share}"
+            )
+
+    def weight_grad_time(self, stage: int, chunk: int, slice_len: int, context_len: int) -> float:
+        """The W part of one backward (see `weight_grad`)."""
+        if self.weight_grad is not None:
+            return float(self.weight_grad(stage, chunk, slice_len, context_len))
+        return self.weight_grad_share * float(self.backward(stage, chunk, slice_len, context_len))
 
     @staticmethod
     def uniform() -> ActionCosts:

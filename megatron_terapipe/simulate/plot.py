@@ -66,6 +66,8 @@ def plot_timelines(timelines: Sequence[Timeline], path: str, title: str = "") ->
     handles += [
         Patch(facecolor="lightgrey", edgecolor="black", hatch="///", alpha=0.6, label="forward"),
         Patch(facecolor="dimgrey", edgecolor="black", label="backward"),
+        Patch(facecolor="dimgrey", edgecolor="black", hatch="...", alpha=0.75,
+              label="weight gradient (split)"),
         Patch(facecolor="black", alpha=0.35, label="comm / wait"),
     ]
     fig.legend(handles=handles, loc="center right", fontsize=8, frameon=False)
@@ -95,14 +97,15 @@ def _draw(ax, timeline: Timeline, cmap, width_in: float, shared_span: float | No
             continue
         colour = _colour(e.microbatch, cmap)
         forward = e.kind == "F"
+        weight_grad = e.kind == "W"  # a split backward's weight gradient: dotted, paler
         ax.barh(
             e.stage,
             width,
             left=left,
             height=_ROW_HEIGHT * (0.8 if forward else 1.0),
             color=colour,
-            alpha=0.55 if forward else 1.0,
-            hatch="///" if forward else None,
+            alpha=0.55 if forward else (0.75 if weight_grad else 1.0),
+            hatch="///" if forward else ("..." if weight_grad else None),
             edgecolor="black",
             linewidth=0.4,
         )

@@ -13,7 +13,15 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_terapipe.schedules.communication import canonical_ops
-from megatron_terapipe.schedules.ir import FORWARD, Compute, P2POp, Schedule, Wait
+from megatron_terapipe.schedules.ir import (
+    BACKWARD,
+    FORWARD,
+    WEIGHT_GRAD,
+    Compute,
+    P2POp,
+    Schedule,
+    Wait,
+)
 from megatron_terapipe.schedules.network import describe_deadlock, match_messages, run_network
 from megatron_terapipe.schedules.validator import ScheduleError
 from megatron_terapipe.simulate.costs import ActionCosts
@@ -98,9 +106,19 @@ def simulate(
     slices = _check_slices(schedule, token_slices)
     context = [sum(slices[:t]) for t in range(len(slices))]
 
+    split = [
+        {c.unit for c in schedule.computes(rank) if c.kind == WEIGHT_GRAD}
+        for rank in range(schedule.num_stages)
+    ]
+
     def compute_time(rank: int, c: Compute) -> float:
-        fn = costs.forward if c.kind == FORWARD else costs.backward
-        return float(fn(rank, c.chunk, slices[c.token_slice], context[c.token_slice]))
+        shape = (rank, c.chunk, slices[c.token_slice], context[c.token_slice])
+        if c.kind == FORWARD:
+            return float(costs.forward(*shape))
+        if c.kind == WEIGHT_GRAD:
+            return costs.weight_grad_time(*shape)
+        whole = float(costs.backward(*shape))
+        return whole - costs.weight_grad_time(*shape) if c.unit in split[rank] else whole
 
     def transfer_time(op: P2POp) -> float:
         return float(costs.transfer(slices[op.token_slice]))
@@ -183,7 +201,7 @@ def _peak_activations(
                 held_bytes += size
                 peak = max(peak, held)
                 peak_bytes = max(peak_bytes, held_bytes)
-            else:
+            elif c.kind == BACKWARD:
                 held -= 1
                 held_bytes -= size
         counts.append(peak)

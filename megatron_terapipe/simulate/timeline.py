@@ -10,8 +10,8 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-COMPUTE_KINDS = ("F", "B")
-EVENT_KINDS = ("F", "B", "comm")
+COMPUTE_KINDS = ("F", "B", "W")
+EVENT_KINDS = ("F", "B", "W", "comm")
 _MICROSECONDS = {"s": 1e6, "ms": 1e3, "us": 1.0}
 _CATEGORY = {"F": "forward", "B": "backward", "comm": "communication"}
 

@@ -110,7 +110,8 @@ def plain_autograd_grads(case: RunCase, init_state: dict) -> dict[str, torch.Ten
     parallel_state.initialize_model_parallel()
     try:
         tensor_parallel.model_parallel_cuda_manual_seed(case.init_seed)
-        config = transformer_config(case.model)
+        # plain autograd: weight gradients in .grad, never fused into a DDP main_grad
+        config = transformer_config(case.model, gradient_accumulation_fusion=False)
         (model,) = build_gpt_chunks(case.model, config)
         load_global_state([model], init_state)
         batches = make_microbatches(

@@ -3,7 +3,8 @@
 Runs the token pipeline on DP x PP ranks with megatron-core DDP set up as Megatron-LM sets it up
 for `--overlap-grad-reduce` (no_sync_func per chunk; with `--align-grad-reduce` also
 grad_sync_func = start_grad_sync per chunk) and records, in order: each backward action (begin,
-end, chunk), each no_sync exit, and each bucket-group dispatch of a gradient reduction.
+end, chunk), each split backward's weight-gradient action (end, chunk), each no_sync exit, and
+each bucket-group dispatch of a gradient reduction.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ import torch
 
 
 def grad_sync_events(
-    rank: int, world_size: int, modes: list[tuple[bool, bool]], steps: int = 2
+    rank: int, world_size: int, modes: list[tuple[bool, bool, bool]], steps: int = 2
 ) -> list[dict[str, Any]]:
-    """For each (overlap_grad_reduce, align_grad_reduce): per step the grads and the events."""
+    """For each (overlap_grad_reduce, align_grad_reduce, split_backward): per step the grads and
+    the events. Split runs use gradient-accumulation fusion (what the split defers)."""
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.distributed import (
         DistributedDataParallel,
@@ -50,6 +52,7 @@ def grad_sync_events(
 
     original_dispatch = _ParamAndGradBucketGroup.start_grad_sync
     original_backward = executor.backward_step
+    original_weight_grad = executor._Step.weight_grad
 
     def dispatch(self, *args, **kwargs):
         if self.grad_reduce_handle is None and id(self) in chunk_of_group:
@@ -64,6 +67,17 @@ def grad_sync_events(
         finally:
             events.append(("backward-end", chunk))
 
+    def weight_grad(self, action):
+        queue = self.weight_grads[action.unit]
+        run = queue.run
+
+        def recorded_run():
+            run()
+            events.append(("weight-grad-end", action.chunk))  # the GEMMs are in main_grad
+
+        queue.run = recorded_run
+        return original_weight_grad(self, action)
+
     def recording_no_sync(chunk, no_sync):
         @contextlib.contextmanager
         def wrapped():
@@ -75,16 +89,22 @@ def grad_sync_events(
 
     _ParamAndGradBucketGroup.start_grad_sync = dispatch
     executor.backward_step = backward
+    executor._Step.weight_grad = weight_grad
     results = []
     try:
-        for overlap, align in modes:
+        for overlap, align, split in modes:
             parallel_state.initialize_model_parallel(
                 pipeline_model_parallel_size=pp, virtual_pipeline_model_parallel_size=vp
             )
             try:
                 tensor_parallel.model_parallel_cuda_manual_seed(1234)
                 torch.manual_seed(1234)
-                config = transformer_config(model_shape, pipeline_parallel=pp, virtual_pipeline=vp)
+                config = transformer_config(
+                    model_shape,
+                    pipeline_parallel=pp,
+                    virtual_pipeline=vp,
+                    gradient_accumulation_fusion=split,
+                )
                 spec = token_pipeline_layer_spec(get_gpt_layer_local_spec())
                 chunks = build_gpt_chunks(model_shape, config, spec)
                 ddp_config = DistributedDataParallelConfig(
@@ -103,7 +123,9 @@ def grad_sync_events(
                     config.grad_sync_func = [m.start_grad_sync for m in model]
                 config.finalize_model_grads_func = finalize_model_grads
                 forward_backward = get_forward_backward_func(
-                    TokenPipelineConfig(schedule="token-interleaved", num_token_slices=2)
+                    TokenPipelineConfig(
+                        schedule="token-interleaved", num_token_slices=2, split_backward=split
+                    )
                 )
                 dp_rank = parallel_state.get_data_parallel_rank()
                 steps_out = []
@@ -122,10 +144,13 @@ def grad_sync_events(
                         micro_batch_size=1,
                     )
                     steps_out.append({"grads": local_grads(model), "events": list(events)})
-                results.append({"overlap": overlap, "align": align, "steps": steps_out})
+                results.append(
+                    {"overlap": overlap, "align": align, "split": split, "steps": steps_out}
+                )
             finally:
                 parallel_state.destroy_model_parallel()
     finally:
         _ParamAndGradBucketGroup.start_grad_sync = original_dispatch
         executor.backward_step = original_backward
+        executor._Step.weight_grad = original_weight_grad
     return results

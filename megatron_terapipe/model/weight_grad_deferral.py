@@ -1,0 +1,136 @@
+"""Split a backward into its input gradient (B) and its weight gradients (W).
+
+A split schedule (`split_backward_orders`) sends a unit's input gradient to the previous stage
+before that unit's weight-gradient GEMMs run, so the previous stage starts its backward earlier
+at every hop (Zero Bubble, Qi et al. 2023, at token-slice granularity).
+
+The weight-gradient GEMMs are megatron-core's own: with gradient-accumulation fusion, its linear
+layers' backward (`LinearWithGradAccumulationAndAsyncCommunication`) hands them to
+`fused_weight_gradient_mlp_cuda` (apex on GPUs, `compat.cpu`'s equivalent on the CPU) as
+(input, output gradient, main_grad). `install_weight_grad_deferral` wraps that kernel module so
+that, while the step's slice context collects (`TokenSliceContext.deferred_weight_grads`), each
+call is queued with its tensors instead of run; the W action runs the queue with the same kernel
+in the same order, so the gradients are bitwise those of the unsplit backward. Outside a
+collecting backward the wrapper calls straight through.
+
+Not every layer can be split this way, and the trainer rejects those setups by name
+(`split_backward_problems`): without gradient-accumulation fusion the weight gradient is an
+autograd output of the backward itself; with sequence parallelism megatron-core's GEMM reads a
+shared all-gather buffer that the next layer overwrites; Transformer Engine's linears compute
+their weight gradients inside TE.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from megatron_terapipe.model.slice_context import TokenSliceContext, get_slice_context
+
+_ENTRY_POINTS = ("wgrad_gemm_accum_fp32", "wgrad_gemm_accum_fp16")
+_TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
+
+
+class DeferredWeightGrads:
+    """The weight-gradient GEMMs one backward queued, in call order."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable, tuple]] = []
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def run(self) -> None:
+        """Run every queued GEMM once (into main_grad) and drop the tensors they held; without
+        autograd, as inside the backward that queued them."""
+        calls, self.calls = self.calls, []
+        with torch.no_grad():
+            for kernel, args in calls:
+                kernel(*args)
+
+
+class _DeferringWeightGradKernel:
+    """Stands in for megatron-core's `fused_weight_gradient_mlp_cuda` module."""
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+
+    def __getattr__(self, name: str) -> Any:
+        entry = getattr(self.kernel, name)
+        if name not in _ENTRY_POINTS:
+            return entry
+
+        def call(total_input, grad_output, main_grad) -> None:
+            context = get_slice_context()
+            queue = context.deferred_weight_grads if context is not None else None
+            if queue is None:
+                entry(total_input, grad_output, main_grad)
+            else:
+                queue.calls.append((entry, (total_input, grad_output, main_grad)))
+
+        return call
+
+
+def install_weight_grad_deferral() -> None:
+    """Wrap megatron-core's weight-gradient kernel once per process (idempotent).
+
+    Raises RuntimeError when megatron-core has no such kernel (no gradient-accumulation fusion:
+    neither apex nor this package's CPU equivalent), since nothing could then be deferred.
+    """
+    from megatron.core.tensor_parallel import layers
+
+    kernel = getattr(layers, "fused_weight_gradient_mlp_cuda", None)
+    if kernel is None or not getattr(layers, "_grad_accum_fusion_available", False):
+        raise RuntimeError(
+            "--token-pipeline-split-backward needs megatron-core's gradient-accumulation fusion "
+            "kernel (apex's fused_weight_gradient_mlp_cuda on GPUs; on the CPU this package "
+            "installs one); it is not available here"
+        )
+    if not isinstance(kernel, _DeferringWeightGradKernel):
+        layers.fused_weight_gradient_mlp_cuda = _DeferringWeightGradKernel(kernel)
+
+
+@contextlib.contextmanager
+def deferring_weight_grads(context: TokenSliceContext) -> Iterator[DeferredWeightGrads]:
+    """Queue the weight-gradient GEMMs of the backward run inside, instead of running them."""
+    if context.deferred_weight_grads is not None:
+        raise RuntimeError("token pipeline: weight gradients are already being deferred")
+    queue = DeferredWeightGrads()
+    context.deferred_weight_grads = queue
+    try:
+        yield queue
+    finally:
+        context.deferred_weight_grads = None
+
+
+def split_backward_problems(config: Any, models: Sequence[torch.nn.Module] = ()) -> list[str]:
+    """Why a model with this megatron-core TransformerConfig (and these modules) cannot split
+    its backwards exactly (empty when it can)."""
+    problems = []
+    if not getattr(config, "gradient_accumulation_fusion", False):
+        problems.append(
+            "gradient_accumulation_fusion is off (--no-gradient-accumulation-fusion, or no fused "
+            "kernel): the weight gradient is then part of the autograd backward"
+        )
+    if getattr(config, "sequence_parallel", False):
+        problems.append(
+            "sequence_parallel (--sequence-parallel): megatron-core's weight-gradient GEMM reads a "
+            "shared all-gather buffer that the next layer overwrites"
+        )
+    engine = sorted(
+        {
+            type(module).__name__
+            for model in models
+            for module in model.modules()
+            if type(module).__module__.startswith(_TE_MODULES)
+        }
+    )
+    if engine:
+        problems.append(
+            f"Transformer Engine layers ({', '.join(engine[:3])}; --transformer-impl "
+            "transformer_engine): TE computes their weight gradients itself"
+        )
+    return problems
