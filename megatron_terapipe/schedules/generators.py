@@ -23,8 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from megatron_terapipe.schedules.communication import attach_communication
-from megatron_terapipe.schedules.communication import virtual_stage
+from megatron_terapipe.schedules.communication import attach_communication, virtual_stage
 from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, WEIGHT_GRAD, Compute, Schedule
 
 Unit = tuple[int, int]  # (micro-batch, token slice)
