@@ -12,12 +12,13 @@ from megatron_terapipe.schedules import (
     TOKEN_SCHEDULES,
     CommGroup,
     Compute,
+    P2POp,
     Wait,
     build_schedule,
     find_problems,
     validate_schedule,
 )
-from megatron_terapipe.schedules.ir import BACKWARD, FORWARD
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, SEND_PREV, WEIGHT_GRAD
 
 INTERLEAVED = ("interleaved", "token-interleaved")
 
@@ -265,3 +266,53 @@ def test_chunks_need_two_ranks(name):
     S = 1 if name in STOCK_SCHEDULES else 2
     with pytest.raises(ValueError, match="needs num_stages >= 2"):
         build_schedule(name, 1, 2, S, 2)
+
+
+# -- split backwards (B/W) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["terapipe", "token-1f1b", "token-interleaved", "1f1b"])
+def test_split_backward_validates_over_the_domain(name):
+    for P in range(1, 6):
+        for M in range(1, 6):
+            for S in [1] if name in STOCK_SCHEDULES else (1, 2, 3, 5):
+                for V in (1, 2):
+                    try:
+                        schedule = build_schedule(name, P, M, S, V, split_backward=True)
+                    except ValueError:
+                        continue
+                    assert schedule.split_backward
+                    assert find_problems(schedule) == [], (name, P, M, S, V, schedule.format())
+
+
+@pytest.mark.parametrize("name, V", [("terapipe", 1), ("token-1f1b", 1), ("token-interleaved", 2)])
+def test_split_backward_sends_the_gradient_before_the_weight_gradient(name, V):
+    """Every backward that sends is followed by its own W, with the gradient's send posted in
+    between; the first virtual stage (nothing to send) keeps whole backwards; the compute order
+    is otherwise the unsplit one."""
+    P, M, S = 3, 3, 3
+    plain = build_schedule(name, P, M, S, V)
+    split = build_schedule(name, P, M, S, V, split_backward=True)
+    for rank in range(P):
+        computes = split.computes(rank)
+        assert [c for c in computes if c.kind != WEIGHT_GRAD] == plain.computes(rank)
+        actions = split.stages[rank]
+        for index, action in enumerate(actions):
+            if not (isinstance(action, Compute) and action.kind == BACKWARD):
+                continue
+            first_virtual = rank == 0 and action.chunk == 0
+            after = actions[index + 1 :]
+            next_compute = next((a for a in after if isinstance(a, Compute)), None)
+            if first_virtual:
+                assert next_compute is None or next_compute.kind != WEIGHT_GRAD
+                continue
+            assert next_compute == Compute(WEIGHT_GRAD, *action.unit), split.format(rank)
+            send = P2POp(SEND_PREV, BACKWARD, *action.unit)
+            between = after[: after.index(next_compute)]
+            assert any(isinstance(a, CommGroup) and send in a.ops for a in between)
+
+
+def test_split_backward_format_and_header():
+    schedule = build_schedule("terapipe", 2, 1, 2, split_backward=True)
+    assert "split-backward" in str(schedule)
+    assert schedule.format(1).endswith("B0.1 [>pB0.1] W0.1 B0.0 [>pB0.0] W0.0 {>pB0.1 >pB0.0}")

@@ -22,7 +22,7 @@ from megatron_terapipe.schedules import (
     validate_schedule,
 )
 from megatron_terapipe.schedules.communication import canonical_ops, recv_for, send_for
-from megatron_terapipe.schedules.ir import BACKWARD, FORWARD
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, SEND_PREV, WEIGHT_GRAD
 
 
 def F(m, t=0, v=0):
@@ -429,3 +429,65 @@ def test_moving_a_backward_before_its_forward_is_caught(name, data):
     forward = actions.index(F(backward.microbatch, backward.token_slice))
     actions.insert(forward, backward)
     assert "runs before" in problems_text(with_stage(schedule, rank, actions))
+
+
+# -- split backwards (W actions) ----------------------------------------------------------------
+
+
+def W(m, t=0, v=0):
+    return Compute(WEIGHT_GRAD, m, t, v)
+
+
+def _split_terapipe():
+    return build_schedule("terapipe", 2, 1, 3, split_backward=True)
+
+
+def _with_stage(schedule, rank, actions):
+    stages = list(schedule.stages)
+    stages[rank] = tuple(actions)
+    return dataclasses.replace(schedule, stages=tuple(stages))
+
+
+def test_split_schedule_is_valid():
+    assert find_problems(_split_terapipe()) == []
+
+
+def test_weight_gradient_before_its_backward():
+    s = _split_terapipe()
+    actions = list(s.stages[1])
+    w = actions.index(W(0, 2))
+    actions.insert(actions.index(B(0, 2)), actions.pop(w))
+    problems = find_problems(_with_stage(s, 1, actions))
+    assert any("W0.2c0 runs before its backward" in p for p in problems), problems
+
+
+def test_weight_gradient_twice():
+    s = _split_terapipe()
+    actions = list(s.stages[1])
+    actions.insert(actions.index(W(0, 1)), W(0, 2))
+    problems = find_problems(_with_stage(s, 1, actions))
+    assert any("W0.2c0 runs more than once" in p for p in problems), problems
+
+
+def test_weight_gradient_after_the_gradient_sync_point():
+    """W0.2 moved after W0.0 (the W of the chunk's last backward, where the sync starts)."""
+    s = _split_terapipe()
+    actions = list(s.stages[1])
+    actions.pop(actions.index(W(0, 2)))
+    actions.insert(actions.index(W(0, 0)) + 1, W(0, 2))
+    problems = find_problems(_with_stage(s, 1, actions))
+    assert any("W0.2c0 runs after chunk 0's gradient sync point" in p for p in problems), problems
+
+
+def test_weight_gradient_in_forward_only_schedule():
+    s = build_schedule("terapipe", 1, 1, 2)
+    forward_only = _with_stage(s, 0, [a for a in s.stages[0] if a.kind == FORWARD] + [W(0, 0)])
+    problems = find_problems(forward_only, forward_only=True)
+    assert any("forward-only" in p for p in problems), problems
+
+
+def test_weight_gradient_is_not_a_message_kind():
+    s = _split_terapipe()
+    bad = P2POp(SEND_PREV, WEIGHT_GRAD, 0, 0, 0)
+    problems = find_problems(_with_stage(s, 1, [*s.stages[1], CommGroup((bad,))]))
+    assert any("kind 'W' is not one of" in p for p in problems), problems

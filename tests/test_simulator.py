@@ -221,3 +221,44 @@ def G(name, kind):
 
 def W(name, kind):
     return Wait((P2POp(name, kind, 0, 0, 0),))
+
+
+# -- split backwards ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name, S", [("1f1b", 1), ("token-1f1b", 1), ("token-1f1b", 3),
+                                     ("terapipe", 4)])
+@pytest.mark.parametrize("P", [2, 3, 5])
+def test_split_backward_shortens_each_hop_of_the_backward_chain(name, S, P):
+    """F = 1, B = 2 with a weight-gradient half of 1: the unsplit step is 3 (M S + P - 1). With
+    W after the gradient's send, each of the P - 1 hops of the drain's backward chain takes the
+    input-gradient half (1) instead of the whole backward (2), the bubble's only change: the
+    step is one W per hop shorter, as in Zero Bubble's analysis of 1F1B with B/W split."""
+    for M in (1, 2, 4, 6):
+        plain = simulate(build_schedule(name, P, M, S), [7] * S, UNIFORM)
+        split = simulate(build_schedule(name, P, M, S, split_backward=True), [7] * S, UNIFORM)
+        assert plain.step_time == 3 * (M * S + P - 1)
+        assert split.step_time == 3 * (M * S + P - 1) - (P - 1), (M, split.timeline)
+        # the same work, cut differently: busy time per stage is unchanged
+        assert split.busy_time == pytest.approx(plain.busy_time)
+        assert split.peak_activations == plain.peak_activations
+
+
+def test_split_backward_prices_w_by_the_cost_model():
+    """`weight_grad` prices W; the split B costs the rest of the backward."""
+    costs = ActionCosts(
+        forward=lambda s, c, n, ctx: 1.0,
+        backward=lambda s, c, n, ctx: 3.0,
+        transfer=lambda n: 0.0,
+        weight_grad=lambda s, c, n, ctx: 0.5,
+    )
+    result = simulate(build_schedule("terapipe", 2, 1, 2, split_backward=True), [4, 4], costs)
+    durations = {(e.stage, e.kind, e.token_slice): e.end - e.start for e in result.timeline.events
+                 if e.kind != "comm"}
+    assert durations[(1, "B", 1)] == pytest.approx(2.5)
+    assert durations[(1, "W", 1)] == pytest.approx(0.5)
+    assert durations[(0, "B", 1)] == pytest.approx(3.0)  # first stage: not split
+    # stage 1: F0 1-2, F1 2-3, B1 3-5.5, W1, B0 6-8.5; stage 0: B1 5.5-8.5, B0 8.5-11.5
+    assert result.step_time == pytest.approx(1 + 1 + 1 + 2.5 + 3 + 3)
+    with pytest.raises(ValueError, match="weight_grad_share"):
+        ActionCosts(costs.forward, costs.backward, costs.transfer, weight_grad_share=1.5)
