@@ -82,6 +82,7 @@ def test_base_flags_are_valid():
         ],
         ["--token-pipeline", "--token-pipeline-cost-model", "analytic:cpu"],
         ["--token-pipeline", "--token-pipeline-memory-cap", "0.5"],
+        ["--token-pipeline", "--token-pipeline-split-backward"],
         ["--no-token-pipeline", "--token-pipeline-slices", "4"],
     ],
 )  # fmt: skip
@@ -217,6 +218,25 @@ BAD_CASES = {
     "non-positive memory cap": (
         ["--token-pipeline", "--token-pipeline-memory-cap", "0"], 2,
         ["--token-pipeline-memory-cap=0", "> 0"],
+    ),
+    "split backward without the token pipeline": (
+        ["--token-pipeline-split-backward"], 2,
+        ["--token-pipeline-split-backward", "without --token-pipeline"],
+    ),
+    "split backward without gradient-accumulation fusion": (
+        ["--token-pipeline", "--token-pipeline-split-backward",
+         "--no-gradient-accumulation-fusion"], 2,
+        ["--token-pipeline-split-backward", "--no-gradient-accumulation-fusion"],
+    ),
+    "split backward with sequence parallelism": (
+        ["--token-pipeline", "--token-pipeline-split-backward", "--tensor-model-parallel-size",
+         "2", "--sequence-parallel", "--pipeline-model-parallel-size", "1"], 2,
+        ["--token-pipeline-split-backward", "--sequence-parallel"],
+    ),
+    "split backward with Transformer Engine": (
+        ["--token-pipeline", "--token-pipeline-split-backward", "--transformer-impl",
+         "transformer_engine"], 2,
+        ["--token-pipeline-split-backward", "--transformer-impl local"],
     ),
     "token pipeline with MoE": (
         ["--token-pipeline", "--num-experts", "4"], 2, ["--token-pipeline", "--num-experts=4"],

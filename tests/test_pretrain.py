@@ -1,7 +1,9 @@
 """scripts/pretrain_gpt.py end to end on CPU: 2 gloo ranks under torchrun, PP = 2.
 
-- The token pipeline prints the same `lm loss` per iteration as megatron-core's 1F1B (fp32,
-  1e-5 relative) over 20 iterations (with evaluation at 10 and 20).
+- The token pipeline (with split backwards, `--token-pipeline-split-backward`, and
+  gradient-accumulation fusion, the trainer's default) prints the same `lm loss` per iteration
+  as megatron-core's 1F1B (fp32, 1e-5 relative) over 20 iterations (with evaluation at 10 and
+  20).
 - A checkpoint saved at iteration 10 under the token pipeline, resumed under stock 1F1B,
   gives iterations 11-20 equal to the uninterrupted stock run.
 - Bad flags exit before training (status 2, message naming the flags), on every rank.
@@ -69,7 +71,7 @@ def runs(tmp_path_factory):
     token = _check(
         torchrun(
             ["--config", TINY, "--token-pipeline", "--token-pipeline-slices", "32,48,48",
-             "--save", str(ckpt), "--save-interval", "10"]
+             "--token-pipeline-split-backward", "--save", str(ckpt), "--save-interval", "10"]
         )
     )  # fmt: skip
     resumed = _check(torchrun(["--config", TINY, "--load", str(ckpt), "--ckpt-step", "10"]))
@@ -86,6 +88,7 @@ def test_token_pipeline_matches_stock_1f1b_for_20_iterations(runs):
     stock, token = losses(runs["stock"]), losses(runs["token"])
     assert sorted(stock) == list(range(1, 21))
     _assert_close(token, stock, range(1, 21))
+    assert "split backward (B/W)" in runs["token"]
     assert losses(runs["stock"])[20] < losses(runs["stock"])[1]  # it trains
     # Evaluation (forward-only) agrees too.
     _assert_close(losses(runs["token"], VALID_LINE), losses(runs["stock"], VALID_LINE), (10, 20))
