@@ -36,7 +36,13 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     str_list,
     virtual_stages,
 )
-from megatron_terapipe.benchmark.spec import BenchSpec, stock_variants, token_variant  # noqa: E402
+from megatron_terapipe.benchmark.spec import (  # noqa: E402
+    SPLIT_BACKWARD_MODES,
+    BenchSpec,
+    stock_variants,
+    token_variant,
+    with_split_backward,
+)
 
 # Issue 12's goals for the best token variant over same-kernel stock 1F1B (PP=2, 8 layers,
 # h256, seq 2048); the limits are 2x (M=1) and 1.25x (M=4), the 1F1B bubble.
@@ -55,6 +61,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip the auto rows (the product's planner, profiled at start-up)")
     parser.add_argument("--no-local-attention", action="store_true",
                         help="skip the stock 1F1B row on megatron-core's local-spec attention")
+    parser.add_argument("--split-backward", choices=SPLIT_BACKWARD_MODES, default="off",
+                        help="token rows with split backwards (--token-pipeline-split-backward): "
+                        "off, on, or both (each row next to its split twin, same rounds); on/"
+                        "both add token-1f1b S=1 split (the B/W split alone)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -80,6 +90,7 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
         variants += [token_variant(schedule, s) for s in args.num_token_slices]
         if not args.no_auto:
             variants.append(token_variant(schedule, auto=True))
+    variants = with_split_backward(variants, args.split_backward)
     return BenchSpec(
         model=model,
         variants=tuple(variants),
@@ -94,9 +105,9 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
     )
 
 
-ROW_KEYS = ("schedule", "kind", "order", "attention", "attention_kernel", "baseline",
-            "num_token_slices", "token_slices", "planned_by", "planner_predicted_step_time",
-            "planner_error", "plan_cost_model", "plan_profile_seconds", "step_time",
+ROW_KEYS = ("schedule", "kind", "order", "split_backward", "attention", "attention_kernel",
+            "baseline", "num_token_slices", "token_slices", "planned_by",
+            "planner_predicted_step_time", "planner_error", "plan_cost_model", "plan_profile_seconds", "step_time",
             "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
             "peak_activation_mib", "page_faults", "max_loss_diff")
@@ -132,7 +143,8 @@ def auto_summary(token_rows: list[dict]) -> list[dict]:
     to the fastest equal-S row of the same order (medians)."""
     out = []
     for auto in (r for r in token_rows if r["planned_by"] == "auto"):
-        equal = [r for r in token_rows if r["order"] == auto["order"] and not r["planned_by"]]
+        equal = [r for r in token_rows if r["order"] == auto["order"] and not r["planned_by"]
+                 and r["split_backward"] == auto["split_backward"]]
         best = min(equal, key=lambda r: r["step_time"]) if equal else None
         gap = auto["step_time"] / best["step_time"] - 1.0 if best else None
         out.append({

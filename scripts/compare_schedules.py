@@ -33,7 +33,13 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     str_list,
     virtual_stages,
 )
-from megatron_terapipe.benchmark.spec import BenchSpec, stock_variants, token_variant  # noqa: E402
+from megatron_terapipe.benchmark.spec import (  # noqa: E402
+    SPLIT_BACKWARD_MODES,
+    BenchSpec,
+    stock_variants,
+    token_variant,
+    with_split_backward,
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +54,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip DP-planned slices (fitted to the warm-up round)")
     parser.add_argument("--no-auto", action="store_true",
                         help="skip auto slices (the product's planner, profiled at start-up)")
+    parser.add_argument("--split-backward", choices=SPLIT_BACKWARD_MODES, default="off",
+                        help="token rows with split backwards (--token-pipeline-split-backward): "
+                        "off, on, or both (each row next to its split twin, same rounds); on/"
+                        "both add token-1f1b S=1 split (the B/W split alone)")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -82,6 +92,7 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
             variants.append(token_variant(schedule, auto=True))
         if not args.no_planned:
             variants.append(token_variant(schedule, planned=True))
+    variants = with_split_backward(variants, args.split_backward)
     return BenchSpec(
         model=model,
         variants=tuple(variants),

@@ -79,8 +79,9 @@ def test_comparison_summary_says_where_the_token_pipeline_loses():
     assert "kernel difference, not a schedule gain: stock 1F1B, local attention" in text
 
 
-def _token(name, order, time, planned_by=None, predicted=None):
+def _token(name, order, time, planned_by=None, predicted=None, split=False):
     return {**_row(name, "token", [time], baseline_times=BASE, s=4), "order": order,
+            "split_backward": split,
             "planned_by": planned_by, "planner_predicted_step_time": predicted,
             "planner_error": predicted / time - 1 if predicted else None,
             "plan_cost_model": "profile:start-up" if planned_by else None,
@@ -94,6 +95,7 @@ def test_auto_is_judged_against_the_best_equal_slicing_of_its_own_order():
         _token("token-1f1b S=4", "token-1f1b", 1.20),
         _token("token-1f1b S=8", "token-1f1b", 1.00),
         _token("terapipe S=8", "terapipe", 0.50),  # other order: not the reference
+        _token("token-1f1b S=8 split-B/W", "token-1f1b", 0.70, split=True),  # split: neither
         _token("token-1f1b DP-planned", "token-1f1b", 0.90, "fit", 0.8),  # not equal-S
         _token("token-1f1b auto", "token-1f1b", 1.04, "auto", 0.95),
         _token("terapipe auto", "terapipe", 0.60, "auto", 0.55),
@@ -122,7 +124,7 @@ def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "64", "--microbatch-counts", "2", "--num-token-slices", "2",
         "--schedules", "token-1f1b", "--iterations", "1", "--no-local-attention", "--json",
-        "--timeout", "240",
+        "--timeout", "240", "--split-backward", "both",
     ])
     assert code == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
@@ -133,8 +135,14 @@ def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
     assert auto["planner_predicted_step_time"] > 0
     assert auto["planner_error"] == pytest.approx(
         auto["planner_predicted_step_time"] / auto["step_time"] - 1)
-    (entry,) = result["auto"]
+    entry, split_entry = result["auto"]
     assert entry["best_equal"] == "token-1f1b S=2"
+    # --split-backward both: every token row next to its split twin, plus 1F1B order split at S=1
+    assert split_entry["schedule"] == "token-1f1b auto split-B/W"
+    assert split_entry["best_equal"] in ("token-1f1b S=2 split-B/W", "token-1f1b S=1 split-B/W")
+    for name in ("token-1f1b S=2 split-B/W", "token-1f1b S=1 split-B/W"):
+        assert rows[name]["split_backward"] is True and rows[name]["max_loss_diff"] < 1e-5
+    assert rows["token-1f1b S=2"]["split_backward"] is False
     # Every rank held the CPU allocator equal (compat.allocator) and counted its page faults.
     assert result["cpu_allocator"].startswith("glibc malloc: freed memory kept")
     # The models ran megatron's fused weight-gradient accumulation (compat's CPU kernel), as

@@ -98,6 +98,7 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "schedule": m.name,
             "kind": m.kind,
             "order": m.schedule,
+            "split_backward": m.split_backward,
             "attention": m.attention,
             "attention_kernel": KERNEL_DESCRIPTIONS.get(m.attention, m.attention),
             "baseline": m.is_baseline,

@@ -22,7 +22,7 @@ import numpy as np
 
 from megatron_terapipe.token_slices import slice_offsets
 
-FORWARD, BACKWARD = "F", "B"
+FORWARD, BACKWARD, WEIGHT_GRAD = "F", "B", "W"
 
 
 def _features(length: Any, context: Any) -> np.ndarray:
@@ -136,13 +136,44 @@ class FittedCostModel:
 def action_points(
     token_slices: Sequence[int], records: Iterable[Any], kind: str
 ) -> list[tuple[int, int, float]]:
-    """(length, context, seconds) of every `kind` action in one rank's records."""
+    """(length, context, seconds) of every `kind` action in one rank's records; a backward's
+    seconds include its split weight-gradient action W, if it had one (a whole backward)."""
     offsets = slice_offsets(tuple(token_slices))
+    records = list(records)
+    weight_grads = weight_grad_seconds(records) if kind == BACKWARD else {}
     return [
-        (token_slices[r.token_slice], offsets[r.token_slice], r.end - r.start)
+        (
+            token_slices[r.token_slice],
+            offsets[r.token_slice],
+            r.end - r.start + weight_grads.get((r.microbatch, r.token_slice, r.chunk), 0.0),
+        )
         for r in records
         if r.kind == kind and r.token_slice >= 0
     ]
+
+
+def weight_grad_seconds(records: Iterable[Any]) -> dict[tuple[int, int, int], float]:
+    """Seconds of each split backward's W action, by (micro-batch, slice, chunk)."""
+    return {
+        (r.microbatch, r.token_slice, r.chunk): r.end - r.start
+        for r in records
+        if r.kind == WEIGHT_GRAD
+    }
+
+
+def weight_grad_share(runs: Sequence[Sequence[Sequence[Any]]]) -> float | None:
+    """Measured W / (B + W) over every split backward of `runs` (per-rank record lists), None
+    when nothing ran split."""
+    whole = part = 0.0
+    for per_rank in runs:
+        for records in per_rank:
+            weight_grads = weight_grad_seconds(records)
+            for r in records:
+                unit = (r.microbatch, r.token_slice, r.chunk)
+                if r.kind == BACKWARD and unit in weight_grads:
+                    whole += r.end - r.start + weight_grads[unit]
+                    part += weight_grads[unit]
+    return part / whole if whole > 0 else None
 
 
 def fit_cost_model(

@@ -41,6 +41,7 @@ class Measured:
     is_baseline: bool = False
     extra: dict = field(default_factory=dict)
     page_faults: list[int | None] = field(default_factory=list)  # per rank, median round
+    split_backward: bool = False  # backwards ran as B (input gradient) + W (weight gradient)
 
     @property
     def step_time(self) -> float:
@@ -82,6 +83,7 @@ def merge_ranks(rank_results: Sequence[dict[str, Any]]) -> list[Measured]:
                 virtual_pipeline=variant.virtual_pipeline,
                 attention=variant.attention,
                 is_baseline=variant.is_baseline,
+                split_backward=getattr(variant, "split_backward", False),
                 extra={"plan": first.get("plan")} if first.get("plan") else {},
             )
         )

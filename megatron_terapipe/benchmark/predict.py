@@ -12,10 +12,12 @@ from typing import Any
 from megatron_terapipe.benchmark.fit import (
     BACKWARD,
     FORWARD,
+    WEIGHT_GRAD,
     FittedCostModel,
     P2PFit,
     fit_cost_model,
     mean_action_times,
+    weight_grad_share,
 )
 from megatron_terapipe.benchmark.measured import Measured
 from megatron_terapipe.benchmark.spec import STOCK_1F1B, STOCK_INTERLEAVED
@@ -46,10 +48,12 @@ def schedule_of(measured: Measured, num_microbatches: int) -> Any:
         return build_schedule("1f1b", stages, num_microbatches)
     if measured.kind == STOCK_INTERLEAVED:
         return build_schedule("interleaved", stages, num_microbatches, 1, measured.virtual_pipeline)
-    return build_schedule(measured.schedule, stages, num_microbatches, len(measured.token_slices))
+    return build_schedule(measured.schedule, stages, num_microbatches, len(measured.token_slices),
+                          split_backward=measured.split_backward)
 
 
-def token_costs(model: FittedCostModel) -> ActionCosts:
+def token_costs(model: FittedCostModel, share: float | None = None) -> ActionCosts:
+    """The fitted model's costs; a split backward's W priced at the measured `share` of it."""
     return ActionCosts(
         forward=lambda stage, chunk, length, context: model.action_time(
             FORWARD, stage, length, context),
@@ -57,6 +61,7 @@ def token_costs(model: FittedCostModel) -> ActionCosts:
             BACKWARD, stage, length, context),
         transfer=lambda length: model.p2p_time(1, length),
         name=model.name,
+        weight_grad_share=0.5 if share is None else share,
     )
 
 
@@ -87,11 +92,15 @@ def replay_costs(measured: Measured, p2p: P2PFit, hidden_size: int, micro_batch_
     sums: dict[tuple, list[float]] = {}
     for stage, records in enumerate(measured.timeline):
         for r in records:
-            if r.kind in (FORWARD, BACKWARD):
+            if r.kind in (FORWARD, BACKWARD, WEIGHT_GRAD):
                 key = (r.kind, stage, max(r.chunk, 0), measured.token_slices[r.token_slice],
                        offsets[r.token_slice])
                 sums.setdefault(key, []).append(r.end - r.start)
     means = {key: sum(v) / len(v) for key, v in sums.items()}
+    # ActionCosts.backward prices a whole backward: a split one is its B plus its W
+    for (kind, *where), value in list(means.items()):
+        if kind == WEIGHT_GRAD:
+            means[(BACKWARD, *where)] = means.get((BACKWARD, *where), 0.0) + value
 
     def price(kind: str, stage: int, chunk: int, length: int, context: int) -> float:
         return means.get((kind, stage, chunk, length, context), 0.0)
@@ -104,6 +113,8 @@ def replay_costs(measured: Measured, p2p: P2PFit, hidden_size: int, micro_batch_
         transfer=lambda length: float(p2p(length * micro_batch_size * hidden_size
                                           * bytes_per_element)),
         name="replay of measured action times",
+        weight_grad=lambda stage, chunk, length, context: price(WEIGHT_GRAD, stage, chunk,
+                                                                length, context),
     )
 
 
@@ -135,12 +146,13 @@ def predict(
 ) -> tuple[dict[str, SimulationResult], FittedCostModel | None]:
     """Simulated step of every measured variant with costs fitted on this machine."""
     token_model = fit_token_model(measured, hidden_size, p2p)
+    share = weight_grad_share([m.timeline for m in measured if m.split_backward])
     results = {}
     for m in measured:
         if m.kind.startswith("stock"):
             costs = stock_costs(m, p2p, hidden_size, micro_batch_size)
         else:
-            costs = token_costs(token_model)
+            costs = token_costs(token_model, share)
         results[m.name] = run_simulator(schedule_of(m, num_microbatches), m.token_slices, costs)
         results[m.name].timeline.label = f"{m.name} (simulated)"
     return results, token_model

@@ -116,6 +116,32 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
     )
 
 
+SPLIT_BACKWARD_MODES = ("off", "on", "both")
+
+
+def with_split_backward(variants: list[Variant], mode: str) -> list[Variant]:
+    """The token rows under `--split-backward MODE`: as given (off), split (on), or each
+    followed by its split twin (both: side by side in the same rounds). A split-B/W twin of
+    token-1f1b S=1 (megatron-core's 1F1B order with split backwards) is added under on/both
+    when no S=1 row is there, so the gain of the B/W split alone is measured too."""
+    if mode not in SPLIT_BACKWARD_MODES:
+        raise ValueError(f"--split-backward {mode!r}: valid choices are "
+                         f"{', '.join(SPLIT_BACKWARD_MODES)}")
+    if mode == "off":
+        return list(variants)
+    out: list[Variant] = []
+    for v in variants:
+        if v.kind != TOKEN:
+            out.append(v)
+            continue
+        split = token_variant(v.schedule, v.num_token_slices, v.planned, v.token_slices,
+                              v.auto, split_backward=True)
+        out += [v, split] if mode == "both" else [split]
+    if not any(v.kind == TOKEN and v.num_token_slices == 1 for v in variants):
+        out.append(token_variant("token-1f1b", 1, split_backward=True))
+    return out
+
+
 def interleaving_problem(num_layers: int, stages: int, num_microbatches: int, chunks: int
                          ) -> str | None:
     """Why megatron-core cannot run its interleaved schedule here (None: it can)."""
