@@ -107,7 +107,8 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
 
 ROW_KEYS = ("schedule", "kind", "order", "split_backward", "attention", "attention_kernel",
             "baseline", "num_token_slices", "token_slices", "planned_by",
-            "planner_predicted_step_time", "planner_error", "plan_cost_model", "plan_profile_seconds", "step_time",
+            "planner_predicted_step_time", "planner_error", "plan_cost_model",
+            "plan_profile_seconds", "step_time",
             "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
             "peak_activation_mib", "page_faults", "max_loss_diff")
