@@ -241,3 +241,16 @@ def test_missing_output_directory_is_refused_before_simulating(capsys, tmp_path,
     assert err.strip().splitlines()[-1] == (
         f"terapipe-simulate: error: {flag} {target}: directory {target.parent} does not exist"
     )
+
+
+def test_split_backward_and_weight_grad_share(capsys):
+    """1F1B, P = 4, M = 8 at F = 1, B = 2: unsplit 3 (M + P - 1) = 33; split with W half of the
+    backward, P - 1 hops one W (1) shorter: 30; with a W share of 0.25 (0.5 units): 31.5."""
+    base = ["--schedule", "1f1b", "--pipeline-model-parallel-size", "4",
+            "--num-microbatches", "8"]
+    assert run_json(capsys, *base)["step_time"] == 33
+    assert run_json(capsys, *base, "--split-backward")["step_time"] == 30
+    quarter = run_json(capsys, *base, "--split-backward", "--weight-grad-share", "0.25")
+    assert quarter["step_time"] == pytest.approx(31.5)
+    assert "--weight-grad-share=1.5" in run_error(
+        capsys, *base, "--split-backward", "--weight-grad-share", "1.5")

@@ -80,6 +80,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--seq-length", type=int, help=f"default {DEFAULT_SEQ_LENGTH}, or the sum of --token-slices"
     )
     s.add_argument("--print-schedule", action="store_true", help="print the per-stage actions")
+    s.add_argument(
+        "--split-backward",
+        action="store_true",
+        help="split each backward that sends a gradient into B and W (--token-pipeline-split-"
+        "backward); W is priced at --weight-grad-share of the backward",
+    )
 
     c = p.add_argument_group("cost model")
     c.add_argument(
@@ -99,6 +105,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=2.0,
         help="backward time / forward time when splitting a stage model",
+    )
+    c.add_argument(
+        "--weight-grad-share",
+        type=float,
+        default=0.5,
+        help="with --split-backward: the weight-gradient share of a backward (default 0.5, "
+        "Zero Bubble's B = W)",
     )
     m = p.add_argument_group("model (Megatron flag names; for --cost-model analytic)")
     m.add_argument("--model", help="preset dims from terapipe-plan, e.g. gpt3-13b")
@@ -312,6 +325,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.num_microbatches,
             len(slices),
             num_chunks,
+            split_backward=args.split_backward,
         )
     except ValueError as err:
         parser.error(_flagged(str(err)))
@@ -319,10 +333,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:  # a generator bug: report it as such rather than as a usage error
         raise ScheduleError(schedule.name, problems)
 
+    if not 0.0 <= args.weight_grad_share <= 1.0:
+        parser.error(f"--weight-grad-share={args.weight_grad_share} must be in [0, 1]")
     if args.cost_model == "uniform":
         costs = ActionCosts.uniform()
     else:
         costs = _analytic_costs(parser, args, num_chunks)
+    costs.weight_grad_share = args.weight_grad_share
     result = simulate(schedule, slices, costs, p2p=args.p2p)
 
     if args.trace:
