@@ -352,12 +352,18 @@ def _explicit_slices_memory_errors(
 def token_pipeline_warnings(args: Any) -> list[str]:
     """Allowed but probably not meant: one line each, printed once at start-up."""
     pp = int(_get(args, "pipeline_model_parallel_size", 1))
+    warnings = []
     if getattr(args, "token_pipeline", False) and pp == 1:
-        return [
+        warnings.append(
             "--token-pipeline with --pipeline-model-parallel-size 1: without a pipeline there "
             "is no bubble to shrink, so token slicing only adds overhead (useful for checks)"
-        ]
-    return []
+        )
+        if getattr(args, "token_pipeline_split_backward", False):
+            warnings.append(
+                "--token-pipeline-split-backward with --pipeline-model-parallel-size 1: no "
+                "backward sends a gradient, so none is split"
+            )
+    return warnings
 
 
 def _split_backward_errors(args: Any) -> list[str]:
@@ -376,6 +382,11 @@ def _split_backward_errors(args: Any) -> list[str]:
         errors.append(
             f"{flag} does not support --sequence-parallel: megatron-core's weight-gradient GEMM "
             "reads a shared all-gather buffer that the next layer overwrites"
+        )
+    if getattr(args, "use_megatron_fsdp", False):
+        errors.append(
+            f"{flag} does not support --use-megatron-fsdp: megatron-core computes an FSDP "
+            "parameter's weight gradient with its own matmul inside the backward"
         )
     if getattr(args, "transformer_impl", "local") == "transformer_engine":
         errors.append(

@@ -111,7 +111,7 @@ ROW_KEYS = ("schedule", "kind", "order", "split_backward", "attention", "attenti
             "plan_profile_seconds", "step_time",
             "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
-            "peak_activation_mib", "page_faults", "max_loss_diff")
+            "peak_activation_mib", "page_faults", "weight_grad_share", "max_loss_diff")
 
 
 def summarise(rows: list[dict], num_microbatches: int) -> dict:

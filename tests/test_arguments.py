@@ -396,6 +396,23 @@ def test_token_errors_on_megatron_like_namespace():
         validate_token_pipeline_args(ns)
 
 
+def test_split_backward_on_upstream_megatron_lm_namespaces():
+    """Upstream Megatron-LM's own flags (its default is Transformer Engine; it has FSDP)."""
+    ns = argparse.Namespace(
+        token_pipeline=True, token_pipeline_split_backward=True, seq_length=256,
+        tensor_model_parallel_size=1, pipeline_model_parallel_size=2,
+        transformer_impl="transformer_engine", use_megatron_fsdp=True,
+        gradient_accumulation_fusion=True,
+    )
+    errors = token_pipeline_errors(ns)
+    assert any("--use-megatron-fsdp" in e for e in errors), errors
+    assert any("--transformer-impl local" in e for e in errors), errors
+    ns.transformer_impl, ns.use_megatron_fsdp = "local", False
+    assert token_pipeline_errors(ns) == []
+    assert token_pipeline_config_from_args(
+        argparse.Namespace(**vars(ns), token_pipeline_slices=4)).split_backward is True
+
+
 def test_config_for_auto_needs_a_plan():
     ns = argparse.Namespace(token_pipeline_schedule="terapipe", token_pipeline_slices="auto")
     with pytest.raises(ValueError, match="planner"):
@@ -546,3 +563,14 @@ def test_token_pipeline_at_pp1_is_allowed_with_one_warning():
     warnings = token_pipeline_warnings(args)
     assert len(warnings) == 1 and "--pipeline-model-parallel-size 1" in warnings[0]
     assert token_pipeline_warnings(targs.parse_args(BASE + ["--token-pipeline"])) == []
+
+
+def test_split_backward_at_pp1_warns_that_nothing_is_split():
+    from megatron_terapipe.arguments import token_pipeline_warnings
+
+    base = _without(BASE, "--pipeline-model-parallel-size")
+    warnings = token_pipeline_warnings(
+        targs.parse_args(base + ["--token-pipeline", "--token-pipeline-split-backward"]))
+    assert len(warnings) == 2 and "none is split" in warnings[1]
+    assert token_pipeline_warnings(
+        targs.parse_args(BASE + ["--token-pipeline", "--token-pipeline-split-backward"])) == []

@@ -73,3 +73,21 @@ def test_aligned_plot_writes_a_png(tmp_path):
     path = tmp_path / "t.png"
     plot_timelines([long, short], str(path), "title")
     assert path.stat().st_size > 1000
+
+
+def test_split_backwards_fit_as_whole_backwards():
+    """A split backward's W seconds are added to its B (a whole backward, what the cost models
+    price), and W / (B + W) is the measured weight-gradient share; unsplit records are as is."""
+    from types import SimpleNamespace
+
+    from megatron_terapipe.benchmark.fit import action_points, weight_grad_share
+
+    def record(kind, t, start, end):
+        return SimpleNamespace(kind=kind, microbatch=0, token_slice=t, chunk=0, start=start,
+                               end=end)
+
+    split = [record("B", 1, 0.0, 3.0), record("W", 1, 3.0, 4.0), record("B", 0, 4.0, 6.0)]
+    assert action_points((8, 8), split, "B") == [(8, 8, 4.0), (8, 0, 2.0)]
+    assert action_points((8, 8), split, "W") == [(8, 8, 1.0)]
+    assert weight_grad_share([[split]]) == 0.25  # only slice 1 was split: 1 / (3 + 1)
+    assert weight_grad_share([[split[:1] + split[2:]]]) is None

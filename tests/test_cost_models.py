@@ -275,3 +275,34 @@ def test_profile_context_weights_are_never_negative():
     prof = ProfiledCostModel.fit(samples)
     assert all(w >= 0 for w in prof.context_coef)
     assert prof.forward_backward_time(1, 16, 16) >= prof.forward_backward_time(1, 16, 0)
+
+
+def test_weight_grad_fraction_is_the_linear_share_of_the_backward():
+    """Hand count: W = the linear layers' forward FLOPs again; the backward is twice the
+    forward (linear + attention); attention has no weights."""
+    model = small()
+    h, f = 1024, 4096
+    linear = 2 * 3 * 128 * (h * 3 * h + h * h + 2 * h * f)
+    attention = 4 * 3 * h * 128 * (256 + 128)
+    assert model.weight_grad_fraction(3, 128, 256) == pytest.approx(
+        linear / (2 * (linear + attention)))
+    # more context: more attention, a smaller share; no context and tiny slices: near 1/2
+    assert model.weight_grad_fraction(1, 128, 4096) < model.weight_grad_fraction(1, 128, 0)
+    assert model.weight_grad_fraction(1, 1, 0) == pytest.approx(0.5, abs=1e-3)
+
+
+def test_planner_scores_split_backwards_as_the_split_schedule():
+    """Simulator scoring of the same slicing: the split schedule is shorter at P = 4 (three
+    hops, each one W shorter) and the plan records that it was scored split."""
+    from megatron_terapipe.slicing.strategies import simulator_scorer
+
+    model = small()
+    slices = (512, 512, 512, 512)
+    plain = simulator_scorer(model, "token-1f1b", 4, 2, 1)(slices)
+    split = simulator_scorer(model, "token-1f1b", 4, 2, 1, split_backward=True,
+                             flops_model=model)(slices)
+    assert 0 < split < plain
+    plan = make_plan(model, seq_length=2048, num_stages=4, schedule="token-1f1b",
+                     num_microbatches=2, score="simulator", split_backward=True,
+                     flops_model=model, strategy="equal", num_slices=4, batch_mode="fixed")
+    assert plan.predicted_step_time == pytest.approx(split)

@@ -103,6 +103,7 @@ def test_split_runs_weight_gradient_actions_and_matches_the_unsplit_run(runs):
 def test_split_last_backward_reduces_after_its_weight_gradients(runs, mode):
     """A split last backward keeps no_sync over its B (DDP's hooks fire there, before W has added
     the weight gradients); the chunk's reduction is dispatched after its last W, once."""
+    split_last_seen = 0
     for rank, per_rank in enumerate(runs):
         for step in per_rank[mode]["steps"]:
             events = step["events"]
@@ -112,6 +113,10 @@ def test_split_last_backward_reduces_after_its_weight_gradients(runs, mode):
                 dispatched = [i for i, e in enumerate(events) if e == ("dispatch", chunk)]
                 assert dispatched, (rank, chunk, events)
                 if weight_grads and weight_grads[-1] > end:  # this chunk's last backward split
+                    split_last_seen += 1
                     assert dispatched[0] > weight_grads[-1], (rank, chunk, events)
                     exits = [i for i, e in enumerate(events) if e == ("no_sync-exit", chunk)]
                     assert exits and exits[0] > end, (rank, chunk, events)
+    # every chunk but the first virtual stage's (pipeline rank 0, chunk 0) sends gradients: two
+    # pipeline-rank-0 ranks with one such chunk, two pipeline-rank-1 ranks with two; two steps
+    assert split_last_seen == (2 * 1 + 2 * 2) * 2, split_last_seen

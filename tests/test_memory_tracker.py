@@ -92,3 +92,21 @@ def test_token_pipeline_observer_counts_buffers_and_accumulators_until_release()
         context.release(0, 0, 0)
         assert tracker.live_bytes == context.held_bytes() == 0
     assert tracker.peak_bytes == 4 * 1 * 2 * 8 * 8 * FLOAT
+
+
+def test_token_pipeline_observer_counts_weight_gradients_queued_for_w():
+    """A split B's queued GEMM operands (input, output gradient) count until W runs them; the
+    main_grad they accumulate into is a parameter's buffer, not an activation."""
+    from megatron_terapipe.benchmark import memory
+    from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads
+
+    x, g, main_grad = torch.randn(N, 4), torch.randn(N, 2), torch.zeros(2, 4)
+    tracker = ActivationMemoryTracker()
+    with memory.observe_token_pipeline(tracker):
+        queue = DeferredWeightGrads()
+        queue.add(lambda a, b, m: m.addmm_(b.t(), a), (x, g, main_grad))
+        assert tracker.live_bytes == (N * 4 + N * 2) * FLOAT
+        queue.run()
+        assert tracker.live_bytes == 0
+    torch.testing.assert_close(main_grad, g.t() @ x)
+    assert tracker.peak_bytes == (N * 4 + N * 2) * FLOAT

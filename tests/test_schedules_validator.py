@@ -491,3 +491,15 @@ def test_weight_gradient_is_not_a_message_kind():
     bad = P2POp(SEND_PREV, WEIGHT_GRAD, 0, 0, 0)
     problems = find_problems(_with_stage(s, 1, [*s.stages[1], CommGroup((bad,))]))
     assert any("kind 'W' is not one of" in p for p in problems), problems
+
+
+def test_weight_gradients_out_of_backward_order():
+    """W0.1 swapped ahead of W0.2: still exact in value, but main_grad would accumulate in a
+    different order than the unsplit backward (no longer bitwise)."""
+    s = build_schedule("terapipe", 2, 1, 4, split_backward=True)
+    actions = list(s.stages[1])
+    w2 = actions.pop(actions.index(W(0, 2)))
+    actions.insert(actions.index(W(0, 1)) + 1, w2)
+    problems = find_problems(_with_stage(s, 1, actions))
+    assert any("W0.1c0 runs before the weight gradient of an earlier backward (W0.2c0)" in p
+               for p in problems), problems

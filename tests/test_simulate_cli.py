@@ -254,3 +254,5 @@ def test_split_backward_and_weight_grad_share(capsys):
     assert quarter["step_time"] == pytest.approx(31.5)
     assert "--weight-grad-share=1.5" in run_error(
         capsys, *base, "--split-backward", "--weight-grad-share", "1.5")
+    assert "add --split-backward" in run_error(capsys, *base, "--weight-grad-share", "0.3")
+    assert run_json(capsys, *base, "--split-backward")["split_backward"] is True

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit
+from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit, weight_grad_share
 from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
 from megatron_terapipe.benchmark.predict import (
     measured_timeline,
@@ -99,6 +99,8 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "kind": m.kind,
             "order": m.schedule,
             "split_backward": m.split_backward,
+            # per stage, W / (B + W) over its split backwards (None: nothing split there)
+            "weight_grad_share": [weight_grad_share([[records]]) for records in m.timeline],
             "attention": m.attention,
             "attention_kernel": KERNEL_DESCRIPTIONS.get(m.attention, m.attention),
             "baseline": m.is_baseline,

@@ -133,16 +133,20 @@ def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
     """Count what the token pipeline holds outside autograd's saved tensors.
 
     That is one K/V buffer per (chunk, layer, micro-batch), held from the micro-batch's first
-    slice until its last slice is released, and the buffer's fp32 dK/dV accumulators, held from
-    the first backward that writes them. They are registered by storage like saved tensors, so
-    a storage both saved by autograd and held by the context counts once. Benchmark-only: three
-    methods of TokenSliceContext / PrefixKV are wrapped for the duration.
+    slice until its last slice is released, the buffer's fp32 dK/dV accumulators, held from
+    the first backward that writes them, and with split backwards the inputs and output
+    gradients a B queues for its W. They are registered by storage like saved tensors, so a
+    storage both saved by autograd and held by the context counts once. Benchmark-only: five
+    methods of TokenSliceContext / PrefixKV / DeferredWeightGrads are wrapped for the duration.
     """
     from megatron_terapipe.model.slice_context import PrefixKV, TokenSliceContext
+    from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads
 
     original_prefix_kv = TokenSliceContext.prefix_kv
     original_release = TokenSliceContext.release
     original_accumulate = PrefixKV.accumulate_grad
+    original_add = DeferredWeightGrads.add
+    original_run = DeferredWeightGrads.run
 
     def prefix_kv(self, layer: Any, unit: Any, key: Any, value: Any) -> Any:
         buffer = original_prefix_kv(self, layer, unit, key, value)
@@ -163,12 +167,24 @@ def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
             for buffer in held:
                 tracker.drop(buffer)
 
+    def add(self, kernel: Any, args: tuple) -> None:
+        original_add(self, kernel, args)
+        tracker.hold(self, args[:2])  # the GEMM's input and output gradient, until W
+
+    def run(self) -> None:
+        original_run(self)
+        tracker.drop(self)
+
     TokenSliceContext.prefix_kv = prefix_kv
     TokenSliceContext.release = release
     PrefixKV.accumulate_grad = accumulate_grad
+    DeferredWeightGrads.add = add
+    DeferredWeightGrads.run = run
     try:
         yield
     finally:
         TokenSliceContext.prefix_kv = original_prefix_kv
         TokenSliceContext.release = original_release
         PrefixKV.accumulate_grad = original_accumulate
+        DeferredWeightGrads.add = original_add
+        DeferredWeightGrads.run = original_run

@@ -35,6 +35,7 @@ def auto_plan(spec: BenchSpec, variant: Variant) -> dict[str, Any]:
     args.token_pipeline = True
     args.token_pipeline_schedule = variant.schedule
     args.token_pipeline_slices = "auto"
+    args.token_pipeline_split_backward = variant.split_backward
     started = time.perf_counter()
     plan = plan_and_broadcast(args, print_fn=lambda line: None).to_dict()
     plan["planning_seconds"] = time.perf_counter() - started  # this rank's wait, rank 0's work
@@ -72,6 +73,7 @@ def plan_slices(
             strategy="dp",
             schedule=variant.schedule,
             score=score,
+            split_backward=variant.split_backward,
         )
         answer = [plan.to_dict()]
     torch.distributed.broadcast_object_list(answer, src=0)

@@ -121,9 +121,10 @@ SPLIT_BACKWARD_MODES = ("off", "on", "both")
 
 def with_split_backward(variants: list[Variant], mode: str) -> list[Variant]:
     """The token rows under `--split-backward MODE`: as given (off), split (on), or each
-    followed by its split twin (both: side by side in the same rounds). A split-B/W twin of
-    token-1f1b S=1 (megatron-core's 1F1B order with split backwards) is added under on/both
-    when no S=1 row is there, so the gain of the B/W split alone is measured too."""
+    followed by its split twin (both: side by side in the same rounds). Under on/both a
+    token-1f1b S=1 split row is added too: megatron-core's 1F1B order with split backwards,
+    whose ratio to the stock 1F1B baseline is the gain of the B/W split alone, without
+    slicing."""
     if mode not in SPLIT_BACKWARD_MODES:
         raise ValueError(f"--split-backward {mode!r}: valid choices are "
                          f"{', '.join(SPLIT_BACKWARD_MODES)}")
@@ -137,7 +138,8 @@ def with_split_backward(variants: list[Variant], mode: str) -> list[Variant]:
         split = token_variant(v.schedule, v.num_token_slices, v.planned, v.token_slices,
                               v.auto, split_backward=True)
         out += [v, split] if mode == "both" else [split]
-    if not any(v.kind == TOKEN and v.num_token_slices == 1 for v in variants):
+    if not any(v.split_backward and v.schedule == "token-1f1b" and v.num_token_slices == 1
+               for v in out):
         out.append(token_variant("token-1f1b", 1, split_backward=True))
     return out
 

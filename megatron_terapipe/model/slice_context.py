@@ -14,10 +14,14 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from megatron_terapipe.token_slices import slice_offsets
+
+if TYPE_CHECKING:
+    from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads
 
 
 @dataclass(frozen=True)
@@ -94,7 +98,7 @@ class TokenSliceContext:
         self._released: dict[tuple[int, int], int] = {}
         # Set while a split backward runs: its weight-gradient GEMMs queue here
         # (`weight_grad_deferral`), for the unit's W action.
-        self.deferred_weight_grads = None
+        self.deferred_weight_grads: DeferredWeightGrads | None = None
 
     @contextlib.contextmanager
     def running(self, chunk: int, microbatch: int, token_slice: int) -> Iterator[CurrentSlice]:

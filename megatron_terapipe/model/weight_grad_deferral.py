@@ -35,13 +35,22 @@ _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engin
 
 
 class DeferredWeightGrads:
-    """The weight-gradient GEMMs one backward queued, in call order."""
+    """The weight-gradient GEMMs one backward queued, in call order.
+
+    Until W runs, the queue keeps each GEMM's input and output gradient alive (the unsplit
+    backward frees them layer by layer): one slice's worth, since W follows its B."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[Callable, tuple]] = []
+        self.queued = 0  # calls queued so far, including those already run
 
     def __len__(self) -> int:
         return len(self.calls)
+
+    def add(self, kernel: Callable, args: tuple) -> None:
+        """Queue one kernel call (input, output gradient, main_grad)."""
+        self.calls.append((kernel, args))
+        self.queued += 1
 
     def run(self) -> None:
         """Run every queued GEMM once (into main_grad) and drop the tensors they held; without
@@ -59,17 +68,21 @@ class _DeferringWeightGradKernel:
         self.kernel = kernel
 
     def __getattr__(self, name: str) -> Any:
+        if name == "kernel":  # not set yet (copy, pickle): no recursion through __getattr__
+            raise AttributeError(name)
         entry = getattr(self.kernel, name)
         if name not in _ENTRY_POINTS:
             return entry
 
-        def call(total_input, grad_output, main_grad) -> None:
+        def call(
+            total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
+        ) -> None:
             context = get_slice_context()
             queue = context.deferred_weight_grads if context is not None else None
             if queue is None:
                 entry(total_input, grad_output, main_grad)
             else:
-                queue.calls.append((entry, (total_input, grad_output, main_grad)))
+                queue.add(entry, (total_input, grad_output, main_grad))
 
         return call
 
@@ -106,6 +119,15 @@ def deferring_weight_grads(context: TokenSliceContext) -> Iterator[DeferredWeigh
         context.deferred_weight_grads = None
 
 
+def _defers(module: torch.nn.Module) -> bool:
+    """Whether `module` is a megatron-core linear whose backward calls the fused kernel."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+
+    return isinstance(module, (ColumnParallelLinear, RowParallelLinear)) and bool(
+        getattr(module, "gradient_accumulation_fusion", False)
+    )
+
+
 def split_backward_problems(config: Any, models: Sequence[torch.nn.Module] = ()) -> list[str]:
     """Why a model with this megatron-core TransformerConfig (and these modules) cannot split
     its backwards exactly (empty when it can)."""
@@ -119,6 +141,16 @@ def split_backward_problems(config: Any, models: Sequence[torch.nn.Module] = ())
         problems.append(
             "sequence_parallel (--sequence-parallel): megatron-core's weight-gradient GEMM reads a "
             "shared all-gather buffer that the next layer overwrites"
+        )
+    if models and not any(_defers(module) for model in models for module in model.modules()):
+        problems.append(
+            "no megatron-core ColumnParallelLinear/RowParallelLinear with gradient-accumulation "
+            "fusion in the model: nothing would hand its weight gradient to the W action"
+        )
+    if any(hasattr(p, "__fsdp_param__") for model in models for p in model.parameters()):
+        problems.append(
+            "Megatron-FSDP (--use-megatron-fsdp): megatron-core computes the weight gradient of "
+            "an FSDP parameter with its own matmul inside the backward"
         )
     engine = sorted(
         {

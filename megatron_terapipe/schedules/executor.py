@@ -23,6 +23,8 @@ when every token counts (no loss mask) -- use the three-value form for masked lo
 from __future__ import annotations
 
 import contextlib
+import warnings
+import weakref
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -186,6 +188,7 @@ class _Step:
             if isinstance(a, Compute) and a.kind == WEIGHT_GRAD
         }
         self.weight_grads: dict[tuple, DeferredWeightGrads] = {}
+        self.weight_grads_queued = 0
 
     # -- helpers ------------------------------------------------------------------------------
     def is_first_virtual_stage(self, chunk: int) -> bool:
@@ -236,6 +239,17 @@ class _Step:
                 self.free_completed_sends()
                 self.backward(action, index)
         self.finish_timeline()
+        if self.split_units and not self.weight_grads_queued:
+            # Checked before the step (split_backward_problems); reaching here means the kernel
+            # wrapper was replaced since. Exact all the same (the GEMMs ran inside B), and a
+            # raise on this rank alone would leave its peers waiting, so say it instead.
+            warnings.warn(
+                "--token-pipeline-split-backward: this rank's split backwards deferred no "
+                "weight-gradient GEMM (megatron-core's fused_weight_gradient_mlp_cuda is no "
+                "longer wrapped), so they ran unsplit",
+                RuntimeWarning,
+                stacklevel=2,
+            )
 
     def forward(self, action: Compute) -> None:
         m, t, v = action.microbatch, action.token_slice, action.chunk
@@ -358,8 +372,16 @@ class _Step:
 
     def weight_grad(self, action: Compute) -> None:
         """A split backward's weight-gradient GEMMs, queued by its B action."""
+        self.free_completed_sends()
+        timers = self.config.timers
+        if timers is not None:
+            timers("backward-compute", log_level=2).start()
+        queue = self.weight_grads.pop(action.unit)
         with self.timed(WEIGHT_GRAD, *action.unit):
-            self.weight_grads.pop(action.unit).run()
+            queue.run()
+        self.weight_grads_queued += queue.queued
+        if timers is not None:
+            timers("backward-compute").stop()
         chunk = action.chunk
         if self.last_backward_unit.get(chunk) == action.unit:
             self.grad_sync.after_split_last_backward(chunk)
@@ -558,6 +580,31 @@ class _GradSync:
             self.start(chunk)
 
 
+def _no_sync_per_chunk(config, num_chunks: int) -> list[bool]:
+    """Which chunks _GradSync can hold in DDP's no_sync (megatron-core's no_sync_func rule: a
+    list gives one per chunk, a single callable covers the first chunk only)."""
+    no_sync = config.no_sync_func
+    if no_sync is None:
+        return [False] * num_chunks
+    if isinstance(no_sync, list):
+        return [i < len(no_sync) for i in range(num_chunks)]
+    return [i == 0 for i in range(num_chunks)]
+
+
+def _unsynced_overlap(config, models: Sequence[torch.nn.Module]) -> list[str]:
+    """A split backward runs DDP's hooks before W adds the weight gradients; with
+    overlap_grad_reduce only no_sync keeps them from starting the reduction too early."""
+    covered = _no_sync_per_chunk(config, len(models))
+    missing = [i for i, model in enumerate(models) if _overlaps_grad_reduce(model)
+               and not covered[i]]
+    if not missing:
+        return []
+    return [
+        f"overlap_grad_reduce without a no_sync_func for model chunk(s) {missing}: set "
+        "config.no_sync_func to one model.no_sync per chunk, as Megatron-LM does"
+    ]
+
+
 def _overlaps_grad_reduce(model: torch.nn.Module) -> bool:
     """Whether `model` is megatron-core DDP with overlap_grad_reduce (reductions started by
     hooks during the backward, or by an explicit start_grad_sync)."""
@@ -579,6 +626,8 @@ class TokenPipelineForwardBackward:
         self.last_timeline: list[ActionRecord] = []
         self.last_schedule: Schedule | None = None
         self.last_token_slices: tuple[int, ...] = ()
+        # first chunks of the model lists already checked for split backwards
+        self._split_checked: weakref.WeakSet = weakref.WeakSet()
 
     def __call__(
         self,
@@ -638,14 +687,17 @@ class TokenPipelineForwardBackward:
             len(models),
         )
         split_backward = self.config.split_backward and not forward_only
-        if split_backward:
-            problems = split_backward_problems(mconfig, models)
+        if split_backward and models[0] not in self._split_checked:
+            problems = split_backward_problems(mconfig, models) + _unsynced_overlap(
+                mconfig, models
+            )
             if problems:
                 raise ValueError(
                     "token pipeline: split_backward (--token-pipeline-split-backward) cannot run "
                     "exactly with " + "; ".join(problems)
                 )
             install_weight_grad_deferral()
+            self._split_checked.add(models[0])
         schedule = (
             _forward_only_schedule(*shape)
             if forward_only

@@ -231,6 +231,8 @@ def split_backward_orders(
     than one action. A chunk's gradient sync then starts after the W of its last backward (the
     executor's `_GradSync`), once `main_grad` is complete.
     """
+    if any(c.kind == WEIGHT_GRAD for order in orders for c in order):
+        raise ValueError("split_backward_orders: the compute orders are already split")
     split: list[list[Compute]] = []
     for rank, order in enumerate(orders):
         actions: list[Compute] = []
@@ -300,6 +302,11 @@ def build_schedule(
         return schedule
     orders = [schedule.computes(p) for p in range(num_stages)]
     return schedule_from_orders(
-        schedule.name, num_stages, num_microbatches, num_token_slices, num_chunks, orders,
+        schedule.name,
+        num_stages,
+        num_microbatches,
+        num_token_slices,
+        num_chunks,
+        orders,
         split_backward=True,
     )

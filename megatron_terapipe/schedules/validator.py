@@ -4,8 +4,9 @@ Checks, in the order they are reported:
 1. shape: stage count, index ranges, group well-formedness (at most one op per op name);
 2. every (m, t, v) forward and backward runs exactly once per stage;
 3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v); a
-   split backward's W(m,t,v) at most once, after B(m,t,v), and none after the chunk's gradient
-   sync point (its last backward, or that backward's W), where `main_grad` is read;
+   split backward's W(m,t,v) at most once, after B(m,t,v), in the chunk's backward order, and
+   none after the chunk's gradient sync point (its last backward, or that backward's W), where
+   `main_grad` is read;
 4. each compute's receive is posted before it and its send after it, each exactly once; every
    posted op is waited exactly once after it is posted, a receive before the compute that
    reads it, a forward's send before that unit's backward (megatron-core's backward_step wants
@@ -195,6 +196,15 @@ def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[st
         if backward is None or backward > index:
             problems.append(f"stage {rank} action {index}: {name} runs before its backward")
             continue
+        earlier = [u for u, i in backward_at.items()
+                   if u[2] == action.chunk and i < backward and u in weight_grad_at]
+        late = [u for u in earlier if weight_grad_at[u] > index]
+        if late:
+            problems.append(
+                f"stage {rank} action {index}: {name} runs before the weight gradient of an "
+                f"earlier backward ({Compute(WEIGHT_GRAD, *late[0]).format(max(s.num_chunks, 2))})"
+                "; Ws run in their backwards' order (main_grad accumulates in the same order)"
+            )
         last = last_unit[action.chunk]
         sync_point = weight_grad_at.get(last, backward_at[last])
         if index > sync_point:

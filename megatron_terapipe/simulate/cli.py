@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--weight-grad-share",
         type=float,
-        default=0.5,
+        default=None,
         help="with --split-backward: the weight-gradient share of a backward (default 0.5, "
         "Zero Bubble's B = W)",
     )
@@ -333,13 +333,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problems:  # a generator bug: report it as such rather than as a usage error
         raise ScheduleError(schedule.name, problems)
 
-    if not 0.0 <= args.weight_grad_share <= 1.0:
-        parser.error(f"--weight-grad-share={args.weight_grad_share} must be in [0, 1]")
+    share = 0.5 if args.weight_grad_share is None else args.weight_grad_share
+    if args.weight_grad_share is not None and not args.split_backward:
+        parser.error("--weight-grad-share prices split backwards; add --split-backward")
+    if not 0.0 <= share <= 1.0:
+        parser.error(f"--weight-grad-share={share} must be in [0, 1]")
     if args.cost_model == "uniform":
         costs = ActionCosts.uniform()
     else:
         costs = _analytic_costs(parser, args, num_chunks)
-    costs.weight_grad_share = args.weight_grad_share
+    costs.weight_grad_share = share
     result = simulate(schedule, slices, costs, p2p=args.p2p)
 
     if args.trace:

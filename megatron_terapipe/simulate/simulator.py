@@ -47,6 +47,7 @@ class SimulationResult:
     peak_activations: list[int]
     peak_activation_bytes: list[float] | None
     timeline: Timeline
+    split_backward: bool = False
 
     @property
     def mean_bubble_fraction(self) -> float:
@@ -63,6 +64,7 @@ class SimulationResult:
             "token_slices": list(self.token_slices),
             "cost_model": self.cost_model,
             "p2p": self.p2p,
+            "split_backward": self.split_backward,
             "time_unit": self.timeline.time_unit,
             "step_time": self.step_time,
             "busy_time": list(self.busy_time),
@@ -118,7 +120,15 @@ def simulate(
         if c.kind == WEIGHT_GRAD:
             return costs.weight_grad_time(*shape)
         whole = float(costs.backward(*shape))
-        return whole - costs.weight_grad_time(*shape) if c.unit in split[rank] else whole
+        if c.unit not in split[rank]:
+            return whole
+        weight_grad = costs.weight_grad_time(*shape)
+        if weight_grad > whole:
+            raise ValueError(
+                f"cost model {costs.name!r}: the weight gradient of {c.format()} on stage {rank} "
+                f"({weight_grad:g}) exceeds its whole backward ({whole:g})"
+            )
+        return whole - weight_grad
 
     def transfer_time(op: P2POp) -> float:
         return float(costs.transfer(slices[op.token_slice]))
@@ -157,7 +167,8 @@ def simulate(
         num_stages=schedule.num_stages,
         label=_label(schedule, slices, costs),
         time_unit=costs.time_unit,
-        metadata={"schedule": schedule.name, "cost_model": costs.name, "p2p": p2p},
+        metadata={"schedule": schedule.name, "cost_model": costs.name, "p2p": p2p,
+                  "split_backward": schedule.split_backward},
     )
     step = timeline.end_time
     busy = [0.0] * schedule.num_stages
@@ -179,6 +190,7 @@ def simulate(
         peak_activations=counts,
         peak_activation_bytes=nbytes,
         timeline=timeline,
+        split_backward=schedule.split_backward,
     )
 
 
@@ -186,7 +198,9 @@ def _peak_activations(
     schedule: Schedule, slices: tuple[int, ...], context: list[int], costs: ActionCosts
 ) -> tuple[list[int], list[float] | None]:
     """High-water marks over each rank's order: a forward's activations live until its
-    backward. Order alone decides them, so they do not depend on timing."""
+    backward. Order alone decides them, so they do not depend on timing. A split backward's
+    activations count as freed at its B: its W follows right after (`split_backward_orders`),
+    holding one slice's GEMM operands at most."""
     counts: list[int] = []
     nbytes: list[float] | None = [] if costs.activation_bytes is not None else None
     for rank in range(schedule.num_stages):
@@ -219,4 +233,6 @@ def _label(schedule: Schedule, slices: tuple[int, ...], costs: ActionCosts) -> s
     ]
     if schedule.num_chunks > 1:
         parts.append(f"V={schedule.num_chunks}")
+    if schedule.split_backward:
+        parts.append("split B/W")
     return " ".join(parts) + f" ({costs.name})"

@@ -180,6 +180,15 @@ class AnalyticCostModel:
         attention = 4.0 * b * self.hidden_size * n * (c + n)
         return (linear + attention) / t
 
+    def weight_grad_fraction(self, batch: Any, slice_len: Any, context_len: Any) -> Any:
+        """The weight-gradient GEMMs' share of one layer's backward (what a split backward's W
+        runs): the backward does twice the forward's FLOPs, of which the weight gradients are
+        the linear layers' forward FLOPs again; attention has no weights."""
+        b, n, c = (np.asarray(x, dtype=np.float64) for x in (batch, slice_len, context_len))
+        linear = 2.0 * b * n * self.params_per_layer
+        attention = 4.0 * b * self.hidden_size * n * (c + n)
+        return linear / (2.0 * (linear + attention))
+
     def forward_backward_time(self, batch: Any, slice_len: Any, context_len: Any) -> Any:
         b = np.asarray(batch, dtype=np.float64)
         n = np.asarray(slice_len, dtype=np.float64)

@@ -148,7 +148,8 @@ def plan_from_args(
     score, note = _score_for(schedule)
     common = dict(seq_length=seq, num_stages=stages, batch=mbs, batch_mode="fixed",
                   num_microbatches=micro, memory=memory, schedule=schedule, num_chunks=chunks,
-                  score=score, flops_model=AnalyticCostModel.from_args(args, preset="cpu"))
+                  score=score, flops_model=AnalyticCostModel.from_args(args, preset="cpu"),
+                  split_backward=bool(getattr(args, "token_pipeline_split_backward", False)))
     if mode == "auto":
         # Few simulations: planning runs at start-up while every other rank waits.
         plan = make_plan(cost, granularity=g, multiple_of=multiple_of, strategy="dp",
@@ -163,6 +164,8 @@ def plan_from_args(
                            cap, **common)
     if note:
         plan.extra["score_note"] = note
+    if common["split_backward"]:
+        plan.extra["split_backward"] = True  # scored as the split schedule
     if getattr(cost, "note", None):
         plan.extra["cost_model_note"] = cost.note
     if hasattr(cost, "r2"):
@@ -237,7 +240,8 @@ def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | No
                              "activation_memory_gib": round(peak / GIB, 4), "num_stages": stages}
     if common["score"] == "simulator":
         scorer = simulator_scorer(cost, common["schedule"], stages, micro, mbs,
-                                  common["num_chunks"])
+                                  common["num_chunks"], split_backward=common["split_backward"],
+                                  flops_model=common["flops_model"])
         extra.update(formula_step_time=step, score="simulator")
         step = scorer(tuple(slices))
     return SlicingPlan(tuple(slices), batch_slices, step, t_max, strategy,

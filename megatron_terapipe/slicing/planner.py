@@ -100,6 +100,7 @@ def make_plan(
     method: str = "bisect",
     memory_quanta: int = 512,
     simulator_candidates: int = 12,
+    split_backward: bool = False,
 ) -> SlicingPlan:
     """Plan token (and batch) slices for one pipeline of `num_stages` stages."""
     started = time.perf_counter()
@@ -178,7 +179,7 @@ def make_plan(
             token_slices, step = _best(
                 candidates, batch_slices, fits,
                 _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
-                        num_chunks),
+                        num_chunks, split_backward, flops_model),
                 formula_scorer(table, g, num_stages, batch_slices), simulator_candidates,
                 always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL])
             per_slice = (token_slices,) * len(batch_slices)
@@ -191,7 +192,7 @@ def make_plan(
         candidates = _strategy_candidates(strategy, seq_length, g, num_slices, cost_model,
                                           flops_model)
         scorer = _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
-                         num_chunks)
+                         num_chunks, split_backward, flops_model)
         token_slices, step = _best(candidates, batch_slices, fits, scorer,
                                    formula_scorer(table, g, num_stages, batch_slices),
                                    simulator_candidates if score == "simulator" else None)
@@ -359,13 +360,15 @@ def _strategy_candidates(
 
 
 def _scorer(score: str, cost_model: Any, table: np.ndarray, g: int, num_stages: int,
-            batch_slices: tuple[int, ...], schedule: str, num_chunks: int) -> Any:
+            batch_slices: tuple[int, ...], schedule: str, num_chunks: int,
+            split_backward: bool = False, flops_model: Any = None) -> Any:
     if score == "formula":
         return formula_scorer(table, g, num_stages, batch_slices)
     if len(set(batch_slices)) != 1:
         raise ValueError(f"simulator scoring needs equal batch slices, got {batch_slices}")
     return simulator_scorer(cost_model, schedule, num_stages, len(batch_slices),
-                            batch_slices[0], num_chunks)
+                            batch_slices[0], num_chunks, split_backward=split_backward,
+                            flops_model=flops_model)
 
 
 def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...], fits: Any,

@@ -102,11 +102,15 @@ def simulator_scorer(
     batch: int,
     num_chunks: int = 1,
     backward_ratio: float | None = None,
+    split_backward: bool = False,
+    flops_model: Any = None,
 ) -> Scorer:
     """Makespan from the schedule simulator (imported lazily: it is optional for planning).
 
     backward_ratio: backward over forward time; by default the cost model's own (a profile
-    measures it), else 2.
+    measures it), else 2. split_backward scores the split schedule, W priced at the FLOP
+    model's weight-gradient share of each backward (`weight_grad_fraction`; Zero Bubble's 1/2
+    when no model has it).
     """
     if backward_ratio is None:
         backward_ratio = float(getattr(cost_model, "backward_ratio", 2.0))
@@ -121,12 +125,22 @@ def simulator_scorer(
     costs = ActionCosts.from_stage_cost_model(
         _Memo(cost_model), batch=batch, backward_ratio=backward_ratio, num_chunks=num_chunks
     )
+    share_model = flops_model if hasattr(flops_model, "weight_grad_fraction") else cost_model
+    if split_backward and hasattr(share_model, "weight_grad_fraction"):
+        backward = costs.backward
+
+        def weight_grad(stage: int, chunk: int, length: int, context: int) -> float:
+            share = float(share_model.weight_grad_fraction(batch, length, context))
+            return share * backward(stage, chunk, length, context)
+
+        costs.weight_grad = weight_grad
     schedules: dict[int, Any] = {}
 
     def score(token_slices: tuple[int, ...]) -> float:
         n = len(token_slices)
         if n not in schedules:
-            schedules[n] = build_schedule(schedule, num_stages, num_microbatches, n, num_chunks)
+            schedules[n] = build_schedule(schedule, num_stages, num_microbatches, n, num_chunks,
+                                          split_backward=split_backward)
         return float(simulate(schedules[n], list(token_slices), costs).step_time)
 
     return score
