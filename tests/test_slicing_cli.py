@@ -112,7 +112,8 @@ def fake_simulator(monkeypatch):
         def from_stage_cost_model(cls, model, batch=1, backward_ratio=2.0, num_chunks=1):
             return cls(model, batch)
 
-    def build_schedule(name, num_stages, num_microbatches, num_token_slices, num_chunks=1):
+    def build_schedule(name, num_stages, num_microbatches, num_token_slices, num_chunks=1,
+                       split_backward=False):
         return types.SimpleNamespace(name=name, stages=num_stages, micro=num_microbatches)
 
     def simulate(schedule, token_slices, costs):

@@ -103,3 +103,30 @@ def test_models_without_megatron_linears_are_rejected_by_name():
 
     problems = split_backward_problems(Config(), [torch.nn.Sequential(torch.nn.Linear(4, 4))])
     assert len(problems) == 1 and "ColumnParallelLinear/RowParallelLinear" in problems[0]
+
+
+def test_overlapped_ddp_without_no_sync_for_a_chunk_is_rejected():
+    """With overlap_grad_reduce, only DDP's no_sync keeps the hooks that run during a split B
+    from starting the reduction before W; a chunk without one is named."""
+    from types import SimpleNamespace
+
+    from megatron_terapipe.schedules.executor import _unsynced_overlap
+
+    class Ddp(torch.nn.Module):
+        ddp_config = SimpleNamespace(overlap_grad_reduce=True)
+
+        def start_grad_sync(self):
+            pass
+
+        def no_sync(self):
+            pass
+
+    chunks = [Ddp(), Ddp()]
+    single = SimpleNamespace(no_sync_func=chunks[0].no_sync)  # covers chunk 0 only
+    problems = _unsynced_overlap(single, chunks)
+    assert len(problems) == 1 and "model chunk(s) [1]" in problems[0]
+    assert _unsynced_overlap(SimpleNamespace(no_sync_func=[c.no_sync for c in chunks]),
+                             chunks) == []
+    assert "[0, 1]" in _unsynced_overlap(SimpleNamespace(no_sync_func=None), chunks)[0]
+    Ddp.ddp_config = SimpleNamespace(overlap_grad_reduce=False)
+    assert _unsynced_overlap(SimpleNamespace(no_sync_func=None), chunks) == []

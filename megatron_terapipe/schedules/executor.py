@@ -528,15 +528,8 @@ class _GradSync:
         self.explicit = config.grad_sync_func is not None
         if not enabled:
             return
-        no_sync = config.no_sync_func
-        if no_sync is None:
-            funcs = [contextlib.nullcontext for _ in models]
-        elif isinstance(no_sync, list):
-            funcs = no_sync
-        else:
-            funcs = [no_sync] + [contextlib.nullcontext for _ in models[1:]]
-        for func in funcs:
-            ctx = func()
+        for func in _no_sync_funcs(config, len(models)):
+            ctx = (func or contextlib.nullcontext)()
             ctx.__enter__()
             self.contexts.append(ctx)
 
@@ -580,23 +573,23 @@ class _GradSync:
             self.start(chunk)
 
 
-def _no_sync_per_chunk(config, num_chunks: int) -> list[bool]:
-    """Which chunks _GradSync can hold in DDP's no_sync (megatron-core's no_sync_func rule: a
-    list gives one per chunk, a single callable covers the first chunk only)."""
+def _no_sync_funcs(config, num_chunks: int) -> list[Callable | None]:
+    """Each chunk's DDP no_sync (megatron-core's no_sync_func rule: a list gives one per chunk,
+    a single callable covers the first chunk only); None where there is none."""
     no_sync = config.no_sync_func
     if no_sync is None:
-        return [False] * num_chunks
+        return [None] * num_chunks
     if isinstance(no_sync, list):
-        return [i < len(no_sync) for i in range(num_chunks)]
-    return [i == 0 for i in range(num_chunks)]
+        return list(no_sync)
+    return [no_sync] + [None] * (num_chunks - 1)
 
 
 def _unsynced_overlap(config, models: Sequence[torch.nn.Module]) -> list[str]:
     """A split backward runs DDP's hooks before W adds the weight gradients; with
     overlap_grad_reduce only no_sync keeps them from starting the reduction too early."""
-    covered = _no_sync_per_chunk(config, len(models))
+    funcs = _no_sync_funcs(config, len(models))
     missing = [i for i, model in enumerate(models) if _overlaps_grad_reduce(model)
-               and not covered[i]]
+               and (i >= len(funcs) or funcs[i] is None)]
     if not missing:
         return []
     return [
