@@ -102,7 +102,7 @@ def test_split_runs_weight_gradient_actions_and_matches_the_unsplit_run(runs):
 @pytest.mark.parametrize("mode", [4, 5], ids=["split+overlap", "split+overlap+align"])
 def test_split_last_backward_reduces_after_its_weight_gradients(runs, mode):
     """A split last backward keeps no_sync over its B (DDP's hooks fire there, before W has added
-    the weight gradients); the chunk's reduction is dispatched after its last W, once."""
+    the weight gradients); the chunk's reductions are dispatched after its last W."""
     split_last_seen = 0
     for rank, per_rank in enumerate(runs):
         for step in per_rank[mode]["steps"]:

@@ -501,5 +501,15 @@ def test_weight_gradients_out_of_backward_order():
     w2 = actions.pop(actions.index(W(0, 2)))
     actions.insert(actions.index(W(0, 1)) + 1, w2)
     problems = find_problems(_with_stage(s, 1, actions))
-    assert any("W0.1c0 runs before the weight gradient of an earlier backward (W0.2c0)" in p
-               for p in problems), problems
+    assert any("W0.1c0 adds to main_grad before W0.2c0" in p for p in problems), problems
+
+
+def test_unsplit_backward_between_a_split_backward_and_its_w():
+    """B0.1 left whole but run before W0.2 (whose B ran earlier): B0.1's weight gradients would
+    reach main_grad first."""
+    s = build_schedule("terapipe", 2, 1, 3, split_backward=True)
+    actions = [a for a in s.stages[1] if a != W(0, 1)]
+    w2 = actions.pop(actions.index(W(0, 2)))
+    actions.insert(actions.index(B(0, 1)) + 1, w2)
+    problems = find_problems(_with_stage(s, 1, actions))
+    assert any("B0.1c0 adds to main_grad before W0.2c0" in p for p in problems), problems

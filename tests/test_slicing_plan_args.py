@@ -231,3 +231,21 @@ def test_plan_from_args_scores_1f1b_schedules_with_the_simulator():
     assert result.extra["schedule"] == "token-1f1b"
     equal = plan_from_args(megatron_args(**dict(vars(args), token_pipeline_slices="2")))
     assert equal.extra["score"] == "simulator"
+
+
+def test_plan_from_args_scores_split_backwards_as_the_split_schedule():
+    """TeraPipe's formula is exact only for the unsplit terapipe schedule: with
+    --token-pipeline-split-backward even terapipe is scored by the simulator on the split
+    schedule, which is shorter than the unsplit one for the same slices."""
+    base = dict(token_pipeline_schedule="terapipe", global_batch_size=1,
+                pipeline_model_parallel_size=4, token_pipeline_granularity=128,
+                token_pipeline_slices="4")
+    plain = plan_from_args(megatron_args(**base))
+    split = plan_from_args(megatron_args(**base, token_pipeline_split_backward=True))
+    assert plain.extra["score"] == "formula" and "split_backward" not in plain.extra
+    assert split.extra["score"] == "simulator" and split.extra["split_backward"] is True
+    assert split.token_slices == plain.token_slices
+    assert split.predicted_step_time < plain.predicted_step_time
+    auto = plan_from_args(megatron_args(**dict(base, token_pipeline_slices="auto"),
+                                        token_pipeline_split_backward=True))
+    assert auto.extra["score"] == "simulator" and auto.extra["split_backward"] is True

@@ -3,9 +3,9 @@
 A split B queues megatron-core's weight-gradient kernel calls and its W runs them with the same
 kernel in the same order, so on two gloo ranks (PP = 2, gradient-accumulation fusion, three
 micro-batches, uneven slices) the split run's losses and every main_grad equal the unsplit
-run's exactly (`torch.equal`), while its timeline shows W actions that took time. Without the
-deferral wrapper the split B would queue nothing: the step then fails instead of silently
-running unsplit.
+run's exactly (`torch.equal`), while its timeline shows W actions that took time and no rank
+warns that its W had nothing to run. Without the deferral wrapper the split B would queue
+nothing: the step then says so (a warning on that rank) instead of running unsplit silently.
 """
 
 from __future__ import annotations
@@ -36,9 +36,22 @@ def _case(schedule: str, split: bool) -> RunCase:
 CASES = [_case(s, split) for s in ("token-1f1b", "terapipe") for split in (False, True)]
 
 
+def _run_recording_warnings(rank: int, world_size: int, runs: list) -> list[dict]:
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = run_cases(rank, world_size, runs)
+    messages = [str(w.message) for w in caught if w.category is RuntimeWarning]
+    for result in results:
+        result["runtime_warnings"] = messages
+    return results
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_distributed(run_cases, 2, [(case, None) for case in CASES], timeout_s=240)
+    return run_distributed(_run_recording_warnings, 2, [(case, None) for case in CASES],
+                           timeout_s=240)
 
 
 @pytest.mark.parametrize("index", [0, 2], ids=["token-1f1b", "terapipe"])
@@ -57,6 +70,8 @@ def test_split_gradients_and_losses_are_bitwise_the_unsplit_ones(results, index)
         # after two SGD steps the weights are still identical
         for (_, want), (_, got) in zip(plain["weights"][-1], split["weights"][-1]):
             assert torch.equal(got, want)
+        # ... and not because nothing was deferred: every split B queued its GEMMs
+        assert not [m for m in split["runtime_warnings"] if "deferred no" in m]
 
 
 @pytest.mark.parametrize("index", [1, 3], ids=["token-1f1b", "terapipe"])

@@ -61,7 +61,7 @@ def plan_slices(
     answer: list[Any] = [None]
     if torch.distributed.get_rank() == 0:
         score = "formula"
-        if variant.schedule != "terapipe" and _simulator_available():
+        if (variant.schedule != "terapipe" or variant.split_backward) and _simulator_available():
             score = "simulator"
         plan = make_plan(
             cost,

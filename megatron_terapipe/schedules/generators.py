@@ -227,8 +227,8 @@ def split_backward_orders(
     own weight-gradient action W.
 
     W right after B (after its send is posted, which `attach_communication` places there) moves
-    the weight-gradient GEMMs off the path the gradient travels without holding anything longer
-    than one action. A chunk's gradient sync then starts after the W of its last backward (the
+    the weight-gradient GEMMs off the path the gradient travels; what W holds past its B is one
+    slice's GEMM operands. A chunk's gradient sync then starts after the W of its last backward (the
     executor's `_GradSync`), once `main_grad` is complete.
     """
     if any(c.kind == WEIGHT_GRAD for order in orders for c in order):

@@ -169,8 +169,9 @@ def _compute_problems(s: Schedule, rank: int, forward_only: bool) -> list[str]:
 
 
 def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[str]:
-    """W(u) at most once and after B(u); no W of a chunk after the chunk's gradient sync point
-    (its last backward, or that backward's W when it is split), where `main_grad` is read."""
+    """W(u) at most once and after B(u); per chunk, the backwards add their weight gradients to
+    `main_grad` (at W when split, else at B) in backward order, as the unsplit backwards do; no
+    W after the chunk's gradient sync point (its last backward, or that backward's W)."""
     problems = []
     backward_at: dict[tuple[int, int, int], int] = {}
     weight_grad_at: dict[tuple[int, int, int], int] = {}
@@ -196,15 +197,6 @@ def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[st
         if backward is None or backward > index:
             problems.append(f"stage {rank} action {index}: {name} runs before its backward")
             continue
-        earlier = [u for u, i in backward_at.items()
-                   if u[2] == action.chunk and i < backward and u in weight_grad_at]
-        late = [u for u in earlier if weight_grad_at[u] > index]
-        if late:
-            problems.append(
-                f"stage {rank} action {index}: {name} runs before the weight gradient of an "
-                f"earlier backward ({Compute(WEIGHT_GRAD, *late[0]).format(max(s.num_chunks, 2))})"
-                "; Ws run in their backwards' order (main_grad accumulates in the same order)"
-            )
         last = last_unit[action.chunk]
         sync_point = weight_grad_at.get(last, backward_at[last])
         if index > sync_point:
@@ -212,7 +204,32 @@ def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[st
                 f"stage {rank} action {index}: {name} runs after chunk {action.chunk}'s gradient "
                 f"sync point (action {sync_point}), which reads main_grad"
             )
+    if not problems:
+        problems += _accumulation_order_problems(s, rank, backward_at, weight_grad_at)
     return problems
+
+
+def _accumulation_order_problems(s: Schedule, rank: int, backward_at: dict,
+                                 weight_grad_at: dict) -> list[str]:
+    """Per chunk, each backward's weight gradients reach main_grad (its W, or its B when not
+    split) after those of every earlier backward: the unsplit order, so the sums are bitwise
+    the unsplit ones."""
+    width = max(s.num_chunks, 2)
+    latest: dict[int, tuple[int, tuple[int, int, int]]] = {}  # chunk -> (index, unit)
+    for unit, backward in sorted(backward_at.items(), key=lambda item: item[1]):
+        at = weight_grad_at.get(unit, backward)
+        previous = latest.get(unit[2])
+        if previous is not None and previous[0] > at:
+            kind = WEIGHT_GRAD if unit in weight_grad_at else BACKWARD
+            earlier = WEIGHT_GRAD if previous[1] in weight_grad_at else BACKWARD
+            return [
+                f"stage {rank} action {at}: {Compute(kind, *unit).format(width)} adds to "
+                f"main_grad before {Compute(earlier, *previous[1]).format(width)} (action "
+                f"{previous[0]}), whose backward ran earlier; weight gradients accumulate in "
+                "backward order"
+            ]
+        latest[unit[2]] = (at, unit)
+    return []
 
 
 def _comm_placement_problems(s: Schedule, rank: int) -> list[str]:

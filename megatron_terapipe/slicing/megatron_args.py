@@ -145,11 +145,12 @@ def plan_from_args(
     cap = getattr(args, "token_pipeline_memory_cap", None)
     cost = cost_model if cost_model is not None else cost_model_from_args(args)
     memory = ActivationMemoryModel.from_args(args)
-    score, note = _score_for(schedule)
+    split_backward = bool(getattr(args, "token_pipeline_split_backward", False))
+    score, note = _score_for(schedule, split_backward)
     common = dict(seq_length=seq, num_stages=stages, batch=mbs, batch_mode="fixed",
                   num_microbatches=micro, memory=memory, schedule=schedule, num_chunks=chunks,
                   score=score, flops_model=AnalyticCostModel.from_args(args, preset="cpu"),
-                  split_backward=bool(getattr(args, "token_pipeline_split_backward", False)))
+                  split_backward=split_backward)
     if mode == "auto":
         # Few simulations: planning runs at start-up while every other rank waits.
         plan = make_plan(cost, granularity=g, multiple_of=multiple_of, strategy="dp",
@@ -164,7 +165,7 @@ def plan_from_args(
                            cap, **common)
     if note:
         plan.extra["score_note"] = note
-    if common["split_backward"]:
+    if common["split_backward"] and common["score"] == "simulator":
         plan.extra["split_backward"] = True  # scored as the split schedule
     if getattr(cost, "note", None):
         plan.extra["cost_model_note"] = cost.note
@@ -210,9 +211,10 @@ def _prefer_equal(plan: SlicingPlan, cost: Any, seq: int, g: int, cap: float | N
     return best
 
 
-def _score_for(schedule: str) -> tuple[str, str]:
-    """TeraPipe's formula is exact for its own schedule only; others need the simulator."""
-    if schedule == "terapipe":
+def _score_for(schedule: str, split_backward: bool = False) -> tuple[str, str]:
+    """TeraPipe's formula is exact for its own (unsplit) schedule only; others, and split
+    backwards, need the simulator."""
+    if schedule == "terapipe" and not split_backward:
         return "formula", ""
     try:
         import megatron_terapipe.schedules  # noqa: F401
