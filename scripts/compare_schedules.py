@@ -26,6 +26,7 @@ warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph
 
 from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     add_model_args,
+    add_split_backward_arg,
     int_list,
     model_args,
     num_microbatches,
@@ -34,7 +35,6 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     virtual_stages,
 )
 from megatron_terapipe.benchmark.spec import (  # noqa: E402
-    SPLIT_BACKWARD_MODES,
     BenchSpec,
     stock_variants,
     token_variant,
@@ -54,10 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip DP-planned slices (fitted to the warm-up round)")
     parser.add_argument("--no-auto", action="store_true",
                         help="skip auto slices (the product's planner, profiled at start-up)")
-    parser.add_argument("--split-backward", choices=SPLIT_BACKWARD_MODES, default="off",
-                        help="token rows with split backwards (--token-pipeline-split-backward): "
-                        "off, on, or both (each row next to its split twin, same rounds); on/"
-                        "both add token-1f1b S=1 split (the B/W split alone)")
+    add_split_backward_arg(parser)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)

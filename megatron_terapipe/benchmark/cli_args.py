@@ -172,6 +172,17 @@ def model_args(args: argparse.Namespace, microbatches: int) -> argparse.Namespac
         raise SystemExit(str(exc)) from None
 
 
+def add_split_backward_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--split-backward {off,on,both} of the benchmark scripts (`spec.with_split_backward`)."""
+    from megatron_terapipe.benchmark.spec import SPLIT_BACKWARD_MODES
+
+    parser.add_argument("--split-backward", choices=SPLIT_BACKWARD_MODES, default="off",
+                        help="token rows with split backwards (--token-pipeline-split-backward): "
+                        "off, on, or both (each row next to its split twin, same rounds); on/"
+                        "both add token-1f1b S=1 split (the B/W split alone)")
+    return parser
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 

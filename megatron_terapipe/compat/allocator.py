@@ -25,6 +25,7 @@ import resource
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 
+
 def keep_freed_memory() -> bool:
     """Serve every allocation from the heap and never shrink it; True if glibc took it.
 

@@ -30,7 +30,6 @@ import torch
 
 from megatron_terapipe.model.slice_context import TokenSliceContext, get_slice_context
 
-_ENTRY_POINTS = ("wgrad_gemm_accum_fp32", "wgrad_gemm_accum_fp16")
 _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
 
 
@@ -43,9 +42,6 @@ class DeferredWeightGrads:
     def __init__(self) -> None:
         self.calls: list[tuple[Callable, tuple]] = []
         self.queued = 0  # calls queued so far, including those already run
-
-    def __len__(self) -> int:
-        return len(self.calls)
 
     def add(self, kernel: Callable, args: tuple) -> None:
         """Queue one kernel call (input, output gradient, main_grad)."""
@@ -62,29 +58,33 @@ class DeferredWeightGrads:
 
 
 class _DeferringWeightGradKernel:
-    """Stands in for megatron-core's `fused_weight_gradient_mlp_cuda` module."""
+    """Stands in for megatron-core's `fused_weight_gradient_mlp_cuda` module: its two entry
+    points queue while a split B collects, and call straight through otherwise."""
 
     def __init__(self, kernel: Any) -> None:
         self.kernel = kernel
 
+    def wgrad_gemm_accum_fp32(self, total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        _call_or_queue(self.kernel.wgrad_gemm_accum_fp32, total_input, grad_output, main_grad)
+
+    def wgrad_gemm_accum_fp16(self, total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        _call_or_queue(self.kernel.wgrad_gemm_accum_fp16, total_input, grad_output, main_grad)
+
     def __getattr__(self, name: str) -> Any:
         if name == "kernel":  # not set yet (copy, pickle): no recursion through __getattr__
             raise AttributeError(name)
-        entry = getattr(self.kernel, name)
-        if name not in _ENTRY_POINTS:
-            return entry
+        return getattr(self.kernel, name)
 
-        def call(
-            total_input: torch.Tensor, grad_output: torch.Tensor, main_grad: torch.Tensor
-        ) -> None:
-            context = get_slice_context()
-            queue = context.deferred_weight_grads if context is not None else None
-            if queue is None:
-                entry(total_input, grad_output, main_grad)
-            else:
-                queue.add(entry, (total_input, grad_output, main_grad))
 
-        return call
+def _call_or_queue(kernel: Callable, *args: torch.Tensor) -> None:
+    context = get_slice_context()
+    queue = context.deferred_weight_grads if context is not None else None
+    if queue is None:
+        kernel(*args)
+    else:
+        queue.add(kernel, args)
 
 
 def install_weight_grad_deferral() -> None:

@@ -178,14 +178,12 @@ class _Step:
         self.posted: dict[P2POp, _PostedBatch] = {}
         self.sends_in_flight: deque[_PostedBatch] = deque()
         self.grad_sync: _GradSync = kw["grad_sync"]
-        self.last_backward = _last_backward_per_chunk(self.schedule.stages[self.rank])
         actions = self.schedule.stages[self.rank]
+        self.last_backward = _last_backward_per_chunk(actions)
         self.last_backward_unit = {v: actions[i].unit for v, i in self.last_backward.items()}
         # units whose backward is split: B queues its weight gradients, W runs them
         self.split_units = {
-            a.unit
-            for a in self.schedule.stages[self.rank]
-            if isinstance(a, Compute) and a.kind == WEIGHT_GRAD
+            a.unit for a in actions if isinstance(a, Compute) and a.kind == WEIGHT_GRAD
         }
         self.weight_grads: dict[tuple, DeferredWeightGrads] = {}
         self.weight_grads_queued = 0
