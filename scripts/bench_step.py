@@ -37,6 +37,11 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     str_list,
     virtual_stages,
 )
+from megatron_terapipe.benchmark.host_noise import (  # noqa: E402
+    is_quiet,
+    noise_note,
+    round_spread,
+)
 from megatron_terapipe.benchmark.spec import (  # noqa: E402
     BenchSpec,
     stock_variants,
@@ -119,6 +124,7 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
     best = min(token, key=lambda r: r["step_time"]) if token else None
     kernel = [r for r in out if r["attention"] != baseline["attention"]]
     target = TARGETS.get(num_microbatches)
+    quiet = is_quiet(baseline["step_times"] or [])
     return {
         "num_microbatches": num_microbatches,
         "baseline": baseline["schedule"],
@@ -128,17 +134,21 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
         "best_range_s": [best["step_time_min"], best["step_time_max"]] if best else None,
         "best_verdict": best["verdict"] if best else None,
         "target": target,
+        # None (not decided) on a noisy host: the goal is closer than the rounds' spread.
         "target_met": (best["speedup"] >= target and best["verdict"] == "faster")
-        if best and target else None,
+        if best and target and quiet else None,
+        "baseline_spread": round_spread(baseline["step_times"] or []),
+        "host_quiet": quiet,
+        "host_note": noise_note(baseline["step_times"] or [], baseline["schedule"]),
         "kernel_difference": {r["schedule"]: r["step_time"] / baseline["step_time"]
                               for r in kernel},
-        "auto": auto_summary(token),
+        "auto": auto_summary(token, quiet),
     }
 
 
-def auto_summary(token_rows: list[dict]) -> list[dict]:
+def auto_summary(token_rows: list[dict], quiet: bool = True) -> list[dict]:
     """Per order with an auto row: its slices, predicted and measured step time, and its distance
-    to the fastest equal-S row of the same order (medians)."""
+    to the fastest equal-S row of the same order (medians; judged only on a quiet host)."""
     out = []
     for auto in (r for r in token_rows if r["planned_by"] == "auto"):
         equal = [r for r in token_rows if r["order"] == auto["order"] and not r["planned_by"]
@@ -156,7 +166,7 @@ def auto_summary(token_rows: list[dict]) -> list[dict]:
             "best_equal": best["schedule"] if best else None,
             "best_equal_step_time": best["step_time"] if best else None,
             "vs_best_equal": gap,
-            "within_tolerance": gap <= AUTO_TOLERANCE if gap is not None else None,
+            "within_tolerance": gap <= AUTO_TOLERANCE if gap is not None and quiet else None,
         })
     return out
 
@@ -173,7 +183,7 @@ def format_auto(entry: dict) -> str:
         line += (f"\n    auto vs best equal-S ({entry['best_equal']}, "
                  f"{entry['best_equal_step_time']:.3f} s): {100 * entry['vs_best_equal']:+.1f} % "
                  f"(within {100 * AUTO_TOLERANCE:.0f} %: "
-                 f"{'yes' if entry['within_tolerance'] else 'no'})")
+                 f"{ {True: 'yes', False: 'no', None: 'not decided'}[entry['within_tolerance']]})")
     return line
 
 
@@ -199,12 +209,14 @@ def format_summary(summary: dict) -> str:
         verdict = {"faster": "faster", "slower": "SLOWER than the baseline",
                    "tie": "a tie (within the spread of the rounds)"}[summary["best_verdict"]]
         target = summary["target"]
-        goal = "" if target is None else (
-            f"; goal >= {target}x: {'met' if summary['target_met'] else 'NOT met'}")
+        decided = {True: "met", False: "NOT met", None: "not decided (noisy host, see below)"}
+        goal = "" if target is None else f"; goal >= {target}x: {decided[summary['target_met']]}"
         lines.append(f"  best: {summary['best']} ({low:.3f}-{high:.3f} s): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")
     for entry in summary["auto"]:
         lines.append(format_auto(entry))
+    if summary.get("host_note"):
+        lines.append(f"  {summary['host_note']}")
     for note in summary["config"]["notes"]:
         lines.append(f"  note: {note}")
     if summary.get("cpu_allocator"):

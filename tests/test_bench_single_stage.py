@@ -44,3 +44,21 @@ def test_rejects_slice_counts_that_do_not_divide_the_sequence():
     result = _run("--num-token-slices", "1,3", "--no-memory")
     assert result.returncode != 0
     assert "--num-token-slices: 3 does not divide --seq-length 512" in result.stderr
+
+
+def test_goals_are_judged_against_s1_and_time_only_on_a_quiet_host():
+    from megatron_terapipe.benchmark.single_stage import format_goals, summarize
+
+    quiet = {1: [1.00, 1.01, 0.995], 8: [1.03, 1.035, 1.04], 16: [1.2, 1.21, 1.2]}
+    memory = {1: 100, 8: 109, 16: 120}  # 1.09x (met), 1.20x (NOT met: bound 1.15)
+    goals = summarize(quiet, memory)["goals"]
+    assert goals["time_8"]["ratio"] == 1.035 / 1.00 and goals["time_8"]["met"] is True
+    assert goals["memory_8"]["met"] is True and goals["memory_16"]["met"] is False
+    slow = summarize({**quiet, 8: [1.05, 1.06, 1.055]}, memory)
+    assert slow["goals"]["time_8"]["met"] is False and slow["host_quiet"] is True
+    noisy = summarize({**quiet, 1: [1.0, 1.3, 0.9]}, memory)
+    assert noisy["host_quiet"] is False and noisy["goals"]["time_8"]["met"] is None
+    assert noisy["goals"]["memory_8"]["met"] is True  # memory does not depend on the host's load
+    lines = format_goals(noisy)
+    assert any("t_8/t_1" in line and "not decided" in line for line in lines)
+    assert any("S=16" in line and "NOT met" in line for line in lines)

@@ -6,6 +6,7 @@ import os
 import pytest
 
 from megatron_terapipe.benchmark.compare import verdict
+from megatron_terapipe.benchmark.host_noise import is_quiet, noise_note, round_spread
 from megatron_terapipe.benchmark.table import format_summary as table_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -34,7 +35,7 @@ def _row(name, kind, times, attention="sdpa", baseline_times=None, baseline=Fals
     }
 
 
-BASE = [2.0, 2.1, 1.9]
+BASE = [2.0, 2.02, 1.99]  # a quiet host: 1.5 % spread
 
 
 def _rows(token_times):
@@ -66,16 +67,41 @@ def test_summary_puts_the_baseline_first_and_judges_the_goal_against_it():
 
 def test_a_gain_within_the_spread_does_not_meet_the_goal():
     bench = _bench_step()
-    summary = bench.summarise(_rows([1.15, 1.95, 1.2]), 1)  # median 1.2: 1.75x, but overlaps
+    summary = bench.summarise(_rows([1.15, 2.0, 1.2]), 1)  # median 1.2: 1.67x, but overlaps
     assert summary["best_verdict"] == "tie" and summary["target_met"] is False
     text = bench.format_summary({**summary, "config": {"notes": []}})
     assert "a tie" in text and "NOT met" in text
+
+
+def test_a_noisy_baseline_decides_no_goal():
+    """Rounds spread beyond QUIET_SPREAD: neither met nor NOT met, whatever the medians say."""
+    bench = _bench_step()
+    noisy = [2.0, 2.6, 1.9]  # 35 % of the median
+    rows = [_row("token-1f1b S=8", "token", [1.0, 1.05, 1.02], baseline_times=noisy, s=8),
+            _row("stock 1F1B", "stock-1f1b", noisy, baseline=True)]
+    summary = bench.summarise(rows, 1)
+    assert summary["best_verdict"] == "faster" and summary["best_speedup"] > 1.65
+    assert summary["target_met"] is None and summary["host_quiet"] is False
+    assert summary["baseline_spread"] == pytest.approx(0.35)
+    text = bench.format_summary({**summary, "config": {"notes": []}})
+    assert "goal >= 1.65x: not decided" in text and "host: NOISY" in text
+    quiet = bench.summarise([rows[0], _row("stock 1F1B", "stock-1f1b", BASE, baseline=True)], 1)
+    assert quiet["target_met"] is True and quiet["host_quiet"] is True
+
+
+def test_host_noise_gauge():
+    assert round_spread([1.0, 1.1, 0.9]) == pytest.approx(0.2)
+    assert round_spread([1.0]) == 0.0
+    assert is_quiet([1.0, 1.01, 0.99]) and not is_quiet([1.0, 1.1, 0.9])
+    assert not is_quiet([1.0])  # one round cannot show a quiet host
+    assert "quiet" in noise_note([1.0, 1.01], "stock") and "NOISY" in noise_note([1, 2], "stock")
 
 
 def test_comparison_summary_says_where_the_token_pipeline_loses():
     rows = _rows([2.5, 2.6, 2.4])
     text = table_summary(rows)
     assert "SLOWER" in text and "slower than the baseline: token-1f1b S=8" in text
+    assert "host: quiet: the baseline's rounds spread 1.5 %" in text
     assert "kernel difference, not a schedule gain: stock 1F1B, local attention" in text
 
 
@@ -112,6 +138,10 @@ def test_auto_is_judged_against_the_best_equal_slicing_of_its_own_order():
     assert "planner predicted 0.950 s, measured 1.040 s (-8.7 %)" in text
     assert "auto vs best equal-S (token-1f1b S=8, 1.000 s): +4.0 % (within 5 %: yes)" in text
     assert "+20.0 % (within 5 %: no)" in text
+    noisy = bench.summarise(
+        [_row("stock 1F1B", "stock-1f1b", [2.0, 2.6, 1.9], baseline=True), *rows], 1)
+    assert {a["within_tolerance"] for a in noisy["auto"]} == {None}
+    assert "(within 5 %: not decided)" in bench.format_summary({**noisy, "config": {"notes": []}})
 
 
 def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):

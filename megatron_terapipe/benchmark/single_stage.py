@@ -29,9 +29,11 @@ from typing import Any
 import torch
 
 from megatron_terapipe.benchmark.cli_args import int_list
+from megatron_terapipe.benchmark.host_noise import is_quiet, noise_note
 from megatron_terapipe.compat.allocator import allocator_note, keep_freed_memory
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+# Issue 12's goals against S = 1: t_8/t_1 (median rounds) and peak memory at S = 8 and 16.
 TARGETS = {"time_8": 1.04, "memory_8": 1.10, "memory_16": 1.15}
 
 
@@ -226,12 +228,46 @@ def summarize(times: dict[int, list[float]], memory: dict[int, int]) -> dict[str
             "median_s": statistics.median(seconds),
             "time_ratio_min": min(seconds) / base_min,
             "time_ratio_median": statistics.median(seconds) / statistics.median(times[first]),
+            "rounds_s": list(seconds),
         }
         if count in memory:
             row["peak_bytes"] = memory[count]
             row["memory_ratio"] = memory[count] / memory[first] if memory.get(first) else None
         rows[count] = row
-    return {"baseline_slices": first, "by_slices": rows}
+    summary = {"baseline_slices": first, "by_slices": rows, "host_quiet": is_quiet(times[first]),
+               "host_note": noise_note(times[first], f"S={first}")}
+    summary["goals"] = judge_goals(summary) if first == 1 else {}
+    return summary
+
+
+def judge_goals(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each goal whose S was run: the measured ratio, the bound, and met (None: not decided).
+
+    Time is judged only when the S = 1 and S = 8 rounds are both steady (`host_noise`);
+    memory (fresh processes, fixed allocator thresholds) always."""
+    rows = summary["by_slices"]
+    goals: dict[str, dict[str, Any]] = {}
+    if 8 in rows:
+        quiet = summary["host_quiet"] and is_quiet(rows[8]["rounds_s"])
+        ratio = rows[8]["time_ratio_median"]
+        goals["time_8"] = {"ratio": ratio, "bound": TARGETS["time_8"],
+                           "met": ratio <= TARGETS["time_8"] if quiet else None}
+    for count in (8, 16):
+        ratio = rows.get(count, {}).get("memory_ratio")
+        if ratio is not None:
+            bound = TARGETS[f"memory_{count}"]
+            goals[f"memory_{count}"] = {"ratio": ratio, "bound": bound, "met": ratio <= bound}
+    return goals
+
+
+GOAL_LABELS = {"time_8": "t_8/t_1 (median rounds)", "memory_8": "peak memory S=8 / S=1",
+               "memory_16": "peak memory S=16 / S=1"}
+
+
+def format_goals(summary: dict[str, Any]) -> list[str]:
+    decided = {True: "met", False: "NOT met", None: "not decided (noisy host)"}
+    return [f"goal: {GOAL_LABELS[name]} {goal['ratio']:.3f} <= {goal['bound']}: "
+            f"{decided[goal['met']]}" for name, goal in summary.get("goals", {}).items()]
 
 
 def format_table(summary: dict[str, Any]) -> str:
@@ -275,6 +311,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     summary["load_average"] = os.getloadavg()
     summary["cpu_allocator"] = allocator_note(allocator_held)
     print(format_table(summary))
+    for line in format_goals(summary):
+        print(line)
+    print(summary["host_note"])
     print(f"CPU allocator (timing): {summary['cpu_allocator']}")
     print(f"load average: {' '.join(f'{v:.2f}' for v in summary['load_average'])}")
     if args.json:

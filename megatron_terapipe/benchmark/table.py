@@ -6,6 +6,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_terapipe.benchmark.host_noise import noise_note
+
 
 def _per_stage(values: Sequence[float | None], fmt: str) -> str:
     return "/".join("-" if v is None or (isinstance(v, float) and math.isnan(v))
@@ -82,7 +84,8 @@ def format_summary(rows: Sequence[dict[str, Any]]) -> str:
     if baseline is None:
         return "no same-kernel stock 1F1B row: no speedup to report"
     lines = [f"baseline: {baseline['schedule']} ({baseline['attention_kernel']}), "
-             f"{baseline['step_time']:.3f} s (rounds {_spread(baseline)})"]
+             f"{baseline['step_time']:.3f} s (rounds {_spread(baseline)})",
+             noise_note(baseline.get("step_times") or [], "the baseline")]
     token = [r for r in rows if r["kind"] == "token"]
     if token:
         best = min(token, key=lambda r: r["step_time"])
