@@ -37,6 +37,7 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
     str_list,
     virtual_stages,
 )
+from megatron_terapipe.benchmark.contention import contention_note  # noqa: E402
 from megatron_terapipe.benchmark.host_noise import (  # noqa: E402
     is_quiet,
     noise_note,
@@ -217,6 +218,8 @@ def format_summary(summary: dict) -> str:
         lines.append(format_auto(entry))
     if summary.get("host_note"):
         lines.append(f"  {summary['host_note']}")
+    if summary.get("contention"):
+        lines.append(f"  {contention_note(summary['contention']['factor'])}")
     for note in summary["config"]["notes"]:
         lines.append(f"  note: {note}")
     if summary.get("cpu_allocator"):
@@ -244,6 +247,7 @@ def main(argv: list[str] | None = None) -> int:
         summary["load_average_1m"] = data.get("load_average_1m")
         summary["cpu_allocator"] = data.get("cpu_allocator")
         summary["gradient_accumulation_fusion"] = data.get("gradient_accumulation_fusion")
+        summary["contention"] = data.get("contention")
         summaries.append(summary)
         if not args.json:
             print(format_summary(summary), flush=True)

@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                            "cost_model": paper.preset_description()}, handle, indent=1)
         return 0
     from megatron_terapipe.benchmark.compare import run_comparison
+    from megatron_terapipe.benchmark.contention import contention_note
     from megatron_terapipe.benchmark.table import BREAKDOWN_COLUMNS, format_rows, format_summary
 
     spec = build_spec(args)
@@ -163,6 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(data["results"], BREAKDOWN_COLUMNS))
         print()
         print(format_summary(data["results"]))
+        if data.get("contention"):
+            print(contention_note(data["contention"]["factor"]))
         for note in c["notes"]:
             print(f"note: {note}")
         for key in ("plots", "traces"):

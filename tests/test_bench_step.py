@@ -178,6 +178,10 @@ def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
     # The models ran megatron's fused weight-gradient accumulation (compat's CPU kernel), as
     # the trainer does by default.
     assert result["gradient_accumulation_fusion"] is True
+    # The contention probe ran in the same rounds: per stage, alone and together.
+    contention = result["contention"]
+    assert len(contention["factor"]) == 2 and all(f > 0 for f in contention["factor"])
+    assert [len(t) for t in contention["alone_s"]] == [1, 1]
     for row in result["rows"]:
         assert len(row["page_faults"]) == 2 and all(isinstance(f, int) for f in row["page_faults"])
     assert entry["vs_best_equal"] == pytest.approx(

@@ -17,6 +17,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_terapipe.benchmark.contention import contention_factors
 from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit, weight_grad_share
 from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
 from megatron_terapipe.benchmark.predict import (
@@ -143,7 +144,19 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
                              "cpu_allocator": rank_results[0].get("allocator"),
                              "gradient_accumulation_fusion": all(
                                  r.get("gradient_accumulation_fusion") for r in rank_results),
-                             "baseline": baseline.name if baseline is not None else None})
+                             "baseline": baseline.name if baseline is not None else None,
+                             "contention": _contention(rank_results)})
+
+
+def _contention(rank_results: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """Per stage: the probe's rounds alone and together, and median together / median alone."""
+    ordered = [r.get("contention") for r in sorted(rank_results, key=lambda r: r["rank"])]
+    if not ordered or any(not c or not c["alone_s"] for c in ordered):
+        return None
+    alone = [c["alone_s"] for c in ordered]
+    together = [c["together_s"] for c in ordered]
+    return {"factor": contention_factors(alone, together), "alone_s": alone,
+            "together_s": together}
 
 
 def _planner_fields(m: Measured) -> dict[str, Any]:

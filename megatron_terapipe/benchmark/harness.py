@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from megatron_terapipe.benchmark.batches import synthetic_microbatches
+from megatron_terapipe.benchmark.contention import StageProbe, probe_round
 from megatron_terapipe.benchmark.fit import P2PFit
 from megatron_terapipe.benchmark.memory import ActivationMemoryTracker, observe_token_pipeline
 from megatron_terapipe.benchmark.models import (
@@ -220,8 +221,17 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             runners[variant.name] = _Runner(spec, concrete, models[_model_key(variant)])
             _warmup(runners[variant.name], batches, runs[variant.name], spec)
 
+    probe, alone, together = None, [], []
+    if spec.measure_contention and world_size > 1:
+        probe = StageProbe(models[(SAME_KERNEL, None)].chunks[0], batches[0],
+                           spec.model.hidden_size)
+        probe_round(probe, parallel_state.get_pipeline_model_parallel_group())  # warm-up
     order = [v.name for v in spec.variants]
     for round_index in range(spec.iterations):
+        if probe is not None:
+            seconds = probe_round(probe, parallel_state.get_pipeline_model_parallel_group())
+            alone.append(seconds[0])
+            together.append(seconds[1])
         shift = round_index % len(order)
         for name in order[shift:] + order[:shift]:
             elapsed, _, records = runners[name].step(batches)
@@ -234,6 +244,7 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
         "runs": [vars(run) for run in runs.values()],
         "p2p": {"latency_s": p2p.latency_s, "seconds_per_byte": p2p.seconds_per_byte},
         "allocator": allocator_note(allocator_held),
+        "contention": {"alone_s": alone, "together_s": together} if probe is not None else None,
         # What the built models run with (the flag, where megatron-core has the kernel).
         "gradient_accumulation_fusion": all(
             built.config.gradient_accumulation_fusion for built in models.values()),

@@ -81,6 +81,8 @@ class BenchSpec:
     # Peak saved-activation bytes need saved-tensor hooks; they run in the warm-up step only,
     # so the timed steps carry no instrumentation beyond two clock reads per action.
     measure_memory: bool = True
+    # Each round also times every stage computing alone and all at once (benchmark.contention).
+    measure_contention: bool = True
     extra: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
