@@ -29,6 +29,7 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
 
 from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
+    add_contention_probe_arg,
     add_model_args,
     add_split_backward_arg,
     int_list,
@@ -39,9 +40,9 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
 )
 from megatron_terapipe.benchmark.contention import contention_note  # noqa: E402
 from megatron_terapipe.benchmark.host_noise import (  # noqa: E402
-    is_quiet,
     noise_note,
     round_spread,
+    undecided_reason,
 )
 from megatron_terapipe.benchmark.spec import (  # noqa: E402
     BenchSpec,
@@ -68,6 +69,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-local-attention", action="store_true",
                         help="skip the stock 1F1B row on megatron-core's local-spec attention")
     add_split_backward_arg(parser)
+    add_contention_probe_arg(parser)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=5, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -104,6 +106,7 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
         iterations=args.iterations,
         data_seed=args.data_seed,
         init_seed=model.seed,
+        measure_contention=not args.no_contention_probe,
         extra={"notes": notes},
     )
 
@@ -125,7 +128,9 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
     best = min(token, key=lambda r: r["step_time"]) if token else None
     kernel = [r for r in out if r["attention"] != baseline["attention"]]
     target = TARGETS.get(num_microbatches)
-    quiet = is_quiet(baseline["step_times"] or [])
+    reference = {baseline["schedule"]: baseline["step_times"] or []}
+    undecided = undecided_reason(reference)
+    quiet = undecided is None
     return {
         "num_microbatches": num_microbatches,
         "baseline": baseline["schedule"],
@@ -140,7 +145,8 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
         if best and target and quiet else None,
         "baseline_spread": round_spread(baseline["step_times"] or []),
         "host_quiet": quiet,
-        "host_note": noise_note(baseline["step_times"] or [], baseline["schedule"]),
+        "undecided_reason": undecided,
+        "host_note": noise_note(reference),
         "kernel_difference": {r["schedule"]: r["step_time"] / baseline["step_time"]
                               for r in kernel},
         "auto": auto_summary(token, quiet),
@@ -210,7 +216,8 @@ def format_summary(summary: dict) -> str:
         verdict = {"faster": "faster", "slower": "SLOWER than the baseline",
                    "tie": "a tie (within the spread of the rounds)"}[summary["best_verdict"]]
         target = summary["target"]
-        decided = {True: "met", False: "NOT met", None: "not decided (noisy host, see below)"}
+        decided = {True: "met", False: "NOT met",
+                   None: f"not decided ({summary.get('undecided_reason')})"}
         goal = "" if target is None else f"; goal >= {target}x: {decided[summary['target_met']]}"
         lines.append(f"  best: {summary['best']} ({low:.3f}-{high:.3f} s): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")
@@ -219,7 +226,7 @@ def format_summary(summary: dict) -> str:
     if summary.get("host_note"):
         lines.append(f"  {summary['host_note']}")
     if summary.get("contention"):
-        lines.append(f"  {contention_note(summary['contention']['factor'])}")
+        lines.append(f"  {contention_note(summary['contention'], summary['num_microbatches'])}")
     for note in summary["config"]["notes"]:
         lines.append(f"  note: {note}")
     if summary.get("cpu_allocator"):

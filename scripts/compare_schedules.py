@@ -25,6 +25,7 @@ import warnings
 warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine|cuda_graph_scope).*")
 
 from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
+    add_contention_probe_arg,
     add_model_args,
     add_split_backward_arg,
     int_list,
@@ -55,6 +56,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-auto", action="store_true",
                         help="skip auto slices (the product's planner, profiled at start-up)")
     add_split_backward_arg(parser)
+    add_contention_probe_arg(parser)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
@@ -100,6 +102,7 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
         iterations=args.iterations,
         data_seed=args.data_seed,
         init_seed=model.seed,
+        measure_contention=not args.no_contention_probe,
         extra={"notes": notes},
     )
 
@@ -165,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         print()
         print(format_summary(data["results"]))
         if data.get("contention"):
-            print(contention_note(data["contention"]["factor"]))
+            print(contention_note(data["contention"], c["num_microbatches"]))
         for note in c["notes"]:
             print(f"note: {note}")
         for key in ("plots", "traces"):

@@ -59,6 +59,9 @@ def test_goals_are_judged_against_s1_and_time_only_on_a_quiet_host():
     noisy = summarize({**quiet, 1: [1.0, 1.3, 0.9]}, memory)
     assert noisy["host_quiet"] is False and noisy["goals"]["time_8"]["met"] is None
     assert noisy["goals"]["memory_8"]["met"] is True  # memory does not depend on the host's load
+    assert "S=1's rounds spread" in noisy["undecided_reason"]
+    noisy_8 = summarize({**quiet, 8: [1.03, 1.3, 1.04]}, memory)  # S=1 steady, S=8 not
+    assert noisy_8["goals"]["time_8"]["met"] is None and "S=8" in noisy_8["undecided_reason"]
     lines = format_goals(noisy)
     assert any("t_8/t_1" in line and "not decided" in line for line in lines)
     assert any("S=16" in line and "NOT met" in line for line in lines)

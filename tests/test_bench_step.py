@@ -6,7 +6,12 @@ import os
 import pytest
 
 from megatron_terapipe.benchmark.compare import verdict
-from megatron_terapipe.benchmark.host_noise import is_quiet, noise_note, round_spread
+from megatron_terapipe.benchmark.host_noise import (
+    is_quiet,
+    noise_note,
+    round_spread,
+    undecided_reason,
+)
 from megatron_terapipe.benchmark.table import format_summary as table_summary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +89,8 @@ def test_a_noisy_baseline_decides_no_goal():
     assert summary["target_met"] is None and summary["host_quiet"] is False
     assert summary["baseline_spread"] == pytest.approx(0.35)
     text = bench.format_summary({**summary, "config": {"notes": []}})
-    assert "goal >= 1.65x: not decided" in text and "host: NOISY" in text
+    assert "goal >= 1.65x: not decided (noisy host: stock 1F1B's rounds spread 35.0 %)" in text
+    assert "host: NOISY" in text
     quiet = bench.summarise([rows[0], _row("stock 1F1B", "stock-1f1b", BASE, baseline=True)], 1)
     assert quiet["target_met"] is True and quiet["host_quiet"] is True
 
@@ -94,14 +100,28 @@ def test_host_noise_gauge():
     assert round_spread([1.0]) == 0.0
     assert is_quiet([1.0, 1.01, 0.99]) and not is_quiet([1.0, 1.1, 0.9])
     assert not is_quiet([1.0])  # one round cannot show a quiet host
-    assert "quiet" in noise_note([1.0, 1.01], "stock") and "NOISY" in noise_note([1, 2], "stock")
+    assert undecided_reason({"a": [1.0, 1.01], "b": [2.0, 2.02]}) is None
+    assert "b's rounds spread 50.0 %" in undecided_reason({"a": [1.0, 1.01], "b": [0.75, 1, 1.25]})
+    assert "one round of a" in undecided_reason({"a": [1.0], "b": [1.0, 2.0]})
+    assert noise_note({"stock": [1.0, 1.01]}).startswith("host: quiet")
+    assert noise_note({"stock": [1.0, 2.0]}).startswith("host: NOISY")
+    assert "too few" in noise_note({"stock": [1.0]})
+
+
+def test_one_round_is_not_called_a_noisy_host():
+    bench = _bench_step()
+    rows = [_row("token-1f1b S=8", "token", [1.0], baseline_times=[2.0], s=8),
+            _row("stock 1F1B", "stock-1f1b", [2.0], baseline=True)]
+    summary = bench.summarise(rows, 1)
+    assert summary["target_met"] is None and "one round of stock 1F1B" in summary[
+        "undecided_reason"]
 
 
 def test_comparison_summary_says_where_the_token_pipeline_loses():
     rows = _rows([2.5, 2.6, 2.4])
     text = table_summary(rows)
     assert "SLOWER" in text and "slower than the baseline: token-1f1b S=8" in text
-    assert "host: quiet: the baseline's rounds spread 1.5 %" in text
+    assert "host: quiet: spread (max - min over the median) of the baseline's rounds 1.5 %" in text
     assert "kernel difference, not a schedule gain: stock 1F1B, local attention" in text
 
 

@@ -183,6 +183,14 @@ def add_split_backward_arg(parser: argparse.ArgumentParser) -> argparse.Argument
     return parser
 
 
+def add_contention_probe_arg(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--no-contention-probe of the benchmark scripts (`benchmark.contention`)."""
+    parser.add_argument("--no-contention-probe", action="store_true",
+                        help="skip the per-round probe of how much slower a stage computes "
+                        "while the other ranks compute too (it adds PP + 1 stage steps a round)")
+    return parser
+
+
 def int_list(text: str) -> list[int]:
     return [int(x) for x in text.split(",") if x.strip()]
 

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from megatron_terapipe.benchmark.host_noise import round_spread, undecided_reason
 from megatron_terapipe.timing import synchronized_clock
 
 
@@ -33,31 +34,35 @@ class StageProbe:
         self.pre = get_attr_wrapped_model(chunk, "pre_process")
         self.post = get_attr_wrapped_model(chunk, "post_process")
         self.set_input_tensor = get_attr_wrapped_model(chunk, "set_input_tensor")
+        config = get_attr_wrapped_model(chunk, "config")
+        dtype = config.pipeline_dtype or config.params_dtype
+        device = next(chunk.parameters()).device
         seq, mbs = batch["tokens"].shape[1], batch["tokens"].shape[0]
         gen = torch.Generator().manual_seed(0)
-        # What a previous stage would send, and what a next stage would send back.
-        self.hidden = torch.randn(seq, mbs, hidden_size, generator=gen)
-        self.output_grad = torch.randn(seq, mbs, hidden_size, generator=gen)
+        # What a previous stage would send and a next stage send back: the P2P tensors'
+        # shape, dtype and device, made once so that no copy is timed.
+        self.hidden = torch.randn(seq, mbs, hidden_size, generator=gen).to(device, dtype)
+        self.output_grad = torch.randn(seq, mbs, hidden_size, generator=gen).to(device, dtype)
+        self.received: torch.Tensor | None = None  # the last run's input, with its gradient
 
     def run(self) -> float:
         """Seconds of the forward and backward (gradients accumulate into main_grad)."""
         from megatron_terapipe.training.data import forward_step
 
-        device = next(self.chunk.parameters()).device
+        # A fresh leaf per run, as each micro-batch's received tensor is in megatron-core.
+        self.received = None if self.pre else self.hidden.detach().requires_grad_()
         start = synchronized_clock()
-        received = None
-        if not self.pre:
-            received = self.hidden.to(device).requires_grad_()
-        self.set_input_tensor(received)
-        output, loss_of = forward_step(iter([self.batch]), self.chunk)
-        if self.post:
-            loss, count, _ = loss_of(output)
-            torch.autograd.backward(loss / count.clamp(min=1))
-        else:
-            torch.autograd.backward(output, self.output_grad.to(output.device, output.dtype))
-        seconds = synchronized_clock() - start
-        self.set_input_tensor(None)
-        return seconds
+        self.set_input_tensor(self.received)
+        try:
+            output, loss_of = forward_step(iter([self.batch]), self.chunk)
+            if self.post:
+                loss, count, _ = loss_of(output)
+                torch.autograd.backward(loss / count.clamp(min=1))
+            else:
+                torch.autograd.backward(output, self.output_grad)
+            return synchronized_clock() - start
+        finally:
+            self.set_input_tensor(None)
 
 
 def probe_round(probe: StageProbe, group: Any) -> tuple[float, float]:
@@ -81,9 +86,19 @@ def contention_factors(alone: Sequence[Sequence[float]], together: Sequence[Sequ
     return [statistics.median(t) / statistics.median(a) for a, t in zip(alone, together)]
 
 
-def contention_note(factors: Sequence[float]) -> str:
-    """One line for the printed tables."""
-    shown = "/".join(f"{f:.2f}" for f in factors)
-    return (f"host: a stage computes {shown}x its time alone while the other ranks compute too "
-            "(stock 1F1B at M = 1 never does, token schedules nearly always: the host's share "
-            "of t_S/t_1, not slicing's)")
+def contention_note(contention: dict[str, Any], num_microbatches: int) -> str:
+    """One line for the printed tables: the factors, how steady the probe was, and what the
+    factor means against this M's baseline."""
+    shown = "/".join(f"{f:.2f}" for f in contention["factor"])
+    rounds = {f"stage {i} {kind}": seconds for kind in ("alone", "together")
+              for i, seconds in enumerate(contention[f"{kind}_s"])}
+    spread = max(round_spread(seconds) for seconds in rounds.values())
+    steady = "" if undecided_reason(rounds) is None else ", NOISY"
+    if num_microbatches == 1:
+        meaning = ("stock 1F1B at M = 1 never computes on two ranks at once, token schedules "
+                   "nearly always: the host's share of t_S/t_1, not slicing's")
+    else:
+        meaning = (f"at M = {num_microbatches} stock 1F1B's steady state computes on all ranks "
+                   "at once too, so its own compute already pays part of this")
+    return (f"host: a stage computes {shown}x its time alone while the other ranks compute "
+            f"too (probe rounds spread up to {100 * spread:.0f} %{steady}; {meaning})")

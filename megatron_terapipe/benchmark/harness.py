@@ -222,7 +222,10 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             _warmup(runners[variant.name], batches, runs[variant.name], spec)
 
     probe, alone, together = None, [], []
-    if spec.measure_contention and world_size > 1:
+    # Not with --overlap-grad-reduce: the probe's backwards would start reductions that no
+    # finish_grad_sync ends.
+    if (spec.measure_contention and world_size > 1
+            and not getattr(spec.model, "overlap_grad_reduce", False)):
         probe = StageProbe(models[(SAME_KERNEL, None)].chunks[0], batches[0],
                            spec.model.hidden_size)
         probe_round(probe, parallel_state.get_pipeline_model_parallel_group())  # warm-up

@@ -85,7 +85,7 @@ def format_summary(rows: Sequence[dict[str, Any]]) -> str:
         return "no same-kernel stock 1F1B row: no speedup to report"
     lines = [f"baseline: {baseline['schedule']} ({baseline['attention_kernel']}), "
              f"{baseline['step_time']:.3f} s (rounds {_spread(baseline)})",
-             noise_note(baseline.get("step_times") or [], "the baseline")]
+             noise_note({"the baseline": baseline.get("step_times") or []})]
     token = [r for r in rows if r["kind"] == "token"]
     if token:
         best = min(token, key=lambda r: r["step_time"])
