@@ -206,3 +206,25 @@ def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
         assert len(row["page_faults"]) == 2 and all(isinstance(f, int) for f in row["page_faults"])
     assert entry["vs_best_equal"] == pytest.approx(
         auto["step_time"] / rows["token-1f1b S=2"]["step_time"] - 1)
+
+
+def test_bench_step_runs_with_overlapped_grad_reduce(capsys):
+    """--overlap-grad-reduce used to fail in the memory-measuring warm-up (megatron DDP's
+    "param.grad being None" assertion): memory is not measured there, and the run says so."""
+    import json
+
+    bench = _bench_step()
+    code = bench.main([
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+        "--seq-length", "64", "--microbatch-counts", "2", "--num-token-slices", "2",
+        "--schedules", "token-1f1b", "--iterations", "1", "--no-local-attention", "--no-auto",
+        "--json", "--timeout", "240", "--overlap-grad-reduce",
+    ])
+    assert code == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    rows = {r["schedule"]: r for r in result["rows"]}
+    assert rows["token-1f1b S=2"]["max_loss_diff"] < 1e-5
+    assert all(r["peak_activation_mib"] == [None, None] for r in result["rows"])
+    notes = result["config"]["notes"]
+    assert any("memory not measured with --overlap-grad-reduce" in n for n in notes)
+    assert result["contention"] is None

@@ -233,5 +233,20 @@ def _spec_summary(spec: BenchSpec) -> dict[str, Any]:
         "iterations": spec.iterations,
         "variants": [v.name for v in spec.variants],
         "attention": {v.name: v.attention for v in spec.variants},
-        "notes": list(spec.extra.get("notes", [])),
+        "notes": list(spec.extra.get("notes", [])) + _measurement_notes(spec),
     }
+
+
+def _measurement_notes(spec: BenchSpec) -> list[str]:
+    """What this run could not measure, and why (harness)."""
+    from megatron_terapipe.benchmark.harness import memory_measurable
+
+    notes = []
+    if spec.measure_memory and not memory_measurable(spec):
+        notes.append("peak activation memory not measured with --overlap-grad-reduce (the "
+                     "saved-tensor hooks that count it hide a megatron-core weight attribute "
+                     "that DDP's overlapped reduction needs)")
+    if spec.measure_contention and getattr(spec.model, "overlap_grad_reduce", False):
+        notes.append("contention probe skipped with --overlap-grad-reduce (its backwards "
+                     "would start reductions no step finishes)")
+    return notes

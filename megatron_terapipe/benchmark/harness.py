@@ -254,9 +254,17 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
     }
 
 
+def memory_measurable(spec: BenchSpec) -> bool:
+    """Whether the warm-up measures peak activation memory. Not with --overlap-grad-reduce:
+    autograd hands a saved weight back through saved-tensor hooks as a new tensor object,
+    without the `grad_added_to_main_grad` attribute megatron-core's fused linear backward reads,
+    so the layer returns no weight gradient and DDP's overlapped reduction asserts."""
+    return spec.measure_memory and not getattr(spec.model, "overlap_grad_reduce", False)
+
+
 def _warmup(runner: _Runner, batches: list, run: VariantRun, spec: BenchSpec) -> None:
     for index in range(max(1, spec.warmup)):
-        if index == 0 and spec.measure_memory:
+        if index == 0 and memory_measurable(spec):
             _, losses, records = _memory_step(runner, batches, run)
         else:
             _, losses, records = runner.step(batches)
