@@ -164,20 +164,25 @@ def test_auto_is_judged_against_the_best_equal_slicing_of_its_own_order():
     assert "(within 5 %: not decided)" in bench.format_summary({**noisy, "config": {"notes": []}})
 
 
-def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
-    """Tiny end to end: the auto row is planned by the default cost model and carries the
-    planner's prediction next to the measured step time."""
+def _tiny_run(capsys, *extra: str) -> dict:
+    """bench_step.main on a tiny GPT (PP = 2, M = 2, token-1f1b S = 2, one round): its result."""
     import json
 
-    bench = _bench_step()
-    code = bench.main([
+    code = _bench_step().main([
         "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "64", "--microbatch-counts", "2", "--num-token-slices", "2",
         "--schedules", "token-1f1b", "--iterations", "1", "--no-local-attention", "--json",
-        "--timeout", "240", "--split-backward", "both",
+        "--timeout", "240", *extra,
     ])
     assert code == 0
     (result,) = json.loads(capsys.readouterr().out)["results"]
+    return result
+
+
+def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
+    """Tiny end to end: the auto row is planned by the default cost model and carries the
+    planner's prediction next to the measured step time."""
+    result = _tiny_run(capsys, "--split-backward", "both")
     rows = {r["schedule"]: r for r in result["rows"]}
     auto = rows["token-1f1b auto"]
     assert auto["planned_by"] == "auto" and auto["plan_cost_model"] == "profile:start-up"
@@ -211,17 +216,7 @@ def test_bench_step_runs_an_auto_row_from_the_product_planner(capsys):
 def test_bench_step_runs_with_overlapped_grad_reduce(capsys):
     """--overlap-grad-reduce used to fail in the memory-measuring warm-up (megatron DDP's
     "param.grad being None" assertion): memory is not measured there, and the run says so."""
-    import json
-
-    bench = _bench_step()
-    code = bench.main([
-        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
-        "--seq-length", "64", "--microbatch-counts", "2", "--num-token-slices", "2",
-        "--schedules", "token-1f1b", "--iterations", "1", "--no-local-attention", "--no-auto",
-        "--json", "--timeout", "240", "--overlap-grad-reduce",
-    ])
-    assert code == 0
-    (result,) = json.loads(capsys.readouterr().out)["results"]
+    result = _tiny_run(capsys, "--no-auto", "--overlap-grad-reduce")
     rows = {r["schedule"]: r for r in result["rows"]}
     assert rows["token-1f1b S=2"]["max_loss_diff"] < 1e-5
     assert all(r["peak_activation_mib"] == [None, None] for r in result["rows"])
