@@ -239,14 +239,15 @@ def _spec_summary(spec: BenchSpec) -> dict[str, Any]:
 
 def _measurement_notes(spec: BenchSpec) -> list[str]:
     """What this run could not measure, and why (harness)."""
-    from megatron_terapipe.benchmark.harness import memory_measurable
+    from megatron_terapipe.benchmark.harness import contention_measurable, memory_measurable
 
     notes = []
     if spec.measure_memory and not memory_measurable(spec):
         notes.append("peak activation memory not measured with --overlap-grad-reduce (the "
                      "saved-tensor hooks that count it hide a megatron-core weight attribute "
                      "that DDP's overlapped reduction needs)")
-    if spec.measure_contention and getattr(spec.model, "overlap_grad_reduce", False):
+    if (spec.measure_contention and spec.pipeline_parallel > 1
+            and not contention_measurable(spec)):
         notes.append("contention probe skipped with --overlap-grad-reduce (its backwards "
                      "would start reductions no step finishes)")
     return notes

@@ -222,17 +222,15 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
             _warmup(runners[variant.name], batches, runs[variant.name], spec)
 
     probe, alone, together = None, [], []
-    # Not with --overlap-grad-reduce: the probe's backwards would start reductions that no
-    # finish_grad_sync ends.
-    if (spec.measure_contention and world_size > 1
-            and not getattr(spec.model, "overlap_grad_reduce", False)):
+    pp_group = parallel_state.get_pipeline_model_parallel_group()
+    if contention_measurable(spec):
         probe = StageProbe(models[(SAME_KERNEL, None)].chunks[0], batches[0],
                            spec.model.hidden_size)
-        probe_round(probe, parallel_state.get_pipeline_model_parallel_group())  # warm-up
+        probe_round(probe, pp_group)  # warm-up
     order = [v.name for v in spec.variants]
     for round_index in range(spec.iterations):
         if probe is not None:
-            seconds = probe_round(probe, parallel_state.get_pipeline_model_parallel_group())
+            seconds = probe_round(probe, pp_group)
             alone.append(seconds[0])
             together.append(seconds[1])
         shift = round_index % len(order)
@@ -254,12 +252,23 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
     }
 
 
+def _overlaps_grad_reduce(spec: BenchSpec) -> bool:
+    return bool(getattr(spec.model, "overlap_grad_reduce", False))
+
+
 def memory_measurable(spec: BenchSpec) -> bool:
     """Whether the warm-up measures peak activation memory. Not with --overlap-grad-reduce:
     autograd hands a saved weight back through saved-tensor hooks as a new tensor object,
     without the `grad_added_to_main_grad` attribute megatron-core's fused linear backward reads,
     so the layer returns no weight gradient and DDP's overlapped reduction asserts."""
-    return spec.measure_memory and not getattr(spec.model, "overlap_grad_reduce", False)
+    return spec.measure_memory and not _overlaps_grad_reduce(spec)
+
+
+def contention_measurable(spec: BenchSpec) -> bool:
+    """Whether the rounds run the contention probe: with more than one stage, and not with
+    --overlap-grad-reduce (its backwards would start reductions that no step finishes)."""
+    return spec.measure_contention and spec.pipeline_parallel > 1 and not _overlaps_grad_reduce(
+        spec)
 
 
 def _warmup(runner: _Runner, batches: list, run: VariantRun, spec: BenchSpec) -> None:
