@@ -1,16 +1,21 @@
-"""Hooks that Megatron-LM (patched with patches/megatron-lm-core_v0.16.1.patch) and our own
+"""Hooks that Megatron-LM (patched with one of patches/megatron-lm-<tag>.patch) and our own
 trainer call, so that `--token-pipeline` is honoured with almost no upstream change.
 
 Upstream calls, in order:
 
 1. `extra_args_provider(parser)` (or `combined_extra_args_provider(other)`) from
-   `pretrain_gpt.py`: adds the ``--token-pipeline*`` group.
+   `pretrain_gpt.py` (given to `pretrain()` in core_v0.16.1, to `parse_and_validate_args()` in
+   core_v0.19.0): adds the ``--token-pipeline*`` group.
 2. `validate_args(args)` at the end of Megatron-LM's `validate_args`: checks the flags against
    the rest of the configuration (CP, MoE, VP, batch, slices...) and fills defaults.
-3. `layer_spec(spec, args)` in `gpt_builders.py`: swaps core attention for prefix-KV attention.
-4. `get_forward_backward_func()` imported by `megatron/training/training.py` in place of
-   megatron-core's: returns the token-pipeline executor when ``args.token_pipeline`` is set,
-   megatron-core's otherwise. With ``--token-pipeline-slices auto`` its first call plans the
+3. The layer spec: core_v0.16.1's `gpt_builders.py` builds a spec and passes it through
+   `layer_spec(spec, args)`; core_v0.19.0's `pretrain_gpt.py` builds the model from a
+   `GPTModelConfig`, which `gpt_model_config(model_config, args)` hands a spec callable
+   resolving upstream's own choice and then swapping in prefix-KV attention.
+4. `get_forward_backward_func(...)` imported by `megatron/training/training.py` in place of
+   megatron-core's, called with whatever keywords that release passes: returns the
+   token-pipeline executor when ``args.token_pipeline`` is set, megatron-core's (given the
+   same keywords) otherwise. With ``--token-pipeline-slices auto`` its first call plans the
    slicing on rank 0 and broadcasts it (every rank calls it at the same point of `train()`).
 5. `wrap_forward_step(forward_step)` in `pretrain_gpt.py`: while a token slice runs, Megatron-LM's
    batch helpers see ``args.seq_length`` = the slice's length (they size TP-broadcast buffers
@@ -24,14 +29,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 from megatron_terapipe.arguments import (
     TokenPipelineArgumentError,
     add_token_pipeline_args,
+    resolved_token_pipeline_args,
     token_pipeline_config_from_args,
-    validate_token_pipeline_args,
+    token_pipeline_errors,
 )
 
 _CACHE: dict[str, Any] = {"key": None, "func": None}
@@ -81,7 +88,13 @@ def validate_args(args: Any) -> Any:
     """
     if not hasattr(args, "token_pipeline"):
         return args  # a script that did not add our flags (pretrain_bert.py, ...)
-    validate_token_pipeline_args(args)
+    errors = token_pipeline_errors(args)
+    backend = getattr(args, "attention_backend", None)
+    if getattr(args, "token_pipeline", False) and _is_local_attention_backend(backend):
+        errors.append(_LOCAL_BACKEND_ERROR)
+    if errors:
+        raise TokenPipelineArgumentError(errors)
+    resolved_token_pipeline_args(args)
     if args.token_pipeline:
         _dataloader_masks(args)
         if getattr(args, "rank", 0) == 0:
@@ -91,6 +104,20 @@ def validate_args(args: Any) -> Any:
                 flush=True,
             )
     return args
+
+
+_LOCAL_BACKEND_ERROR = (
+    "--attention-backend local with --token-pipeline: it selects megatron-core's "
+    "DotProductAttention as core attention (core_v0.19.0's model builder puts it in place of "
+    "the layer spec's), which cannot attend to the keys/values of earlier token slices; use "
+    "--attention-backend auto (prefix-KV attention), or drop --token-pipeline"
+)
+
+
+def _is_local_attention_backend(value: Any) -> bool:
+    """Megatron-LM parses --attention-backend into megatron-core's AttnBackend enum; our
+    trainer keeps the string. Both spell the local backend "local"."""
+    return getattr(value, "name", value) == "local"
 
 
 def _dataloader_masks(args: Any) -> None:
@@ -142,6 +169,55 @@ def layer_spec(spec: Any, args: Any = None) -> Any:
     return token_pipeline_layer_spec(spec)
 
 
+def gpt_model_config(model_config: Any, args: Any = None) -> Any:
+    """`model_config` (Megatron-LM's GPTModelConfig) building prefix-KV core attention under
+    --token-pipeline; unchanged otherwise.
+
+    Megatron-LM core_v0.19.0 builds GPT models from this config, not from a spec the entry
+    script passes, so the swap goes into its `transformer_layer_spec`, which may be a callable
+    of the config: ours resolves the spec exactly as upstream's builder would (its
+    `default_layer_spec` when none was given, a `--spec` spec or callable otherwise) and then
+    swaps core attention. Resolving it there, per model chunk, keeps upstream's per-stage
+    choices (vp_stage) intact.
+    """
+    args = args if args is not None else _megatron_args()
+    if args is None or not getattr(args, "token_pipeline", False):
+        return model_config
+    model_config.transformer_layer_spec = _token_pipeline_spec_provider(
+        model_config.transformer_layer_spec, args
+    )
+    return model_config
+
+
+def _token_pipeline_spec_provider(base: Any, args: Any) -> Callable:
+    """A `transformer_layer_spec` callable: `base` resolved as Megatron-LM's GPTModelBuilder
+    resolves it, with prefix-KV core attention."""
+
+    def token_pipeline_layer_spec_provider(config, vp_stage=None):
+        if _is_local_attention_backend(getattr(config, "attention_backend", None)):
+            # The builder would replace core attention after this spec is returned: the
+            # slices would silently attend to themselves only.
+            raise ValueError(_LOCAL_BACKEND_ERROR)
+        if base is None:
+            from megatron.training.models.gpt import default_layer_spec
+
+            spec = default_layer_spec(config, vp_stage)
+        elif callable(base) and not _is_spec(base):
+            takes_vp = "vp_stage" in inspect.signature(base).parameters
+            spec = base(config, vp_stage=vp_stage) if takes_vp else base(config)
+        else:
+            spec = base
+        return layer_spec(spec, args)
+
+    return token_pipeline_layer_spec_provider
+
+
+def _is_spec(value: Any) -> bool:
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    return isinstance(value, ModuleSpec) or hasattr(value, "layer_specs")
+
+
 # -- 4. schedule -----------------------------------------------------------------------------
 def setup_token_pipeline(args: Any, print_fn: Callable[[str], None] | None = None):
     """The TokenPipelineConfig for `args`, planning the slices first under ``auto``.
@@ -172,21 +248,22 @@ def setup_token_pipeline(args: Any, print_fn: Callable[[str], None] | None = Non
     return config
 
 
-def get_forward_backward_func(
-    args: Any = None, *, pp_size: int | None = None, vp_size: int | None = None
-) -> Callable:
+def get_forward_backward_func(args: Any = None, **stock_kwargs: Any) -> Callable:
     """The forward-backward function `args` ask for: ours under --token-pipeline, else
-    megatron-core's `get_forward_backward_func()` result.
+    megatron-core's `get_forward_backward_func(**stock_kwargs)` result.
 
-    Called with no argument (as Megatron-LM's training loop calls megatron-core's), it reads
-    Megatron-LM's global args; `pp_size` / `vp_size` pass through to megatron-core's. The
-    token-pipeline function is built once per configuration.
+    Called without `args` (as Megatron-LM's training loop calls megatron-core's), it reads
+    Megatron-LM's global args. The keywords are megatron-core's own (`pp_size`, `vp_size`;
+    from 0.17 on also `schedule_pg_collection`) and go to it unchanged, so each Megatron-LM
+    release can call this exactly as it calls its megatron-core's. The token-pipeline function
+    is built once per configuration.
     """
     from megatron.core.pipeline_parallel import get_forward_backward_func as stock
 
     args = args if args is not None else _megatron_args()
     if args is None or not getattr(args, "token_pipeline", False):
-        return stock(pp_size=pp_size, vp_size=vp_size)
+        return stock(**stock_kwargs)
+    _check_schedule_process_groups(stock_kwargs.get("schedule_pg_collection"))
     key = (
         id(args),
         args.token_pipeline_schedule,
@@ -199,6 +276,26 @@ def get_forward_backward_func(
         _CACHE["func"] = ours(setup_token_pipeline(args))
         _CACHE["key"] = key
     return _CACHE["func"]
+
+
+def _check_schedule_process_groups(pg_collection: Any) -> None:
+    """Refuse multi-module pipelines by name: megatron-core runs a
+    MultiModuleProcessGroupCollection (several models, e.g. an encoder feeding a language
+    model, on their own rank grids) on its own schedule; token slices of one model's sequence
+    cannot be cut across them. megatron-core releases without the class have no such pipelines.
+    """
+    if pg_collection is None:
+        return
+    try:
+        from megatron.core.process_groups_config import MultiModuleProcessGroupCollection
+    except ImportError:
+        return
+    if isinstance(pg_collection, MultiModuleProcessGroupCollection):
+        raise ValueError(
+            "--token-pipeline does not support multi-module pipelines (a "
+            "MultiModuleProcessGroupCollection as schedule_pg_collection); drop --token-pipeline "
+            "to use megatron-core's schedule"
+        )
 
 
 def reset() -> None:
@@ -242,6 +339,7 @@ __all__ = [
     "combined_extra_args_provider",
     "validate_args",
     "layer_spec",
+    "gpt_model_config",
     "setup_token_pipeline",
     "get_forward_backward_func",
     "wrap_forward_step",
