@@ -124,6 +124,102 @@ def test_layer_spec_swap():
     assert spec.submodules.self_attention.submodules.core_attention is not PrefixKVAttention
 
 
+def test_stock_schedule_gets_upstreams_keywords(monkeypatch):
+    """Each Megatron-LM release calls the getter with its megatron-core's keywords
+    (core_v0.19.0: schedule_pg_collection=...); they reach megatron-core's unchanged."""
+    import megatron.core.pipeline_parallel as pipeline_parallel
+
+    calls = []
+    monkeypatch.setattr(
+        pipeline_parallel, "get_forward_backward_func", lambda **kw: calls.append(kw) or "stock"
+    )
+    args = megatron_lm.validate_args(_ns())
+    groups = object()
+    assert megatron_lm.get_forward_backward_func(args, schedule_pg_collection=groups) == "stock"
+    assert megatron_lm.get_forward_backward_func(args) == "stock"
+    assert calls == [{"schedule_pg_collection": groups}, {}]
+
+
+def test_token_schedule_refuses_multi_module_pipelines():
+    from megatron.core import process_groups_config
+
+    multi = getattr(process_groups_config, "MultiModuleProcessGroupCollection", None)
+    if multi is None:
+        pytest.skip("this megatron-core has no multi-module pipelines")
+    megatron_lm.reset()
+    args = megatron_lm.validate_args(_ns(token_pipeline=True, token_pipeline_slices=4))
+    with pytest.raises(ValueError, match="--token-pipeline does not support multi-module"):
+        megatron_lm.get_forward_backward_func(args, schedule_pg_collection=multi.__new__(multi))
+    megatron_lm.reset()
+
+
+def test_validate_args_refuses_the_local_attention_backend():
+    """Megatron-LM parses --attention-backend into megatron-core's AttnBackend."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    for local in (AttnBackend.local, "local"):
+        with pytest.raises(TokenPipelineArgumentError) as info:
+            megatron_lm.validate_args(
+                _ns(token_pipeline=True, token_pipeline_slices=4, attention_backend=local)
+            )
+        assert any("--attention-backend local" in e for e in info.value.errors)
+    megatron_lm.validate_args(_ns(token_pipeline=True, attention_backend=AttnBackend.auto))
+    megatron_lm.validate_args(_ns(attention_backend=AttnBackend.local))  # not ours to judge
+
+
+def _model_config(spec, backend=None):
+    """The two attributes a Megatron-LM GPTModelConfig's spec callable is handed and read."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    return SimpleNamespace(
+        transformer_layer_spec=spec, attention_backend=backend or AttnBackend.auto
+    )
+
+
+def test_gpt_model_config_spec_callable():
+    """core_v0.19.0 builds the model from a GPTModelConfig; its layer spec may be a callable of
+    (config, vp_stage). Ours resolves a given spec or callable as upstream's builder does.
+    (No spec at all resolves through upstream's default_layer_spec: tests/test_patch.py.)"""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.enums import AttnBackend
+
+    from megatron_terapipe.model import PrefixKVAttention
+
+    def core(spec):
+        return spec.submodules.self_attention.submodules.core_attention
+
+    stock = get_gpt_layer_local_spec()
+    config = _model_config(stock)
+    assert megatron_lm.gpt_model_config(config, _ns()) is config
+    assert config.transformer_layer_spec is stock  # without --token-pipeline: untouched
+
+    token = _ns(token_pipeline=True)
+    config = megatron_lm.gpt_model_config(_model_config(stock), token)
+    provider = config.transformer_layer_spec
+    assert callable(provider) and core(provider(config, vp_stage=None)) is PrefixKVAttention
+    assert core(stock) is not PrefixKVAttention
+
+    seen = []
+
+    def with_vp(model_config, vp_stage=None):
+        seen.append((model_config, vp_stage))
+        return get_gpt_layer_local_spec()
+
+    config = megatron_lm.gpt_model_config(_model_config(with_vp), token)
+    assert core(config.transformer_layer_spec(config, vp_stage=1)) is PrefixKVAttention
+    assert seen == [(config, 1)]
+    config = megatron_lm.gpt_model_config(
+        _model_config(lambda model_config: get_gpt_layer_local_spec()), token
+    )
+    assert core(config.transformer_layer_spec(config, vp_stage=0)) is PrefixKVAttention
+
+    # core_v0.19.0's builder replaces core attention under the local backend after resolving
+    # the spec: refused there, whoever set the backend.
+    config = megatron_lm.gpt_model_config(_model_config(stock, AttnBackend.local), token)
+    with pytest.raises(ValueError, match="--attention-backend local"):
+        config.transformer_layer_spec(config, vp_stage=None)
+
+
 def test_wrap_forward_step_sees_the_slice():
     from megatron_terapipe.model import TokenSliceContext, activate
 
