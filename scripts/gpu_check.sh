@@ -11,8 +11,8 @@
 # --dry-run: the same steps at toy sizes on the CPU (gloo, math attention, tiny grid); step e
 # then only parses upstream's arguments, and runs only with MEGATRON_LM_PATH set.
 # Missing Python packages (megatron-core, upstream's six/regex/pyyaml/pydantic) are installed
-# from .gpu_carry/wheels (scripts/gpu_prepare.sh) into a --target folder; an extracted
-# .gpu_carry/megatron-lm-core_v0.16.1.tar becomes MEGATRON_LM_PATH.
+# from .gpu_carry/wheels (scripts/gpu_prepare.sh) into a --target folder; the extracted
+# .gpu_carry/megatron-lm-<tag>.tar becomes MEGATRON_LM_PATH.
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
@@ -28,7 +28,11 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
 fi
 export PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}"
 
-ARCHIVE="$REPO/.gpu_carry/megatron-lm-core_v0.16.1.tar"
+ARCHIVES=("$REPO"/.gpu_carry/megatron-lm-*.tar)
+ARCHIVE="${ARCHIVES[-1]}"  # gpu_prepare.sh leaves one; of several, the last by name
+if [ "${#ARCHIVES[@]}" -gt 1 ]; then
+    echo "gpu_check: several upstream archives in .gpu_carry, using $ARCHIVE" >&2
+fi
 if [ -z "${MEGATRON_LM_PATH:-}" ] && [ -f "$ARCHIVE" ]; then
     export MEGATRON_LM_PATH="${TMPDIR:-/tmp}/gpu_check_megatron_lm"
     rm -rf "$MEGATRON_LM_PATH" && mkdir -p "$MEGATRON_LM_PATH"

@@ -1,9 +1,10 @@
 """Python packages the check needs, installed from carried wheels where the machine lacks them.
 
 The GPU machine has torch, numpy, pytest, matplotlib and numba, and no network: megatron-core
-(and, for upstream Megatron-LM's pretrain_gpt.py, six, regex, pyyaml, pydantic) travel as
-wheels made by scripts/gpu_prepare.sh and are installed with `pip install --no-index
---no-deps --target`. What is missing and has no wheel is reported by name, not as a crash.
+(the release pip takes on its Python; and, for upstream Megatron-LM's pretrain_gpt.py, six,
+regex, pyyaml, pydantic) travel as wheels made by scripts/gpu_prepare.sh and are installed
+with `pip install --no-index --no-deps --target`. What is missing and has no wheel is reported
+by name, not as a crash.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import glob
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -37,10 +39,19 @@ def _importable(name: str) -> bool:
 
 
 def _wheel(directory: str, dist: str) -> str | None:
-    for path in sorted(glob.glob(os.path.join(directory, "*.whl"))):
-        if os.path.basename(path).lower().split("-")[0] == dist:
-            return path
-    return None
+    """The newest wheel of `dist` in `directory` (by release numbers: 0.19.2 after 0.16.1),
+    so that a folder still holding an older release installs the one it was prepared for."""
+    found = [
+        path
+        for path in glob.glob(os.path.join(directory, "*.whl"))
+        if os.path.basename(path).lower().split("-")[0] == dist
+    ]
+    return max(found, key=_release, default=None)
+
+
+def _release(path: str) -> tuple[int, ...]:
+    version = os.path.basename(path).split("-")[1]
+    return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0]))
 
 
 def ensure(wheel_dir: str | None, site: str) -> dict:

@@ -1,12 +1,15 @@
-"""Step e: upstream Megatron-LM core_v0.16.1 + patches/, one GPU, stock vs --token-pipeline.
+"""Step e: upstream Megatron-LM + patches/, one GPU, stock vs --token-pipeline.
 
-MEGATRON_LM_PATH names a checkout of NVIDIA/Megatron-LM at core_v0.16.1, or the extracted
-`git archive` of its training files (scripts/gpu_prepare.sh); megatron-core itself comes from
-the installed package (the carried wheel on the GPU machine). The needed files are copied and
-the patch applied to the copy, as tests/test_patch.py does. Then upstream's own
-pretrain_gpt.py trains 10 iterations twice (PP = 1, local spec, mock data, fp32, no dropout):
-stock, and with --token-pipeline --token-pipeline-slices 4; every iteration's `lm loss` (as
-upstream prints it, 7 significant digits) must agree within the fp32 criterion.
+MEGATRON_LM_PATH names a checkout of NVIDIA/Megatron-LM at a tag patches/ has a patch for, or
+the extracted `git archive` of its training files (scripts/gpu_prepare.sh); megatron-core
+itself comes from the installed package (the carried wheel on the GPU machine). The needed
+files are copied and the patch applied to the copy, as tests/test_patch.py does; which tag the
+tree is at is told by which patch applies (each applies to its own tag only), so a checkout
+needs no label. Upstream's training code runs only on the megatron-core release it was tagged
+with, so a tree and an installed megatron-core of different releases skip, saying which. Then
+upstream's own pretrain_gpt.py trains 10 iterations twice (PP = 1, local spec, mock data, fp32,
+no dropout): stock, and with --token-pipeline --token-pipeline-slices 4; every iteration's
+`lm loss` (as upstream prints it, 7 significant digits) must agree within the fp32 criterion.
 
 The dry run (no CUDA: upstream stops at "Megatron requires CUDA") runs upstream's argument
 parsing and validation with the token flags only, as tests/test_patch.py does.
@@ -14,6 +17,8 @@ parsing and validation with the token flags only, as tests/test_patch.py does.
 
 from __future__ import annotations
 
+import glob
+import importlib.metadata
 import importlib.util
 import os
 import re
@@ -26,8 +31,9 @@ from megatron_terapipe.gpu_check.common import free_port, judge_losses, step_mai
 from megatron_terapipe.gpu_check.criteria import FP32_RTOL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-PATCH = os.path.join(REPO, "patches", "megatron-lm-core_v0.16.1.patch")
+PATCHES = sorted(glob.glob(os.path.join(REPO, "patches", "megatron-lm-*.patch")))
 TREE_FILES = ("pretrain_gpt.py", "gpt_builders.py", "model_provider.py")
+# Copied where the tag has them (core_v0.19.0 has no megatron/legacy).
 TREE_DIRS = (
     "megatron/training", "megatron/legacy", "megatron/post_training", "megatron/rl",
 )
@@ -56,24 +62,75 @@ runpy.run_path("pretrain_gpt.py", run_name="__main__")
 """
 
 
-def patched_tree(checkout: str, work: str) -> str:
-    """A copy of the upstream files the run needs, with the patch applied."""
+def patch_tag(patch: str) -> str:
+    """patches/megatron-lm-core_v0.19.0.patch -> core_v0.19.0."""
+    return os.path.basename(patch)[len("megatron-lm-"):-len(".patch")]
+
+
+def _git_apply(tree: str, *args: str) -> subprocess.CompletedProcess:
+    """`git apply` in `tree`, which is made a repository of its own first: inside another
+    repository's work tree (out/ is in ours) git would take the patch's paths relative to that
+    repository's root and skip them. Without git: a failed run, so `patch` is tried."""
+    if shutil.which("git") is None:
+        return subprocess.CompletedProcess(args, 127, "", "git not found")
+    if not os.path.isdir(os.path.join(tree, ".git")):
+        subprocess.run(["git", "init", "-q"], cwd=tree, capture_output=True)
+    return subprocess.run(["git", "apply", *args], cwd=tree, capture_output=True, text=True)
+
+
+def _applies(patch: str, tree: str) -> tuple[bool, str]:
+    done = _git_apply(tree, "--check", patch)
+    if done.returncode != 0 and shutil.which("patch"):
+        done = subprocess.run(["patch", "-p1", "--dry-run", "-s", "-i", patch], cwd=tree,
+                              capture_output=True, text=True)
+    return done.returncode == 0, (done.stdout + done.stderr).strip()
+
+
+def patched_tree(checkout: str, work: str) -> tuple[str, str]:
+    """A copy of the upstream files the run needs with the patch for its tag applied, and the
+    tag."""
     tree = os.path.join(work, "megatron-lm")
     shutil.rmtree(tree, ignore_errors=True)
     os.makedirs(tree)
     for name in TREE_FILES:
         shutil.copy2(os.path.join(checkout, name), os.path.join(tree, name))
     for name in TREE_DIRS:
-        shutil.copytree(os.path.join(checkout, name), os.path.join(tree, name),
-                        ignore=shutil.ignore_patterns("__pycache__"))
-    done = subprocess.run(["git", "apply", PATCH],
-                          cwd=tree, capture_output=True, text=True)
-    if done.returncode != 0:
-        done = subprocess.run(["patch", "-p1", "-i", PATCH], cwd=tree, capture_output=True,
-                              text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"the patch does not apply: {done.stdout}{done.stderr}".strip())
-    return tree
+        if os.path.isdir(os.path.join(checkout, name)):
+            shutil.copytree(os.path.join(checkout, name), os.path.join(tree, name),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+    failures = []
+    for patch in PATCHES:
+        if _git_apply(tree, "--reverse", "--check", patch).returncode == 0:
+            return tree, patch_tag(patch)  # a checkout patched by hand
+        ok, text = _applies(patch, tree)
+        if not ok:
+            failures.append(f"{os.path.basename(patch)}: {text[-300:]}")
+            continue
+        done = _git_apply(tree, patch)
+        if done.returncode != 0:
+            done = subprocess.run(["patch", "-p1", "-s", "-i", patch], cwd=tree,
+                                  capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"{os.path.basename(patch)} does not apply: "
+                               f"{done.stdout}{done.stderr}".strip())
+        return tree, patch_tag(patch)
+    raise RuntimeError(f"no patch in patches/ applies to {checkout} (not a tag we patch?): "
+                       + " | ".join(failures))
+
+
+def release_mismatch(tag: str) -> str | None:
+    """Why upstream at `tag` cannot run on the installed megatron-core, or None: a Megatron-LM
+    tag core_vX.Y.Z goes with megatron-core X.Y.*."""
+    wanted = re.fullmatch(r"core_v(\d+)\.(\d+)\.\d+.*", tag)
+    try:
+        installed = importlib.metadata.version("megatron-core")
+    except importlib.metadata.PackageNotFoundError:
+        return None  # a source checkout on the path: nothing to compare against
+    have = re.match(r"(\d+)\.(\d+)", installed)
+    if wanted and have and wanted.groups() != have.groups():
+        return (f"Megatron-LM {tag} needs megatron-core {'.'.join(wanted.groups())}.x; "
+                f"megatron-core {installed} is installed")
+    return None
 
 
 def _env(tree: str) -> dict[str, str]:
@@ -117,15 +174,14 @@ def parse_only(tree: str) -> dict[str, Any]:
 
 
 def run(dry_run: bool, out_dir: str, timeout_s: float = 290.0) -> dict[str, Any]:
-    record: dict[str, Any] = {
-        "step": "e",
-        "title": f"upstream Megatron-LM core_v0.16.1 + patch, PP=1, local spec, mock data, "
-        f"{ITERATIONS} iterations, stock vs --token-pipeline --token-pipeline-slices 4",
-    }
+    title = (f"upstream Megatron-LM {{tag}} + patch, PP=1, local spec, mock data, {ITERATIONS} "
+             "iterations, stock vs --token-pipeline --token-pipeline-slices 4")
+    record: dict[str, Any] = {"step": "e", "title": title.format(tag="(no tree)")}
     checkout = os.environ.get("MEGATRON_LM_PATH")
+    tags = ", ".join(patch_tag(p) for p in PATCHES)
     if not checkout or not os.path.isfile(os.path.join(checkout, "pretrain_gpt.py")):
         record.update(status="skipped", reason="MEGATRON_LM_PATH is not set to a Megatron-LM "
-                      "core_v0.16.1 checkout or archive (scripts/gpu_prepare.sh makes one)")
+                      f"checkout or archive at one of {tags} (scripts/gpu_prepare.sh makes one)")
         return record
     missing = [m for m in UPSTREAM_DEPS if importlib.util.find_spec(m) is None]
     if missing:
@@ -133,9 +189,14 @@ def run(dry_run: bool, out_dir: str, timeout_s: float = 290.0) -> dict[str, Any]
                       f"{', '.join(missing)}: not installed (carry their wheels)")
         return record
     try:
-        tree = patched_tree(checkout, out_dir)
+        tree, tag = patched_tree(checkout, out_dir)
     except (OSError, RuntimeError) as exc:
         record.update(status="error", reason=str(exc)[:500])
+        return record
+    record.update(title=title.format(tag=tag), tag=tag)
+    mismatch = release_mismatch(tag)
+    if mismatch:
+        record.update(status="skipped", reason=mismatch)
         return record
     import torch
 
