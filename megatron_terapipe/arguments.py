@@ -1,7 +1,7 @@
 """The --token-pipeline* flags: add them to a Megatron parser, check them, build the config.
 
 Both entry points use this module: our `scripts/pretrain_gpt.py` and an upstream Megatron-LM
-checkout patched with `patches/megatron-lm-core_v0.16.1.patch` (through `megatron_lm.py`).
+checkout patched with its tag's `patches/megatron-lm-<tag>.patch` (through `megatron_lm.py`).
 Everything here is plain Python (no torch, no megatron-core), so a bad flag set is rejected in
 well under a second, before any rank starts a process group or builds a model.
 

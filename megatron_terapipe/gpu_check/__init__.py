@@ -10,7 +10,7 @@ b. nccl: the trainer's step (DDP, distributed optimizer, per-token loss, bf16) o
 c. latency: forward+backward grid t(l, c) of one GPT-3 layer per paper model and TP size, saved
    as the planner's latency tables; DP plan and simulated speedup for configs/terapipe/*.args.
 d. inflation: same-kernel single-stage t_S / t_1 at GPT-3 13B shape.
-e. upstream: Megatron-LM core_v0.16.1 + patches/, stock vs --token-pipeline: equal lm loss.
+e. upstream: Megatron-LM (the carried tag) + patches/, stock vs --token-pipeline: equal lm loss.
 
 `--dry-run` runs the same code at toy sizes on the CPU (gloo, math attention), so the script is
 exercised by the test suite. See docs/gpu.md.

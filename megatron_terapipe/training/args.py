@@ -586,7 +586,7 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
         errors.append(
             f"--tokenizer-type {args.tokenizer_type} is not supported by this trainer; use "
             "NullTokenizer with --vocab-size (pre-tokenized data), or upstream Megatron-LM "
-            "with patches/megatron-lm-core_v0.16.1.patch"
+            "with its tag's patches/megatron-lm-<tag>.patch"
         )
     elif args.vocab_size is None:
         errors.append("--tokenizer-type NullTokenizer needs --vocab-size")
