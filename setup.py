@@ -15,9 +15,11 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["megatron_terapipe", "megatron_terapipe.*"]),
     install_requires=[
-        # torch 2.13.0 (the CPU build on this machine) must satisfy this range.
-        "torch>=2.4,<2.14",
-        "megatron-core>=0.16.1,<0.17",
+        # No upper bound: the private SDPA ops prefix attention calls are pinned by schema
+        # (megatron_terapipe/compat/sdpa_ops.py), checked against the installed torch by a test.
+        "torch>=2.4",
+        # 0.17+ needs Python >= 3.12, so pip takes 0.16.1 on 3.10/3.11 and 0.19.x on 3.12+.
+        "megatron-core>=0.16.1,<0.20",
         "numpy>=1.24",
         # megatron-core's async checkpoint writers need it (and hang without it); not declared
         # by megatron-core itself.

@@ -236,6 +236,7 @@ def test_efficient_kernel_calls_with_its_layout_and_signature(monkeypatch):
     [b, l, n, h]-contiguous rows for every operand (it reads only the batch and head strides
     of `out`), and its log-sum-exp is padded to 32 rows. GQA folds query heads into rows, the
     layout that breaks when passed as is."""
+    from megatron_terapipe.compat import sdpa_ops
     from megatron_terapipe.model import attention_backends as backends
 
     aten = torch.ops.aten
@@ -274,7 +275,7 @@ def test_efficient_kernel_calls_with_its_layout_and_signature(monkeypatch):
                 is_causal, scale=scale)
             return dq, dk, dv, None
 
-    monkeypatch.setattr(backends, "aten", EfficientOnCpu())
+    monkeypatch.setattr(sdpa_ops, "aten", EfficientOnCpu())
     monkeypatch.setattr(backends, "available_prefix_attention_backends",
                         lambda device, dtype: ["efficient", "math"])
     for groups in (4, 2):

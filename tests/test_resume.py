@@ -11,12 +11,13 @@ a fresh D is the reference: it must start from scratch with a notice, and it sav
 - `--override-opt_param-scheduler`: the new flags' schedule (`--lr 5e-3 --lr-decay-style
   constant`: 5e-3 at every iteration).
 
-Damaged copies of the checkpoint (truncated shard, deleted `.metadata`, truncated `common.pt`)
+Damaged copies of the checkpoint (truncated shard, deleted `.metadata`, truncated common state)
 are checked in-process; a changed `--hidden-size` end to end.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -147,7 +148,9 @@ def damaged(reference, tmp_path):
 
 
 def test_truncated_shard_is_named(damaged):
-    shard = os.path.join(damaged, "iter_0000006", "__0_1.distcp")
+    # megatron-core writes two shards per rank before 0.17.0, one since: the last one either way
+    shards = sorted(glob.glob(os.path.join(damaged, "iter_0000006", "*.distcp")))
+    shard = shards[-1]
     size = os.path.getsize(shard)
     os.truncate(shard, size - 1)
     assert checkpoint_checks.file_problem(damaged, 6) == (
@@ -168,13 +171,18 @@ def test_deleted_metadata_is_named(damaged):
 
 
 def test_truncated_common_state_is_named(damaged):
-    common = os.path.join(damaged, "iter_0000006", "common.pt")
+    # common.pt before megatron-core 0.19.0; since, one object in a shard, named by .metadata
+    path = os.path.join(damaged, "iter_0000006")
+    legacy = os.path.join(path, "common.pt")
+    common = legacy if os.path.isfile(legacy) else glob.glob(os.path.join(path, "*.distcp"))[0]
+    assert checkpoint_checks.common_state_file(path) == common
     os.truncate(common, 100)
     with pytest.raises(checkpoint_checks.CheckpointError) as exc:
         checkpoint_checks.load_common(damaged, 6)
     message = str(exc.value)
     assert message.startswith(
-        f"checkpoint {damaged}/iter_0000006 (iteration 6) is damaged: cannot read {common} ("
+        f"checkpoint {damaged}/iter_0000006 (iteration 6) is damaged: cannot read its common "
+        f"state in {common} ("
     )
     assert message.endswith("load the last complete one with --ckpt-step 3 (complete: [3])")
     assert checkpoint_checks.load_common(damaged, 3)["iteration"] == 3

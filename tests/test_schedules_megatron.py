@@ -1,4 +1,4 @@
-"""Stock generators reproduce megatron-core 0.16.1's own compute order.
+"""Stock generators reproduce megatron-core's own compute order (every supported release).
 
 The reference is not re-derived: megatron-core's `forward_backward_pipelining_without_interleaving`
 and `..._with_interleaving` run for real, single-process, with their forward/backward step
@@ -9,7 +9,6 @@ the generators refuse.
 
 from __future__ import annotations
 
-import types
 import warnings
 
 import pytest
@@ -23,6 +22,7 @@ with warnings.catch_warnings():
     pp_utils = pytest.importorskip("megatron.core.pipeline_parallel.utils")
     from megatron.core.enums import ModelType
     from megatron.core.model_parallel_config import ModelParallelConfig
+    from megatron.core.process_groups_config import ProcessGroupCollection
 
 
 class _Group:
@@ -43,6 +43,9 @@ class _SilentP2P:
         self.pp_group = pp_group
         self.config = config
         self.virtual_pipeline_model_parallel_size = vp_size
+        # read by megatron-core 0.17+ for the warm-up length
+        self.total_stages = pp_group.size()
+        self.current_stage = pp_group.rank()
 
     def __getattr__(self, name):
         def call(*args, **kwargs):
@@ -71,7 +74,8 @@ def megatron_order(monkeypatch, P: int, rank: int, M: int, V: int, interleaved: 
         # micro-batch megatron-core's FIFO bookkeeping picked
         return ("output", current_microbatch, chunk), torch.zeros([], dtype=torch.int)
 
-    def backward_step(input_tensor, output_tensor, output_tensor_grad, model_type, config):
+    def backward_step(input_tensor, output_tensor, output_tensor_grad, *model_type_and_config):
+        # (..., model_type, config) before megatron-core 0.17.0, (..., config) since
         _, microbatch, chunk = output_tensor
         log.append(("B", microbatch, chunk))
 
@@ -92,7 +96,10 @@ def megatron_order(monkeypatch, P: int, rank: int, M: int, V: int, interleaved: 
         config.fine_grained_activation_offloading = False
         group = _Group(rank, P)
         one = _Group(0, 1)
-        pg = types.SimpleNamespace(tp=one, cp=one, embd=None, pos_embd=None, pp=group, dp_cp=one)
+        pg = ProcessGroupCollection()  # megatron-core 0.17+ type-checks it
+        for name, value in dict(tp=one, cp=one, embd=None, pos_embd=None, pp=group,
+                                dp_cp=one).items():
+            setattr(pg, name, value)
         chunks = [_Chunk(config) for _ in range(V)]
         common = dict(
             forward_step_func=None,

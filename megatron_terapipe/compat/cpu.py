@@ -240,6 +240,10 @@ def enable_cpu(force: bool = False) -> bool:
         cuda, "set_rng_state", lambda s, *a, **k: torch.set_rng_state(s), "torch.cuda.set_rng_state"
     )
     _patch(cuda, "empty_cache", lambda: None, "torch.cuda.empty_cache -> no-op")
+    # megatron-core 0.19.0's DDP bucket groups wait on torch.cuda.current_stream() for CUDA-graph
+    # weight gradients in every start_grad_sync; the CPU's stream has the same no-op waits.
+    _patch(cuda, "current_stream", lambda *a, **k: torch.cpu.current_stream(),
+           "torch.cuda.current_stream -> torch.cpu.current_stream")
     _patch(cuda, "max_memory_allocated", lambda *a, **k: 0, "torch.cuda.max_memory_allocated -> 0")
     _patch(cuda, "memory_allocated", lambda *a, **k: 0, "torch.cuda.memory_allocated -> 0")
     _patch(cuda, "reset_peak_memory_stats", lambda *a, **k: None, "reset_peak_memory_stats")

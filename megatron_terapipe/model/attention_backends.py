@@ -10,6 +10,9 @@ flash attention). So every fused kernel that exposes its log-sum-exp serves as a
 - "flash": `aten._scaled_dot_product_flash_attention_for_cpu` (CPU, any float dtype) or
   `aten._scaled_dot_product_flash_attention` (CUDA, fp16/bf16);
 - "efficient": `aten._scaled_dot_product_efficient_attention` (CUDA, fp32 too);
+
+(private ops, called through `compat.sdpa_ops`, which pins their schemas: a backend whose ops
+changed in the installed torch is not offered);
 - "math": explicit torch operations (any device and dtype; the only one taking a boolean mask
   or dropout, whose mask it keeps for the backward).
 
@@ -29,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-aten = torch.ops.aten
+from megatron_terapipe.compat import sdpa_ops
 
 BACKEND_NAMES = ("flash", "efficient", "cudnn", "math")
 
@@ -45,16 +48,19 @@ def available_prefix_attention_backends(
     device = torch.device(device)
     names = []
     if device.type == "cpu" and dtype in (torch.float32, torch.float64, torch.bfloat16,
-                                          torch.float16):
+                                          torch.float16) and sdpa_ops.backend_ops_match(
+                                              "flash", "cpu"):
         names.append("flash")
     elif device.type == "cuda":
         # Flash needs Ampere (sm80) or newer; the efficient kernel has no bf16 build before it
         # (V100s, the paper's GPUs, run fp16 / fp32 on it, bf16 on math).
         major, _ = torch.cuda.get_device_capability(device)
         half = dtype in (torch.float16, torch.bfloat16)
-        if half and major >= 8 and torch.backends.cuda.is_flash_attention_available():
+        if (half and major >= 8 and torch.backends.cuda.is_flash_attention_available()
+                and sdpa_ops.backend_ops_match("flash", "cuda")):
             names.append("flash")
-        if dtype in (torch.float16, torch.float32) or (dtype == torch.bfloat16 and major >= 8):
+        if (dtype in (torch.float16, torch.float32) or (dtype == torch.bfloat16 and major >= 8)
+                ) and sdpa_ops.backend_ops_match("efficient", "cuda"):
             names.append("efficient")
     names.append("math")
     return names
@@ -125,45 +131,28 @@ def _fused_forward(backend: str, q, k, v, causal: bool, scale: float, bias=None)
 
     `bias` (CPU flash only) is an additive mask in the query dtype, 0 or -inf."""
     if backend == "flash" and q.device.type == "cpu":
-        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(
-            q, k, v, 0.0, causal, attn_mask=bias, scale=scale
-        )
+        out, lse = sdpa_ops.flash_cpu_forward(q, k, v, causal, scale, attn_mask=bias)
         return out, lse, lse.shape[-1], {}
     if backend == "flash":
-        out, lse, cum_q, cum_k, max_q, max_k, rng, unused, _ = (
-            aten._scaled_dot_product_flash_attention(q, k, v, 0.0, causal, False, scale=scale)
-        )
-        extra = dict(cum_q=cum_q, cum_k=cum_k, max_q=max_q, max_k=max_k, rng=rng, unused=unused)
+        out, lse, extra = sdpa_ops.flash_cuda_forward(q, k, v, causal, scale)
         return out, lse, lse.shape[-1], extra
     if backend == "efficient":
-        out, lse, seed, offset = aten._scaled_dot_product_efficient_attention(
-            q, k, v, None, True, 0.0, causal, scale=scale
-        )
-        return out, lse, lse.shape[-1], dict(seed=seed, offset=offset)
+        out, lse, extra = sdpa_ops.efficient_forward(q, k, v, causal, scale)
+        return out, lse, lse.shape[-1], extra
     raise ValueError(f"prefix attention backend {backend!r} is not implemented here")
 
 
 def _fused_backward(backend: str, dout, q, k, v, out, lse, causal: bool, scale: float, extra,
                     bias=None):
     if backend == "flash" and q.device.type == "cpu":
-        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            dout, q, k, v, out, lse, 0.0, causal, attn_mask=bias, scale=scale
-        )
+        return sdpa_ops.flash_cpu_backward(dout, q, k, v, out, lse, causal, scale, attn_mask=bias)
     if backend == "flash":
-        e = extra
-        return aten._scaled_dot_product_flash_attention_backward(
-            dout, q, k, v, out, lse, e["cum_q"], e["cum_k"], e["max_q"], e["max_k"], 0.0,
-            causal, e["rng"], e["unused"], scale=scale,
-        )
+        return sdpa_ops.flash_cuda_backward(dout, q, k, v, out, lse, causal, scale, extra)
     # The efficient backward takes only the batch and head strides of `out` from the tensor and
     # assumes rows [b, l, n, h]-contiguous (as its forward returns them); the merged output and
     # the grouped-query views are not, so every operand is laid out that way first.
     dout, q, k, v, out = (_rows_contiguous(t) for t in (dout, q, k, v, out))
-    dq, dk, dv, _ = aten._scaled_dot_product_efficient_attention_backward(
-        dout, q, k, v, None, out, lse, extra["seed"], extra["offset"], 0.0,
-        [True, True, True, False], causal, scale=scale,
-    )
-    return dq, dk, dv
+    return sdpa_ops.efficient_backward(dout, q, k, v, out, lse, causal, scale, extra)
 
 
 def _rows_contiguous(x: torch.Tensor) -> torch.Tensor:

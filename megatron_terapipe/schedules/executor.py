@@ -5,12 +5,12 @@ megatron-core's `get_forward_backward_func()` returns: same keywords, same retur
 side effects (DDP no_sync during the step, `finalize_model_grads` at the end). Each rank walks
 its own action list from the schedule; compute actions call the user's unchanged
 `forward_step_func` on one token slice of one micro-batch, and megatron-core's `backward_step`
-per slice; communication actions post megatron-core's batched P2P ops with per-slice shapes without
-waiting, and Wait actions block only where the schedule says (a receive right before the compute
-that reads it; a forward's send before that unit's backward, other sends at the end; a sent
-tensor is kept alive until its send completes, a forward output deallocated as soon as it has).
-Nothing in a step synchronises with the host except those waits: the per-token-loss token count
-stays on the model's device.
+per slice; communication actions post one `torch.distributed.batch_isend_irecv` call per group
+(ops in megatron-core's order) with per-slice shapes without waiting, and Wait actions block
+only where the schedule says (a receive right before the compute that reads it; a forward's
+send before that unit's backward, other sends at the end; a sent tensor is kept alive until its
+send completes, a forward output deallocated as soon as it has). Nothing in a step synchronises
+with the host except those waits: the per-token-loss token count stays on the model's device.
 
 Loss semantics match stock exactly: for loss functions returning (loss, num_tokens, report)
 each slice's loss sum is divided by the micro-batch's *total* token count (known before the
@@ -33,10 +33,11 @@ from typing import Any
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator, _batched_p2p_ops
-from megatron.core.pipeline_parallel.schedules import backward_step, deallocate_output_tensor
-from megatron.core.utils import get_attr_wrapped_model, get_model_config, get_model_type
+from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
+from megatron_terapipe.compat.megatron_core import backward_step
 from megatron_terapipe.config import TokenPipelineConfig
 from megatron_terapipe.model.batch_slicing import slice_batch
 from megatron_terapipe.model.positions import install_rope_offset_hooks
@@ -51,9 +52,7 @@ from megatron_terapipe.schedules.generators import build_schedule, schedule_from
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
     FORWARD,
-    RECV_NEXT,
     RECV_PREV,
-    SEND_NEXT,
     SEND_PREV,
     WEIGHT_GRAD,
     CommGroup,
@@ -156,7 +155,6 @@ class _Step:
         self.rank = self.pp_group.rank()
         self.num_stages = self.pp_group.size()
         self.num_chunks = len(self.models)
-        self.model_type = get_model_type(self.models[0])
         communicator = P2PCommunicator(self.pp_group, self.config)
         self.next_rank, self.prev_rank = communicator.next_rank, communicator.prev_rank
         tp_size = parallel_state.get_tensor_model_parallel_world_size()
@@ -357,9 +355,7 @@ class _Step:
             self.context.running(v, m, t),
             deferring_weight_grads(self.context) if split else contextlib.nullcontext() as queue,
         ):
-            input_grad = backward_step(
-                input_tensor, output, output_grad, self.model_type, self.config
-            )
+            input_grad = backward_step(input_tensor, output, output_grad, self.config)
         if split:
             self.weight_grads[key] = queue
         self.context.release(v, m, t)
@@ -386,8 +382,8 @@ class _Step:
 
     def post(self, group: CommGroup) -> None:
         """Post the group's ops in one batched call; nothing waits here."""
-        tensors: dict[str, torch.Tensor] = {}
         batch = _PostedBatch()
+        p2p_ops = []
         for op in group.ops:
             key = (op.kind, op.microbatch, op.token_slice, op.chunk)
             if op.is_send:
@@ -401,18 +397,12 @@ class _Step:
                     requires_grad=(op.op == RECV_PREV and not self.forward_only),
                 )
                 batch.recvs.append((key, tensor))
-            tensors[op.op] = tensor
+            peer = self.prev_rank if op.op in (SEND_PREV, RECV_PREV) else self.next_rank
+            post = torch.distributed.isend if op.is_send else torch.distributed.irecv
+            p2p_ops.append(torch.distributed.P2POp(post, tensor, peer, self.pp_group))
             self.posted[op] = batch
         with self.timed("comm"):
-            batch.requests = _batched_p2p_ops(
-                tensor_send_prev=tensors.get(SEND_PREV),
-                tensor_recv_prev=tensors.get(RECV_PREV),
-                tensor_send_next=tensors.get(SEND_NEXT),
-                tensor_recv_next=tensors.get(RECV_NEXT),
-                group=self.pp_group,
-                prev_pipeline_rank=self.prev_rank,
-                next_pipeline_rank=self.next_rank,
-            )
+            batch.requests = torch.distributed.batch_isend_irecv(p2p_ops) if p2p_ops else []
         if batch.sends:
             self.sends_in_flight.append(batch)
 

@@ -1,7 +1,7 @@
 """What can go wrong when resuming, found before megatron-core reads a shard.
 
-A damaged checkpoint (a truncated ``.distcp``, a deleted ``.metadata``, a truncated
-``common.pt``), a model whose flags changed since the save, a learning-rate schedule that
+A damaged checkpoint (a truncated ``.distcp``, a deleted ``.metadata``, unreadable common
+state), a model whose flags changed since the save, a learning-rate schedule that
 differs from the checkpoint's, or a new parallel layout that only the saved RNG state cannot
 follow all end, inside dist-checkpointing, in a long traceback that names none of the files or
 flags. Each check here turns one of them into one sentence naming the checkpoint, the iteration,
@@ -88,19 +88,51 @@ def file_problem(root: str, iteration: int) -> str | None:
     return None
 
 
+def common_state_file(path: str) -> str:
+    """The file that holds a checkpoint's common (non-sharded) state.
+
+    megatron-core wrote it to ``common.pt`` before 0.19.0 and, since, as one object inside the
+    torch_dist shards; the shard holding it is named in the checkpoint's ``.metadata``.
+    """
+    legacy = os.path.join(path, "common.pt")
+    if os.path.isfile(legacy):
+        return legacy
+    try:
+        from torch.distributed.checkpoint import FileSystemReader
+
+        for index, info in FileSystemReader(path).read_metadata().storage_data.items():
+            if index.fqn.startswith("common_state"):
+                return os.path.join(path, info.relative_path)
+    except Exception:  # noqa: BLE001 - unreadable metadata: name the folder instead
+        pass
+    return path
+
+
 def load_common(root: str, iteration: int) -> dict[str, Any]:
-    """The checkpoint's common (non-sharded) state, or CheckpointError naming ``common.pt``."""
+    """The checkpoint's common (non-sharded) state, or CheckpointError naming its file."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException
 
     path = checkpoint_files.checkpoint_dir(root, iteration)
     try:
         return dist_checkpointing.load_common_state_dict(path)
-    except Exception as exc:  # noqa: BLE001 - truncated or foreign files fail in many ways
+    # Truncated or foreign files fail in many ways; torch.distributed.checkpoint's reader (which
+    # reads the common state since megatron-core 0.19.0) raises a BaseException.
+    except (Exception, CheckpointException) as exc:  # noqa: BLE001
         hint = checkpoint_files.last_complete_hint(root, but=iteration)
         raise CheckpointError(
-            f"{_where(path, iteration)} is damaged: cannot read "
-            f"{os.path.join(path, 'common.pt')} ({type(exc).__name__}: {exc}); {hint}"
+            f"{_where(path, iteration)} is damaged: cannot read its common state in "
+            f"{common_state_file(path)} ({_cause(exc)}); {hint}"
         ) from None
+
+
+def _cause(exc: BaseException) -> str:
+    """`Type: message` of what failed, unwrapping torch.distributed.checkpoint's per-rank
+    report (its text is a traceback per rank)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        exc = next(iter(failures.values()))[0]
+    return f"{type(exc).__name__}: {exc}"
 
 
 def scheduler_problem(

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from megatron_terapipe.compat.megatron_core import load_optimizer_state
 from megatron_terapipe.training import checkpoint_checks, checkpoint_files
 from megatron_terapipe.training.checkpoint_checks import CheckpointError
 from megatron_terapipe.training.initialize import agree_on_problem, on_gpu, print_rank_0
@@ -275,7 +276,7 @@ def load_checkpoint(args: Namespace, model: list, optimizer, scheduler) -> tuple
         raise error from exc
     if with_optimizer and optimizer is not None:
         flags_limits = _lr_limits(optimizer)
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         if args.override_opt_param_scheduler:
             # The optimizer's param groups carry --lr / --min-lr too (megatron-core's per-group
             # max_lr / min_lr); loading brought back the checkpoint's, the flags must win.
