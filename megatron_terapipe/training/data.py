@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from megatron_terapipe.training.data_checks import drawn_splits
+from megatron_terapipe.training.data_checks import built_split_matrix, drawn_splits
 from megatron_terapipe.training.initialize import device, on_gpu
 
 
@@ -80,9 +80,8 @@ def dataset_config(args: Namespace):
     )
     if config.split_matrix is not None:
         # Splits this run never draws from are not built: megatron-core would still fill them
-        # (and loops forever on one without documents). The others keep their bounds.
-        drawn = drawn_splits(args)
-        config.split_matrix = [b if used else None for b, used in zip(config.split_matrix, drawn)]
+        # (and loops forever on one without tokens). The data guard checks this same matrix.
+        config.split_matrix = built_split_matrix(config.split_matrix, args)
     return config
 
 

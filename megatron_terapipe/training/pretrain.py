@@ -88,14 +88,14 @@ def pretrain(args, forward_step_func: Callable | None = None) -> int:
 
     if args.num_workers == 0:
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
-    from megatron_terapipe.training.data_checks import DataError, data_problems
+    from megatron_terapipe.training.data_checks import DataError, check_data
 
-    problems = data_problems(args)  # before any rank builds a dataset (or a process group)
+    problems, data_warnings = check_data(args)  # before any rank builds a dataset (or a group)
     if problems:
         raise DataError("invalid data:\n" + "\n".join(f"  - {p}" for p in problems))
     initialize.initialize_distributed(args)
     initialize.print_rank_0(format_args(args))
-    for warning in token_pipeline_warnings(args):
+    for warning in [*data_warnings, *token_pipeline_warnings(args)]:
         initialize.print_rank_0(f"WARNING: {warning}")
     initialize.set_random_seed(args.seed)
     initialize.init_microbatches(args)
