@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_terapipe.compat import sdpa_ops
 from megatron_terapipe.gpu_check.common import GPTShape, build_gpt, step_main, token_batch
 from megatron_terapipe.gpu_check.criteria import BF16_ERROR_RATIO, FP32_RTOL
 
@@ -215,7 +216,12 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
     ran = [r for r in rows if r["status"] != "n/a"]
     failed = [r for r in rows if r["status"] == "FAIL"]
     ran_dtypes = {r["dtype"] for r in ran}
-    status = "fail" if failed else ("pass" if ran_dtypes == {"fp32", "bf16"} else "incomplete")
+    # The private SDPA ops the fused backends call, against this torch's schemas (a changed op
+    # withdraws its backend, which would show above only as "not offered").
+    schema_mismatches = sdpa_ops.schema_mismatches()
+    status = "fail" if failed or schema_mismatches else (
+        "pass" if ran_dtypes == {"fp32", "bf16"} else "incomplete"
+    )
     return {
         "step": "a",
         "title": "exactness on the device: token-sliced vs unsliced, per SDPA backend",
@@ -225,6 +231,8 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
         "token_slices": list(slices),
         "document_ends": list(ends),
         "rows": rows,
+        "torch": torch.__version__,
+        "sdpa_schema_mismatches": schema_mismatches,
     }
 
 

@@ -31,9 +31,15 @@ def _step_a(r: dict) -> list[str]:
              x.get("max_grad_rel_diff"), x.get("stock_loss_rel_diff"),
              x.get("stock_max_grad_rel_diff"), _criterion(x), x.get("reason", "")]
             for x in r.get("rows", [])]
-    return _table(["dtype", "mask", "SDPA backend", "result", "loss rel. diff",
-                   "max grad rel. diff", "vs stock: loss", "vs stock: grad",
-                   "criterion", "note"], rows)
+    lines = _table(["dtype", "mask", "SDPA backend", "result", "loss rel. diff",
+                    "max grad rel. diff", "vs stock: loss", "vs stock: grad",
+                    "criterion", "note"], rows)
+    if "sdpa_schema_mismatches" in r:
+        changed = r["sdpa_schema_mismatches"]
+        lines.append(f"private SDPA ops against torch {r.get('torch', '?')}: " + (
+            "every schema as pinned in compat/sdpa_ops.py" if not changed
+            else "changed: " + ", ".join(f"aten.{name}" for name in changed)))
+    return lines
 
 
 def _step_b(r: dict) -> list[str]:
