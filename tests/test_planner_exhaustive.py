@@ -8,6 +8,8 @@ batch partition against every combination of front points.
 from __future__ import annotations
 
 import itertools
+import json
+import re
 
 import numpy as np
 import pytest
@@ -176,3 +178,90 @@ def test_infeasible_table_raises():
     table = np.full((2, 4, 4), np.inf)
     with pytest.raises(NoFeasiblePlan):
         solve(table, 4)
+
+
+def _cli_plan(capsys, argv):
+    from megatron_terapipe.slicing import cli
+
+    assert cli.main(argv) == 0
+    return capsys.readouterr().out
+
+
+def _objective_from_file(path, plan, stages):
+    """TeraPipe's T = Σ t + (K−1)·max t of the printed plan, read straight from the .npz: each
+    unit's latency[b, l, c] (plus twice its P2P, as the planner prices a slice's send and
+    receive), over every batch slice with its own token slicing."""
+    with np.load(path) as data:
+        latency, g = data["latency"], int(data["granularity"])
+        p2p = data["p2p"] if "p2p" in data else np.zeros(latency.shape[:2])
+    per = plan["extra"].get("token_slices_per_batch_slice") or [plan["token_slices"]] * len(
+        plan["batch_slices"]
+    )
+    times = []
+    for b, slices in zip(plan["batch_slices"], per):
+        context = 0
+        for length in slices:
+            times.append(latency[b, length // g, context // g] + 2 * p2p[b, length // g])
+            context += length
+    return sum(times) + (stages - 1) * max(times)
+
+
+def _measured_like_table(rng, units, batch):
+    """t(b, l, c) = b·(fixed + α·l + β·l·c), ±15 % noise: equal slicings compete with the
+    DP's, so the simulator sometimes keeps another plan than the formula's optimum."""
+    b, n, c = np.meshgrid(*(np.arange(k + 1) for k in (batch, units, units)), indexing="ij")
+    fixed, alpha, beta = rng.random(3) * [3.0, 2.0, 0.3]
+    return b * (fixed + alpha * n + beta * n * c) * (0.85 + 0.3 * rng.random(b.shape))
+
+
+@pytest.mark.parametrize("score", ["formula", "simulator"])
+def test_terapipe_plan_prints_the_objective_of_the_plan_it_prints(tmp_path, capsys, score):
+    """20 random tables through the CLI: the printed objective is the printed plan's, whatever
+    the score; with the formula it is also the exhaustive optimum; with the simulator the
+    simulated time is printed apart, and the DP's optimum, printed beside a plan the simulator
+    preferred, is the exhaustive one."""
+    kept_other = 0
+    for seed in range(20):
+        rng = np.random.default_rng(500 + seed)
+        units, batch = int(rng.integers(3, 9)), int(rng.integers(1, 4))
+        if batch == 3 and score == "formula":
+            units = min(units, 6)  # the exhaustive free-batch search grows fast
+        g, stages = int(rng.choice([1, 8])), int(rng.integers(2, 9))
+        if seed % 2:
+            latency = _measured_like_table(rng, units, batch)
+        else:
+            latency = random_table(rng, units, batch, integer=False) * 30
+        arrays = dict(latency=latency, granularity=g, seq_length=units * g)
+        if seed % 3 == 0:
+            arrays["p2p"] = rng.random(latency.shape[:2]) * 0.5
+        path = str(tmp_path / f"t{seed}.npz")
+        np.savez(path, **arrays)
+        argv = ["--latency-table", path, "--pipeline-model-parallel-size", str(stages),
+                "--score", score]  # fmt: skip
+        mode, fixed = ("uniform", None) if score == "simulator" else ("free", None)
+        if score == "simulator" and seed % 4 >= 2:  # two micro-batches of one sequence
+            argv += ["--batch-mode", "fixed", "--batch-size", "1", "--num-microbatches", "2"]
+            mode, fixed = "fixed", (1, 1)
+        plan = json.loads(_cli_plan(capsys, [*argv, "--json"]))
+        want = _objective_from_file(path, plan, stages)
+        assert plan["objective"] == pytest.approx(want, rel=1e-12), (seed, plan)
+        text = _cli_plan(capsys, argv)
+        rows = dict(re.findall(r"^  (\S+) \.+ (.*)$", text, re.M))
+        assert float(rows["objective"]) == pytest.approx(want, rel=1e-5), (seed, text)
+        table = latency + 2 * arrays.get("p2p", np.zeros(latency.shape[:2]))[:, :, None]
+        optimum = exhaustive(table[: (1 if fixed else batch) + 1], stages, mode, batch, fixed)
+        if score == "formula":
+            assert plan["simulated_step_time"] is None and "simulated_step_time" not in rows
+            assert plan["predicted_step_time"] == plan["objective"]
+            assert plan["objective"] == pytest.approx(optimum, rel=1e-12)
+        else:
+            assert plan["predicted_step_time"] == plan["simulated_step_time"]
+            assert float(rows["simulated_step_time"]) == pytest.approx(
+                plan["simulated_step_time"], rel=1e-5
+            )
+            dp = plan["extra"].get("dp_objective", plan["objective"])
+            assert dp == pytest.approx(optimum, rel=1e-12)
+            assert plan["objective"] >= optimum * (1 - 1e-12)
+            kept_other += "dp_objective" in plan["extra"]
+    if score == "simulator":  # the case of the report: the simulator kept another plan
+        assert kept_other >= 2, kept_other

@@ -146,7 +146,9 @@ def test_simulator_scoring_uses_the_simulator_api(fake_simulator):
     assert len(fake_simulator) > 10
     assert scored.extra["score"] == "simulator"
     assert scored.predicted_step_time == pytest.approx(formula.predicted_step_time, rel=1e-12)
-    assert scored.extra["formula_step_time"] == pytest.approx(scored.predicted_step_time)
+    assert scored.objective == pytest.approx(scored.predicted_step_time)
+    assert scored.simulated_step_time == scored.predicted_step_time
+    assert formula.objective == formula.predicted_step_time and not formula.simulated
 
 
 def test_simulator_scoring_reports_a_missing_simulator(monkeypatch):

@@ -16,10 +16,12 @@ from megatron_terapipe.slicing import (
     LatencyTableCostModel,
     SlicingPlan,
     broadcast_plan,
+    cost_model_from_args,
     format_plan,
     parse_token_pipeline_slices,
     plan_and_broadcast,
     plan_from_args,
+    predict_step_time,
 )
 
 
@@ -227,7 +229,10 @@ def test_plan_from_args_scores_1f1b_schedules_with_the_simulator():
     args = megatron_args(token_pipeline_schedule="token-1f1b", global_batch_size=2,
                          pipeline_model_parallel_size=2, token_pipeline_granularity=128)
     result = plan_from_args(args)
-    assert result.extra["score"] == "simulator" and "formula_step_time" in result.extra
+    assert result.extra["score"] == "simulator" and result.simulated
+    assert result.predicted_step_time == result.simulated_step_time
+    want, _ = predict_step_time(cost_model_from_args(args), result.token_slices, 2, (1, 1))
+    assert result.objective == pytest.approx(want)  # the plan's own, not the DP's optimum
     assert result.extra["schedule"] == "token-1f1b"
     equal = plan_from_args(megatron_args(**dict(vars(args), token_pipeline_slices="2")))
     assert equal.extra["score"] == "simulator"

@@ -91,7 +91,10 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--num-slices", type=int, help="slice count for equal / equal-flops")
     pl.add_argument("--schedule", choices=SCHEDULES, default="terapipe")
     pl.add_argument("--num-chunks", type=int, default=1, help="virtual stages per rank")
-    pl.add_argument("--score", choices=SCORES, default="formula")
+    pl.add_argument("--score", choices=SCORES, default="formula",
+                    help="rank plans by TeraPipe's objective (formula) or by the schedule "
+                    "simulator's step time; either way the plan prints its own 'objective' and, "
+                    "when simulated, 'simulated_step_time'")
     pl.add_argument("--method", choices=("bisect", "ascending"), default="bisect",
                     help="t_max enumeration: pruned bisection (default) or TeraPipe's sweep")
     pl.add_argument("--compare", action="store_true",
@@ -305,8 +308,11 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
             result["compare"][strategy] = {
                 "token_slices": list(other.token_slices),
                 "predicted_step_time": other.predicted_step_time,
+                "objective": other.objective,
                 "t_max": other.t_max,
             }
+            if other.simulated:
+                result["compare"][strategy]["simulated_step_time"] = other.simulated_step_time
     result["_text"] = format_plan(plan)
     result["_json"] = args.json
     return result
@@ -327,7 +333,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             if "error" in other:
                 print(f"  {name}: {other['error']}")
             else:
-                print(f"  {name}: predicted_step_time {other['predicted_step_time']:.6g} s "
+                simulated = other.get("simulated_step_time")
+                shown = "" if simulated is None else f", simulated_step_time {simulated:.6g} s"
+                print(f"  {name}: predicted_step_time {other['predicted_step_time']:.6g} s, "
+                      f"objective {other['objective']:.6g} s{shown} "
                       f"with {len(other['token_slices'])} slices")
     return 0
 

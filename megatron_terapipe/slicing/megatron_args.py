@@ -9,6 +9,7 @@ the device, so rank 0 plans and broadcasts (`plan_and_broadcast`).
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -206,6 +207,7 @@ def _prefer_equal(plan: SlicingPlan, cost: Any, seq: int, g: int, cap: float | N
         granularity=g,
         dp_token_slices=list(plan.token_slices),
         dp_predicted_step_time=plan.predicted_step_time,
+        dp_objective=plan.objective,
         equal_preference=f"equal slices predicted within {EQUAL_PREFERENCE:.0%} of the DP's plan",
     )
     return best
@@ -237,17 +239,20 @@ def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | No
             f"{SLICES_FLAG} {list(slices)} needs {peak / GIB:.3f} GiB of activations per stage, "
             f"over --token-pipeline-memory-cap={cap:g} GiB; use more slices or 'auto'"
         )
-    step, t_max = predict_step_time(cost, tuple(slices), stages, batch_slices)
+    objective, t_max = predict_step_time(cost, tuple(slices), stages, batch_slices)
     extra: dict[str, Any] = {"schedule": common["schedule"], "score": "formula",
                              "activation_memory_gib": round(peak / GIB, 4), "num_stages": stages}
+    simulated = math.nan
     if common["score"] == "simulator":
         scorer = simulator_scorer(cost, common["schedule"], stages, micro, mbs,
                                   common["num_chunks"], split_backward=common["split_backward"],
                                   flops_model=common["flops_model"])
-        extra.update(formula_step_time=step, score="simulator")
-        step = scorer(tuple(slices))
+        extra.update(score="simulator")
+        simulated = scorer(tuple(slices))
+    step = objective if math.isnan(simulated) else simulated
     return SlicingPlan(tuple(slices), batch_slices, step, t_max, strategy,
-                       getattr(cost, "name", type(cost).__name__), extra)
+                       getattr(cost, "name", type(cost).__name__), extra,
+                       objective=objective, simulated_step_time=simulated)
 
 
 def broadcast_plan(plan: SlicingPlan | None, group: Any = None) -> SlicingPlan:

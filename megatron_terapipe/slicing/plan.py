@@ -23,9 +23,14 @@ PLAN_TITLE = " token pipeline plan "
 class SlicingPlan:
     """Token and batch slices chosen for one pipeline, and what the cost model predicts.
 
-    `predicted_step_time` is the pipeline's forward+backward time of one step (seconds) under
-    the plan's score (extra["score"]); the optimizer step, data loading and the embedding/LM
-    head are not in it. `t_max` is the slowest unit's stage time: TeraPipe's bound.
+    Three numbers, so that a prediction compared with a measured step is always of this plan:
+    `objective` is TeraPipe's Σ t + (K−1)·max t over this plan's units (the DP's objective;
+    the plan's own value, not the DP's optimum when another plan was kept), and
+    `simulated_step_time` is the schedule simulator's makespan of this plan when it was scored
+    by simulation (NaN otherwise). `predicted_step_time` is the one of the two the plan was
+    chosen by (extra["score"]). All are one step's pipeline forward+backward seconds; the
+    optimizer step, data loading and the embedding/LM head are not in them. `t_max` is the
+    slowest unit's stage time: TeraPipe's bound.
     """
 
     token_slices: tuple[int, ...]
@@ -35,12 +40,20 @@ class SlicingPlan:
     strategy: str
     cost_model: str
     extra: dict = field(default_factory=dict)
+    objective: float = math.nan
+    simulated_step_time: float = math.nan
 
     def __post_init__(self) -> None:
         self.token_slices = tuple(int(x) for x in self.token_slices)
         self.batch_slices = tuple(int(x) for x in self.batch_slices)
         self.predicted_step_time = float(self.predicted_step_time)
         self.t_max = float(self.t_max)
+        self.objective = float(self.objective)
+        self.simulated_step_time = float(self.simulated_step_time)
+
+    @property
+    def simulated(self) -> bool:
+        return not math.isnan(self.simulated_step_time)
 
     @property
     def num_token_slices(self) -> int:
@@ -56,6 +69,8 @@ class SlicingPlan:
             "token_slices": list(self.token_slices),
             "batch_slices": list(self.batch_slices),
             "predicted_step_time": _json_float(self.predicted_step_time),
+            "objective": _json_float(self.objective),
+            "simulated_step_time": _json_float(self.simulated_step_time),
             "t_max": _json_float(self.t_max),
             "strategy": self.strategy,
             "cost_model": self.cost_model,
@@ -75,6 +90,8 @@ class SlicingPlan:
             strategy=str(data.get("strategy", "")),
             cost_model=str(data.get("cost_model", "")),
             extra=dict(data.get("extra", {})),
+            objective=_float(data.get("objective", math.nan)),
+            simulated_step_time=_float(data.get("simulated_step_time", math.nan)),
         )
 
 
@@ -117,8 +134,11 @@ def format_plan(plan: SlicingPlan, width: int = 48) -> str:
         ("token_slice_offsets", list(slice_offsets(plan.token_slices))),
         ("batch_slices", list(plan.batch_slices)),
         ("predicted_step_time", plan.predicted_step_time),
+        ("objective", plan.objective),
         ("t_max", plan.t_max),
     ]
+    if plan.simulated:
+        rows.append(("simulated_step_time", plan.simulated_step_time))
     rows += [(str(k), v) for k, v in plan.extra.items()]
     lines = [f"{'-' * 24}{PLAN_TITLE}{'-' * 24}"]
     for name, value in sorted(rows, key=lambda row: row[0].lower()):

@@ -18,6 +18,11 @@ The DP itself is in `dp.py`; this module decides what it is asked:
   the equal strategies' slicings are ranked by the formula, the best `simulator_candidates`
   are simulated together with every equal slicing of up to ALWAYS_SIMULATED_EQUAL slices, and
   the fastest is kept (simulations cost far more than formula scores).
+
+Whatever the score, the plan carries its own TeraPipe objective (`objective`) and, when it was
+simulated, its simulated step time apart (`simulated_step_time`); when the simulator keeps a
+plan other than the DP's, the DP's optimum stays in `extra` (`dp_token_slices`, `dp_objective`),
+so a printed number is never of a different plan than the printed slices.
 """
 
 from __future__ import annotations
@@ -164,6 +169,7 @@ def make_plan(
         batch_slices = sol.batch_slices
         per_slice = tuple(tuple(u * g for u in units) for units in sol.token_units)
         token_slices, step, t_max = per_slice[0], sol.objective, sol.t_max
+        objective, simulated = sol.objective, math.nan
         extra.update(dp_evaluations=sol.evaluations, dp_candidates=sol.candidates)
         if len(set(per_slice)) > 1:
             extra["token_slices_per_batch_slice"] = [list(s) for s in per_slice]
@@ -183,9 +189,11 @@ def make_plan(
                 formula_scorer(table, g, num_stages, batch_slices), simulator_candidates,
                 always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL])
             per_slice = (token_slices,) * len(batch_slices)
-            extra["formula_step_time"] = formula_scorer(table, g, num_stages, batch_slices)(
-                token_slices
-            )
+            simulated, dp_slices = step, tuple(u * g for u in sol.token_units[0])
+            objective = formula_scorer(table, g, num_stages, batch_slices)(token_slices)
+            if token_slices != dp_slices:
+                # The simulator kept another plan: the DP's optimum of the objective, beside it.
+                extra.update(dp_token_slices=list(dp_slices), dp_objective=sol.objective)
             t_max = _t_max(table, g, batch_slices, token_slices)
     else:
         batch_slices = fixed or (batch,)
@@ -198,6 +206,8 @@ def make_plan(
                                    simulator_candidates if score == "simulator" else None)
         per_slice = (token_slices,) * len(batch_slices)
         t_max = _t_max(table, g, batch_slices, token_slices)
+        objective = formula_scorer(table, g, num_stages, batch_slices)(token_slices)
+        simulated = step if score == "simulator" else math.nan
 
     validate_token_slices(token_slices, seq_length, g, "planned token slices")
     if memory is not None:
@@ -212,6 +222,8 @@ def make_plan(
         strategy=strategy,
         cost_model=getattr(cost_model, "name", type(cost_model).__name__),
         extra=extra,
+        objective=objective,
+        simulated_step_time=simulated,
     )
 
 
