@@ -183,6 +183,16 @@ UNSUPPORTED_FEATURES: tuple[UnsupportedFeature, ...] = (
         on_config=(Setting("variable_seq_lengths"),),
     ),
     UnsupportedFeature(
+        "partial activation checkpointing by micro-batch",
+        "num_microbatches_with_partial_activation_checkpoints",
+        "megatron-core chooses the micro-batches to checkpoint from how many its own schedule "
+        "keeps in flight; the token schedules keep other (micro-batch, slice) units in flight, "
+        "so the setting would not checkpoint what it does under stock; use --recompute-* for "
+        "every micro-batch",
+        on_args=(),
+        on_config=(Setting("num_microbatches_with_partial_activation_checkpoints", _not_none),),
+    ),
+    UnsupportedFeature(
         "deferred embedding weight-gradient computation",
         "--defer-embedding-wgrad-compute",
         "it defers the output layer's weight gradient across micro-batches of whole sequences",

@@ -302,6 +302,8 @@ CONFIG_CASES = [
     ("mtp_num_layers", 1, "--mtp-num-layers"),
     ("multi_latent_attention", True, "--multi-latent-attention"),
     ("variable_seq_lengths", True, "variable_seq_lengths"),
+    ("num_microbatches_with_partial_activation_checkpoints", 2,
+     "num_microbatches_with_partial_activation_checkpoints"),
 ]
 
 

@@ -9,6 +9,7 @@ megatron-core version themselves.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from typing import Any
 
@@ -71,3 +72,18 @@ def load_optimizer_state(optimizer: Any, state: Any) -> None:
                 if key in saved_group and key in group:
                     group[key] = saved_group[key]
     optimizer.load_state_dict(state)
+
+
+# -- every release: the autocast megatron-core's forward_step enters -------------------------
+def forward_autocast(config: Any) -> Any:
+    """The context megatron-core's `forward_step` runs the user's forward step in.
+
+    megatron-core autocasts CUDA operations (device type "cuda", whatever the model's device)
+    when `config.enable_autocast` is set; the token pipeline enters the same context so that a
+    sliced forward computes in the dtypes the stock one does, on GPUs and CPUs alike.
+    """
+    if getattr(config, "enable_autocast", False):
+        import torch
+
+        return torch.autocast("cuda", dtype=config.autocast_dtype)
+    return contextlib.nullcontext()

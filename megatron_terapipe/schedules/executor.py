@@ -37,7 +37,7 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
-from megatron_terapipe.compat.megatron_core import backward_step
+from megatron_terapipe.compat.megatron_core import backward_step, forward_autocast
 from megatron_terapipe.config import TokenPipelineConfig
 from megatron_terapipe.model.batch_slicing import slice_batch
 from megatron_terapipe.model.positions import install_rope_offset_hooks
@@ -151,14 +151,19 @@ class _Step:
         self.schedule: Schedule = kw["schedule"]
         self.context: TokenSliceContext = kw["context"]
         self.record: bool = kw["record"]
-        self.pp_group = kw["pp_group"]
+        groups: _ProcessGroups = kw["groups"]
+        self.pp_group = groups.pp
         self.rank = self.pp_group.rank()
         self.num_stages = self.pp_group.size()
         self.num_chunks = len(self.models)
-        communicator = P2PCommunicator(self.pp_group, self.config)
-        self.next_rank, self.prev_rank = communicator.next_rank, communicator.prev_rank
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        self.seq_divisor = tp_size if self.config.sequence_parallel else 1
+        self.next_rank, self.prev_rank = groups.next_rank, groups.prev_rank
+        self.cp_size = groups.cp_size
+        self.seq_divisor = groups.tp_size if self.config.sequence_parallel else 1
+        # megatron-core's check_first_val_step: a validation step that is not the first one
+        # leaves the model's first-micro-batch state (FP8 weight caching) alone
+        self.marks_first_microbatch = not (
+            self.forward_only and kw["first_val_step"] is not None and not kw["first_val_step"]
+        )
 
         self.inputs: dict[tuple, torch.Tensor | None] = {}  # (m, t, v) -> received activation
         self.outputs: dict[tuple, Any] = {}  # (m, t, v) -> forward output kept for backward
@@ -258,13 +263,15 @@ class _Step:
             input_tensor = self.received.pop((FORWARD, m, t, v))
         if v not in self.first_forward_done:
             self.first_forward_done.add(v)
-            if hasattr(model, "set_is_first_microbatch"):
+            if self.marks_first_microbatch and hasattr(model, "set_is_first_microbatch"):
                 model.set_is_first_microbatch()
         get_attr_wrapped_model(model, "set_input_tensor")([input_tensor])
         iterator = self.iterators[v]
         unit = (m, self.context.offsets[t], self.token_slices[t])
         iterator.current = unit
-        with self.timed(FORWARD, m, t, v), self.context.running(v, m, t):
+        with self.timed(FORWARD, m, t, v), self.context.running(v, m, t), forward_autocast(
+            self.config
+        ):
             output, loss_func = self.forward_step_func(iterator, model)
         if t == len(self.token_slices) - 1:
             iterator.done_with(m)
@@ -329,7 +336,7 @@ class _Step:
         """The slice's share of the loss the stock schedule would backpropagate."""
         record = self.losses[m]
         loss = record.losses.pop(t)
-        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_size = self.cp_size
         if record.three_values:
             if self.config.calculate_per_token_loss:
                 return loss
@@ -438,6 +445,40 @@ class _Step:
             if not batch.recvs:
                 batch.completed = True
             self.release_sends(batch)
+
+
+@dataclass(frozen=True)
+class _ProcessGroups:
+    """The groups and peers a step runs on: a passed `p2p_communicator` / `pg_collection`
+    (megatron-core's keywords) where given, megatron-core's global groups otherwise."""
+
+    pp: Any
+    next_rank: int
+    prev_rank: int
+    tp_size: int
+    cp_size: int
+
+    @classmethod
+    def of(cls, config, p2p_communicator=None, pg_collection=None) -> _ProcessGroups:
+        if p2p_communicator is not None:
+            pp = p2p_communicator.pp_group
+        elif pg_collection is not None and getattr(pg_collection, "pp", None) is not None:
+            pp = pg_collection.pp
+        else:
+            pp = parallel_state.get_pipeline_model_parallel_group()
+        communicator = p2p_communicator or P2PCommunicator(pp, config)
+
+        def size(name: str, fallback: Callable[[], int]) -> int:
+            group = getattr(pg_collection, name, None) if pg_collection is not None else None
+            return group.size() if group is not None else fallback()
+
+        return cls(
+            pp=pp,
+            next_rank=communicator.next_rank,
+            prev_rank=communicator.prev_rank,
+            tp_size=size("tp", parallel_state.get_tensor_model_parallel_world_size),
+            cp_size=size("cp", parallel_state.get_context_parallel_world_size),
+        )
 
 
 @dataclass
@@ -651,18 +692,13 @@ class TokenPipelineForwardBackward:
             )
         mconfig = get_model_config(models[0])
         check_token_pipeline_support(mconfig, models)
-        pp_group = (
-            pg_collection.pp
-            if pg_collection is not None and hasattr(pg_collection, "pp")
-            else parallel_state.get_pipeline_model_parallel_group()
-        )
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        groups = _ProcessGroups.of(mconfig, p2p_communicator, pg_collection)
         token_slices = self.config.resolve_token_slices(
-            seq_length, multiple_of=tp_size if mconfig.sequence_parallel else 1
+            seq_length, multiple_of=groups.tp_size if mconfig.sequence_parallel else 1
         )
         shape = (
             self.config.schedule,
-            pp_group.size(),
+            groups.pp.size(),
             num_microbatches,
             len(token_slices),
             len(models),
@@ -706,7 +742,8 @@ class TokenPipelineForwardBackward:
             schedule=schedule,
             context=context,
             record=self.config.record_timeline,
-            pp_group=pp_group,
+            groups=groups,
+            first_val_step=first_val_step,
             device=device,
             grad_sync=grad_sync,
         )
