@@ -12,6 +12,8 @@ import time
 
 import torch
 
+RANGE_PREFIX = "pipeline "
+
 
 def device_synchronize() -> None:
     """Wait for all work queued on the current CUDA device (nothing to wait for on CPU)."""
@@ -25,13 +27,24 @@ def synchronized_clock() -> float:
     return time.perf_counter()
 
 
+def action_range_name(kind: str, microbatch: int = -1, token_slice: int = -1,
+                      chunk: int = -1) -> str:
+    """The profiler range name of one schedule action, the same for the token executor and the
+    benchmark's stock recorder, so that a trace of either reads like its schedule."""
+    if microbatch < 0:
+        return f"{RANGE_PREFIX}{kind}"
+    return f"{RANGE_PREFIX}{kind} m{microbatch} t{token_slice} v{chunk}"
+
+
 class StepClock:
     """Timestamps inside one step with a single device synchronisation, at `finish()`.
 
     On CUDA each `mark()` records an event on the current stream (no host wait) and `finish()`
     synchronises once and converts every mark to seconds since `start()`; on the CPU marks are
     `time.perf_counter()` readings. Per-action timelines use it so that recording them does not
-    add a host synchronisation per action.
+    add a host synchronisation per action. The token executor and the benchmark's stock recorder
+    both time their actions with it and open `range()` around each, so that the two are timed
+    and instrumented alike.
     """
 
     def __init__(self) -> None:
@@ -49,6 +62,13 @@ class StepClock:
             event.record()
             return event
         return time.perf_counter()
+
+    @staticmethod
+    def range(kind: str, microbatch: int = -1, token_slice: int = -1,
+              chunk: int = -1) -> torch.profiler.record_function:
+        """A `torch.profiler` range for one action (a no-op unless a profiler is recording)."""
+        return torch.profiler.record_function(
+            action_range_name(kind, microbatch, token_slice, chunk))
 
     def finish(self) -> None:
         """Wait once for the device, so that `seconds` can read every mark."""

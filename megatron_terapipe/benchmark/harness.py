@@ -6,6 +6,9 @@ time is the median over rounds. Round 0 is the warm-up; it also measures peak ac
 (saved-tensor hooks cost a little time, so they stay out of the timed rounds) and the losses.
 Every rank keeps the memory it frees (compat.allocator): no variant pays the page faults of
 re-faulted activations, an allocator term a GPU run does not have.
+Stock and token steps are timed alike: the step's wall time by `synchronized_clock` around the
+call, its actions by one `StepClock` per step (the executor's own, the stock recorder's), which
+synchronises the device at its start and end only, with a profiler range around each action.
 Planned variants get their slices after round 0: DP-planned ones from costs fitted to round 0's
 timelines, `auto` ones from the product's own planner (benchmark.planning).
 """
@@ -107,7 +110,8 @@ class _Runner:
             faults0 = minor_page_faults()
             t0 = synchronized_clock()
             if self.recorder is not None:
-                self.recorder.start(t0)
+                # What the token executor does inside func: barrier, StepClock.start
+                self.recorder.start(pp_group)
             losses = self.func(
                 forward_step_func=forward_step,
                 data_iterator=data,
@@ -117,6 +121,8 @@ class _Runner:
                 micro_batch_size=spec.micro_batch_size,
                 forward_only=False,
             )
+            if self.recorder is not None:
+                self.recorder.finish()  # as the executor's finish_timeline, inside func
             elapsed = synchronized_clock() - t0
             self.cpu_time = time.process_time() - cpu0
             self.page_faults = minor_page_faults() - faults0

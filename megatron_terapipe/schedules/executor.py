@@ -204,12 +204,15 @@ class _Step:
 
     @contextlib.contextmanager
     def timed(self, kind: str, microbatch: int = -1, token_slice: int = -1, chunk: int = -1):
-        if not self.record:
+        # A profiler range per action whether or not the timeline is recorded, named as the
+        # benchmark's stock recorder names megatron-core's actions (StepClock.range).
+        with self.clock.range(kind, microbatch, token_slice, chunk):
+            if not self.record:
+                yield
+                return
+            start = self.clock.mark()
             yield
-            return
-        start = self.clock.mark()
-        yield
-        self.marks.append((kind, microbatch, token_slice, chunk, start, self.clock.mark()))
+            self.marks.append((kind, microbatch, token_slice, chunk, start, self.clock.mark()))
 
     def finish_timeline(self) -> None:
         """Turn the step's marks into records (one device synchronisation for the whole step)."""
