@@ -51,10 +51,10 @@ from megatron_terapipe.benchmark.spec import (  # noqa: E402
     with_split_backward,
 )
 
-# Issue 12's goals for the best token variant over same-kernel stock 1F1B (PP=2, 8 layers,
+# Goals for the best token variant over same-kernel stock 1F1B (PP=2, 8 layers,
 # h256, seq 2048); the limits are 2x (M=1) and 1.25x (M=4), the 1F1B bubble.
 TARGETS = {1: 1.65, 4: 1.10}
-AUTO_TOLERANCE = 0.05  # issue 12: auto within 5 % of the best equal-S
+AUTO_TOLERANCE = 0.05  # auto within 5 % of the best equal-S
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

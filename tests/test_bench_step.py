@@ -9,6 +9,7 @@ from megatron_terapipe.benchmark.compare import verdict
 from megatron_terapipe.benchmark.host_noise import (
     is_quiet,
     noise_note,
+    outliers,
     round_spread,
     undecided_reason,
 )
@@ -223,3 +224,42 @@ def test_bench_step_runs_with_overlapped_grad_reduce(capsys):
     notes = result["config"]["notes"]
     assert any("memory not measured with --overlap-grad-reduce" in n for n in notes)
     assert result["contention"] is None
+
+
+# One spiked round on a quiet host (S = 1 of a single-stage run, load < 1): the old gauge,
+# (max - min) / median over every round, called it 60 % and decided nothing.
+SPIKED = [1.17, 1.15, 1.34, 1.86, 1.20, 1.16]
+NOISY = [1.20, 1.45, 1.31, 1.62, 1.15, 1.38]  # no spike: the rounds themselves spread 35 %
+
+
+def test_spiked_rounds_are_set_aside_and_named():
+    assert outliers(SPIKED) == [2, 3]  # +13 % and +57 %, against a 4.3 % spread of the rest
+    assert round_spread(SPIKED) == pytest.approx((1.20 - 1.15) / 1.165)
+    assert is_quiet(SPIKED) and undecided_reason({"S=1": SPIKED}) is None
+    note = noise_note({"S=1": SPIKED})
+    assert note.startswith("host: quiet") and "2 of 6 rounds set aside" in note
+    assert "round 4 +57 %" in note
+
+
+def test_a_truly_noisy_host_is_still_not_judged():
+    assert outliers(NOISY) == [] and not is_quiet(NOISY)
+    assert "rounds spread 34.9 %" in undecided_reason({"stock": NOISY})
+    # More than a third of the rounds spiking is a noisy host, not a spike.
+    many = [1.0, 1.0, 1.01, 1.0, 1.5, 1.6, 1.7]
+    assert outliers(many) == [4, 5, 6] and not is_quiet(many)
+    assert "3 of 7 rounds set aside" in undecided_reason({"stock": many})
+    # Three rounds are too few to call one of them a spike.
+    assert outliers([1.03, 1.3, 1.04]) == [] and not is_quiet([1.03, 1.3, 1.04])
+
+
+def test_bench_step_decides_its_goal_through_one_spiked_baseline_round():
+    bench = _bench_step()
+    spiked = [2.0, 2.01, 2.6, 1.99, 2.02, 2.0]
+    rows = [_row("token-1f1b S=8", "token", [1.0, 1.05, 1.02], baseline_times=spiked, s=8),
+            _row("stock 1F1B", "stock-1f1b", spiked, baseline=True)]
+    summary = bench.summarise(rows, 1)
+    assert summary["host_quiet"] is True and summary["target_met"] is True
+    noisy = [2.0, 2.4, 2.1, 2.6, 1.9, 2.3]
+    rows = [_row("token-1f1b S=8", "token", [1.0, 1.05, 1.02], baseline_times=noisy, s=8),
+            _row("stock 1F1B", "stock-1f1b", noisy, baseline=True)]
+    assert bench.summarise(rows, 1)["target_met"] is None

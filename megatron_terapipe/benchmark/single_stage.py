@@ -33,7 +33,7 @@ from megatron_terapipe.benchmark.host_noise import noise_note, undecided_reason
 from megatron_terapipe.compat.allocator import allocator_note, keep_freed_memory
 
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
-# Issue 12's goals against S = 1: t_8/t_1 (median rounds) and peak memory at S = 8 and 16.
+# Goals against S = 1: t_8/t_1 (median rounds) and peak memory at S = 8 and 16.
 TARGETS = {"time_8": 1.04, "memory_8": 1.10, "memory_16": 1.15}
 
 
