@@ -9,8 +9,8 @@ user who builds the config in Python, with the same flag name in both messages.
 
 Plain Python only: `arguments.py` imports this before torch loads.
 
-The audit behind the table (megatron-core 0.16.1 `TransformerConfig` and
-`ModelParallelConfig`) is written up in docs/gpu.md ("Unsupported features").
+The audit behind the table (megatron-core's `TransformerConfig` and every `ModelParallelConfig`
+field of the releases supported) is written up in docs/gpu.md ("Unsupported features").
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ class Setting:
 
     attr: str
     is_on: Callable[[Any], bool] = bool
+    # the megatron-core release that introduced the attribute, when it is newer than the
+    # oldest supported one (absent attributes are simply off on older releases)
+    since: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +184,15 @@ UNSUPPORTED_FEATURES: tuple[UnsupportedFeature, ...] = (
         "the schedule is planned for one sequence length",
         on_args=(),
         on_config=(Setting("variable_seq_lengths"),),
+    ),
+    UnsupportedFeature(
+        "generalized tensor parallelism (weight rematerialization)",
+        "--tensor-parallel-num-weight-shards",
+        "its weights are all-gathered and their gradients reduced once per layer call, and the "
+        "token pipeline makes one call per slice; that has not been checked against stock, so "
+        "it is refused rather than trusted; use --tensor-parallel-num-weight-shards equal to "
+        "--tensor-model-parallel-size",
+        **_same(Setting("gtp_weight_remat_size", _above_one, since="0.19.0")),
     ),
     UnsupportedFeature(
         "partial activation checkpointing by micro-batch",
