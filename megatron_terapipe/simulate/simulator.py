@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from megatron_terapipe.schedules.communication import canonical_ops
+from megatron_terapipe.schedules.in_flight import in_flight
 from megatron_terapipe.schedules.ir import (
-    BACKWARD,
     FORWARD,
     WEIGHT_GRAD,
     Compute,
@@ -197,31 +197,18 @@ def simulate(
 def _peak_activations(
     schedule: Schedule, slices: tuple[int, ...], context: list[int], costs: ActionCosts
 ) -> tuple[list[int], list[float] | None]:
-    """High-water marks over each rank's order: a forward's activations live until its
-    backward. Order alone decides them, so they do not depend on timing. A split backward's
-    activations count as freed at its B: its W follows right after (`split_backward_orders`),
-    holding one slice's GEMM operands at most."""
-    counts: list[int] = []
-    nbytes: list[float] | None = [] if costs.activation_bytes is not None else None
-    for rank in range(schedule.num_stages):
-        held = peak = 0
-        held_bytes = peak_bytes = 0.0
-        for c in schedule.computes(rank):
-            size = 0.0
-            if costs.activation_bytes is not None:
-                size = float(costs.activation_bytes(slices[c.token_slice], context[c.token_slice]))
-            if c.kind == FORWARD:
-                held += 1
-                held_bytes += size
-                peak = max(peak, held)
-                peak_bytes = max(peak_bytes, held_bytes)
-            elif c.kind == BACKWARD:
-                held -= 1
-                held_bytes -= size
-        counts.append(peak)
-        if nbytes is not None:
-            nbytes.append(peak_bytes)
-    return counts, nbytes
+    """High-water marks over each rank's order, from the derivation the memory model shares
+    (`schedules.in_flight`)."""
+    weigh = None
+    if costs.activation_bytes is not None:
+        size = costs.activation_bytes
+
+        def weigh(c: Compute) -> float:
+            return float(size(slices[c.token_slice], context[c.token_slice]))
+
+    marks = in_flight(schedule, weigh)
+    nbytes = None if weigh is None else [float(m.unit_bytes or 0.0) for m in marks]
+    return [m.units for m in marks], nbytes
 
 
 def _label(schedule: Schedule, slices: tuple[int, ...], costs: ActionCosts) -> str:
