@@ -69,6 +69,10 @@ def initialize_distributed(args: Namespace) -> None:
         torch.cuda.set_device(local_rank % torch.cuda.device_count())
     if not torch.distributed.is_initialized():
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        if "WORLD_SIZE" not in os.environ and "MASTER_PORT" not in os.environ:
+            # One process started without a launcher: a port of its own, so that two such
+            # runs on one machine (or one beside a torchrun on 29500) do not collide.
+            os.environ["MASTER_PORT"] = str(_free_port())
         os.environ.setdefault("MASTER_PORT", "29500")
         os.environ.setdefault("RANK", "0")
         os.environ.setdefault("WORLD_SIZE", "1")
@@ -123,3 +127,11 @@ def shutdown() -> None:
     parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
