@@ -48,6 +48,7 @@ from megatron_terapipe.model.weight_grad_deferral import (
     install_weight_grad_deferral,
     split_backward_problems,
 )
+from megatron_terapipe.schedules.communication import canonical_ops
 from megatron_terapipe.schedules.generators import build_schedule, schedule_from_orders
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
@@ -394,7 +395,7 @@ class _Step:
         """Post the group's ops in one batched call; nothing waits here."""
         batch = _PostedBatch()
         p2p_ops = []
-        for op in group.ops:
+        for op in canonical_ops(group.ops):  # the order the network model checked
             key = (op.kind, op.microbatch, op.token_slice, op.chunk)
             if op.is_send:
                 tensor = self.to_send.pop(key)
