@@ -1,8 +1,9 @@
 """Non-DP slicings to compare against, and the two ways of scoring a slicing.
 
 - equal: equal token counts (what `--token-pipeline-slices N` runs).
-- equal-flops: Seq1F1B's split, equal FLOPs per slice. With causal attention a slice after c
-  tokens costs α·l + β·(l·c + l(l+1)/2), so later slices are shorter.
+- equal-flops: Seq1F1B's computation-wise split, FLOPs per slice as equal as whole granules
+  allow. On the analytic model's count a slice of l tokens after c costs α·l + β·l·(c + l),
+  so later slices are shorter.
 - formula score: TeraPipe's Σ t + (K−1)·max t, exact for its GPipe-like schedule.
 - simulator score: the makespan of the chosen schedule from the schedule simulator, because
   for 1F1B-style token schedules the step time is not that formula.
@@ -24,39 +25,48 @@ Scorer = Callable[[tuple[int, ...]], float]
 def equal_flops_slices(
     seq_length: int, num_slices: int, granularity: int, attention_to_linear: float
 ) -> tuple[int, ...]:
-    """Seq1F1B's split: boundaries where cumulative FLOPs reach k/n of the total.
+    """Seq1F1B's computation-wise split: slices whose FLOPs are as equal as whole granules allow.
 
-    `attention_to_linear` is β/α: attention FLOPs per (query, key) pair over linear-layer FLOPs
-    per token (4h / (2·params per layer) for a GPT layer). Boundaries are rounded to the nearest
-    multiple of `granularity` with every slice at least one granule.
+    Equal token counts overload the late slices (their queries see more keys), TeraPipe's DP
+    optimises a step-time model instead; this is the split a peer method runs, so the
+    benchmarks can set it beside ours. A slice's FLOPs are `AnalyticCostModel.forward_flops`,
+    the planner's own count, over the linear FLOPs of one token (`slice_flops`): l tokens ending
+    at token e cost l·(1 + ρ·e), ρ = `attention_to_linear` (`attention_to_linear_ratio`); the
+    kernel computes each slice's masked square too, so a slice's queries meet all e keys.
+
+    "As equal as allowed" is exact, not a rounding of ideal boundaries: the largest slice FLOPs
+    is the least of any split into `num_slices` multiples of `granularity` (the pipeline's pace
+    is its costliest slice); among those splits the smallest slice FLOPs is the largest
+    possible; the remaining ties go to the longest slices first. That split is non-increasing:
+    lengthening an earlier, shorter slice by a granule at the expense of the later, longer one
+    never raises the pair's larger cost nor lowers its smaller one.
     """
     equal_token_slices(seq_length, num_slices, granularity)  # same argument checks and errors
-    if attention_to_linear < 0:
-        raise ValueError(f"attention_to_linear must be >= 0, got {attention_to_linear}")
-    ratio, g, n = float(attention_to_linear), granularity, num_slices
+    ratio = float(attention_to_linear)
+    if not (ratio >= 0 and math.isfinite(ratio)):
+        raise ValueError(f"attention_to_linear must be a finite number >= 0, got "
+                         f"{attention_to_linear!r}")
+    units = seq_length // granularity
+    if num_slices in (1, units):
+        return equal_token_slices(seq_length, num_slices, granularity)
+    flops = _SliceFlops(units, granularity, ratio)
+    return flops.balanced_split(num_slices, flops.smallest_max(num_slices))
 
-    def work(x: float) -> float:
-        return x + ratio * x * (x + 1) / 2.0
 
-    total = work(seq_length)
-    bounds = [0]
-    for k in range(1, n):
-        target = total * k / n
-        # Solve x + ratio·x(x+1)/2 = target for x ≥ 0.
-        if ratio == 0:
-            x = target
-        else:
-            a, b = ratio / 2.0, 1.0 + ratio / 2.0
-            x = (-b + math.sqrt(b * b + 4 * a * target)) / (2 * a)
-        x = int(round(x / g)) * g
-        lo, hi = bounds[-1] + g, seq_length - (n - k) * g
-        bounds.append(min(max(x, lo), hi))
-    bounds.append(seq_length)
-    return tuple(int(b - a) for a, b in zip(bounds, bounds[1:]))
+def slice_flops(token_slices: Sequence[int], attention_to_linear: float) -> list[float]:
+    """Per slice, the FLOPs `equal_flops_slices` equalises, in linear FLOPs of one token:
+    l·(1 + ρ·e) for l tokens ending at token e (forward_flops / (2·params per layer))."""
+    out, end = [], 0
+    for length in token_slices:
+        end += int(length)
+        out.append(length * (1.0 + float(attention_to_linear) * end))
+    return out
 
 
 def attention_to_linear_ratio(model: Any) -> float:
-    """β/α of a model with `hidden_size` and `params_per_layer` (AnalyticCostModel)."""
+    """β/α of a model with `hidden_size` and `params_per_layer` (AnalyticCostModel): attention
+    FLOPs per (query, key) pair, 4h, over linear FLOPs per token, 2·params per layer; both
+    scale with batch and tensor parallelism alike, so only the model dims matter."""
     if not hasattr(model, "params_per_layer") or not hasattr(model, "hidden_size"):
         raise ValueError(
             "the equal-flops strategy needs model dims (hidden size, layer parameters); "
@@ -166,3 +176,132 @@ class _Memo:
         if key not in self._p2p:
             self._p2p[key] = float(self.model.p2p_time(*key))
         return self._p2p[key]
+
+
+class _SliceFlops:
+    """FLOPs of the slice from granule i to granule j (over the linear FLOPs of one token):
+    w(i, j) = g·(j - i)·(1 + ρ·g·j). For a fixed end it falls as the start moves right, for a
+    fixed start it rises with the end; both searches below rest on that."""
+
+    def __init__(self, units: int, granularity: int, ratio: float) -> None:
+        self.units, self.g, self.ratio = units, float(granularity), ratio
+
+    def cost(self, i: Any, j: Any) -> Any:
+        return self.g * (j - i) * (1.0 + self.ratio * self.g * j)
+
+    def last_end(self, i: np.ndarray, limit: float, strict: bool = False) -> np.ndarray:
+        """Per start i, the last end j in [i, U] with w(i, j) <= limit (< limit if strict)."""
+        g, r, units = self.g, self.ratio, self.units
+        i = np.asarray(i, dtype=np.int64)
+        base = g * i.astype(np.float64) + limit  # g·j + r·g²·j² − r·g²·i·j = g·i + limit
+        if r == 0.0:
+            root = base / g
+        else:
+            a, b = r * g * g, g * (1.0 - r * g * i)
+            disc = np.sqrt(b * b + 4.0 * a * base)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                root = np.where(b < 0, (disc - b) / (2.0 * a), 2.0 * base / (b + disc))
+        j = np.clip(np.floor(root), i, units).astype(np.int64)
+
+        def within(end: np.ndarray) -> np.ndarray:
+            w = self.cost(i, end)
+            return w < limit if strict else w <= limit
+
+        # The root is within a granule or two of the answer; step to it exactly.
+        while True:
+            up = (j < units) & within(np.minimum(j + 1, units))
+            down = (j > i) & ~within(j)
+            if not (up.any() or down.any()):
+                return j
+            j = j + up - down
+
+    def _last_end(self, i: int, limit: float) -> int:
+        """`last_end` for one start, in plain floats (the greedy calls it once per slice)."""
+        g, r, units = self.g, self.ratio, self.units
+        base = g * i + limit
+        if r == 0.0:
+            root = base / g
+        else:
+            a, b = r * g * g, g * (1.0 - r * g * i)
+            disc = math.sqrt(b * b + 4.0 * a * base)
+            root = (disc - b) / (2.0 * a) if b < 0 else 2.0 * base / (b + disc)
+        j = min(max(int(math.floor(root)), i), units)
+        while j < units and self.cost(i, j + 1) <= limit:
+            j += 1
+        while j > i and self.cost(i, j) > limit:
+            j -= 1
+        return j
+
+    def greedy(self, limit: float, most: int) -> list[int] | None:
+        """Ends of the split taking every slice as long as `limit` allows, or None if that
+        needs more than `most` slices. No split under `limit` needs fewer slices: its k-th end
+        is never past the greedy one's (a slice shrunk from the left costs less)."""
+        ends, i = [], 0
+        while i < self.units:
+            j = self._last_end(i, limit)
+            if j == i or len(ends) == most:
+                return None
+            ends.append(j)
+            i = j
+        return ends
+
+    def smallest_max(self, n: int) -> float:
+        """The least largest-slice FLOPs of any split into at most (so exactly: a slice cut in
+        two costs less) n slices: a bisection over the limit, each feasible limit replaced by
+        the greedy split's own largest slice, until no float lies between an infeasible limit
+        and a feasible one."""
+        low, high = 0.0, float(self.cost(0, self.units))
+        while True:
+            mid = 0.5 * (low + high)
+            if not low < mid < high:
+                return high
+            ends = self.greedy(mid, n)
+            if ends is None:
+                low = mid
+            else:
+                high = max(float(self.cost(i, j)) for i, j in zip([0, *ends[:-1]], ends))
+
+    def balanced_split(self, n: int, top: float) -> tuple[int, ...]:
+        """Among the splits into n slices none above `top`, the one whose smallest slice is
+        largest (ties: longest slices first), as token lengths.
+
+        The smallest slice of the best split is one of the slice costs under `top`: a binary
+        search over them, each step asking whether n slices, all within [floor, top], cover
+        the sequence (from each start the allowed ends are one run of granules)."""
+        units = self.units
+        starts = np.arange(units)
+        last = self.last_end(starts, top)  # the longest slice from each start
+
+        def reachable(floor: float) -> tuple[list[np.ndarray], np.ndarray]:
+            """done[k][i]: granules i.. split into k slices, each within [floor, top]."""
+            first = np.maximum(self.last_end(starts, floor, strict=True), starts) + 1
+            ok = first <= last
+            done = [np.zeros(units + 1, dtype=bool)]
+            done[0][units] = True
+            for _ in range(n):
+                prefix = np.concatenate(([0], np.cumsum(done[-1])))
+                hit = np.zeros(units + 1, dtype=bool)
+                hit[:units][ok] = prefix[last[ok] + 1] > prefix[first[ok]]
+                done.append(hit)
+            return done, first
+
+        lengths = last - starts
+        owner = np.repeat(starts, lengths)
+        ends = owner + 1 + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths,
+                                                                 lengths)
+        floors = np.unique(self.cost(owner, ends))
+        low, high = 0, len(floors)  # floors[low] feasible (any split within top), high not
+        while high - low > 1:
+            mid = (low + high) // 2
+            if reachable(float(floors[mid]))[0][n][0]:
+                low = mid
+            else:
+                high = mid
+        done, first = reachable(float(floors[low]))
+        out, i = [], 0
+        for k in range(n, 0, -1):
+            options = np.flatnonzero(done[k - 1][first[i]:last[i] + 1])
+            j = int(first[i] + options[-1])
+            out.append((j - i) * int(self.g))
+            i = j
+        return tuple(out)
