@@ -3,8 +3,9 @@
 The GPU machine has torch, numpy, pytest, matplotlib and numba, and no network: megatron-core
 (the release pip takes on its Python; and, for upstream Megatron-LM's pretrain_gpt.py, six,
 regex, pyyaml, pydantic) travel as wheels made by scripts/gpu_prepare.sh and are installed
-with `pip install --no-index --no-deps --target`. What is missing and has no wheel is reported
-by name, not as a crash.
+with `pip install --no-index --no-deps --target`, one wheel per pip call: one bad wheel then
+costs only the packages that need it, and only the steps that need those (`STEPS_NEEDING`)
+are skipped. Every package's result is reported by name, not as a crash.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 # import name -> wheel distribution names (as in wheel file names, lower case, '_' for '-').
 NEEDED = {
@@ -22,6 +24,10 @@ NEEDED = {
     "packaging": ("packaging",),
     "psutil": ("psutil",),
 }
+# At most this long for one pip call (a wheel of a few MB installs in seconds).
+PIP_TIMEOUT_S = 60.0
+# Which steps cannot run without a module (the others still run when it is unavailable).
+STEPS_NEEDING = {"megatron.core": "abcde", "packaging": "abcde", "psutil": "abcde"}
 UPSTREAM = {
     "six": ("six",),
     "regex": ("regex",),
@@ -54,41 +60,69 @@ def _release(path: str) -> tuple[int, ...]:
     return tuple(int(n) for n in re.findall(r"\d+", version.split("+")[0]))
 
 
-def ensure(wheel_dir: str | None, site: str) -> dict:
-    """Install the carried wheels of missing packages into `site`; report what is missing."""
-    report: dict = {"installed": [], "missing": [], "site": site}
-    wanted = []
+def ensure(wheel_dir: str | None, site: str, deadline: float | None = None) -> dict:
+    """Install the carried wheels of missing packages into `site`, one pip call per wheel,
+    each pip call's timeout what is left until `deadline` (epoch seconds) at most.
+
+    Returns {"installed": modules now importable from `site`, "missing": one line per module
+    that is unavailable and why, "unavailable": {module: steps that need it}, "packages":
+    one row per module with its wheels' results, "site": site}."""
+    report: dict = {"installed": [], "missing": [], "unavailable": {}, "packages": [],
+                    "site": site}
+    done: dict[str, str | None] = {}  # wheel path -> None (installed) or pip's error
     for module, dists in {**NEEDED, **UPSTREAM}.items():
+        steps = STEPS_NEEDING.get(module, "e")
+        row: dict = {"module": module, "needed_by": steps}
         if _importable(module):
+            report["packages"].append(dict(row, status="present"))
             continue
         paths = [_wheel(wheel_dir, d) for d in dists] if wheel_dir else [None]
-        if all(paths):
-            wanted.extend(paths)
+        use = " (needed by step e only)" if steps == "e" else ""
+        if not all(paths):
+            absent = [d for d, p in zip(dists, paths) if not p] if wheel_dir else list(dists)
+            why = (f"not installed and no wheel of {', '.join(absent)} in "
+                   f"{wheel_dir or '<no wheel folder>'} (scripts/gpu_prepare.sh makes them)")
+            report["missing"].append(f"{module}{use}: {why}")
+            report["unavailable"][module] = steps
+            report["packages"].append(dict(row, status="no wheel", reason=why))
+            continue
+        errors = []
+        for path in paths:
+            if path not in done:
+                done[path] = _pip_install(path, site, deadline)
+            if done[path]:
+                errors.append(f"{os.path.basename(path)}: {done[path]}")
+        row["wheels"] = [os.path.basename(p) for p in paths]
+        if errors:
+            why = "pip install failed: " + " | ".join(errors)
+            report["missing"].append(f"{module}{use}: {why}")
+            report["unavailable"][module] = steps
+            report["packages"].append(dict(row, status="failed", reason=why))
+        else:
             report["installed"].append(module)
-        else:
-            use = " (needed by step e only)" if module in UPSTREAM else ""
-            report["missing"].append(
-                f"{module}{use}: not installed and no wheel in "
-                f"{wheel_dir or '<no wheel folder>'} (scripts/gpu_prepare.sh makes them)"
-            )
-    if wanted:
-        os.makedirs(site, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
-               "--no-compile", "--no-cache-dir", "--upgrade", "--target", site, *wanted]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            report["missing"].append(f"pip install failed: {done.stderr.strip()[-400:]}")
-            report["installed"] = []
-        else:
-            _noop_helpers_makefile(site)
+            report["packages"].append(dict(row, status="installed"))
     return report
 
 
-def _noop_helpers_makefile(site: str) -> None:
-    """Upstream's initialize runs `make` in megatron/core/datasets to build helpers_cpp; the
-    wheel ships that library prebuilt but no Makefile, so `make` would fail."""
-    datasets = os.path.join(site, "megatron", "core", "datasets")
-    makefile = os.path.join(datasets, "Makefile")
-    if glob.glob(os.path.join(datasets, "helpers_cpp*.so")) and not os.path.exists(makefile):
-        with open(makefile, "w", encoding="utf-8") as handle:
-            handle.write("default:\n\t@echo helpers_cpp is prebuilt in the megatron-core wheel\n")
+def _pip_install(wheel: str, site: str, deadline: float | None) -> str | None:
+    """Install one wheel into `site` (no index, no dependencies); None, or pip's error."""
+    timeout_s = PIP_TIMEOUT_S if deadline is None else min(PIP_TIMEOUT_S,
+                                                           deadline - time.time())
+    if timeout_s < 1:
+        return "not installed: no time left in the budget"
+    os.makedirs(site, exist_ok=True)
+    cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps",
+           "--no-compile", "--no-cache-dir", "--upgrade", "--target", site, wheel]
+    try:
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return f"pip timed out after {timeout_s:.0f} s"
+    if result.returncode != 0:
+        return (result.stderr.strip() or result.stdout.strip())[-400:] or \
+            f"exit status {result.returncode}"
+    return None
+
+
+def unavailable_for(report: dict, step: str) -> list[str]:
+    """The unavailable modules step `step` needs (it is skipped when there are any)."""
+    return sorted(m for m, steps in report.get("unavailable", {}).items() if step in steps)
