@@ -6,6 +6,9 @@
 #                                            dependencies (six, regex, pyyaml, pydantic
 #                                            and its deps, psutil, packaging)
 #   .gpu_carry/megatron-lm-<tag>.tar         git archive of Megatron-LM's training files
+# and checks here that patches/ applies to that archive with the same Python code the GPU
+# check's step e runs there (the GPU machine may have no git, patch or make), so a patch that
+# no longer applies is found before device time is spent.
 #
 #   bash scripts/gpu_prepare.sh [MEGATRON_LM_GIT]
 #
@@ -53,6 +56,21 @@ for path in pretrain_gpt.py gpt_builders.py model_provider.py megatron/training 
     fi
 done
 git --git-dir="$GIT_DIR_" archive "$TAG" "${PATHS[@]}" > "$CARRY/megatron-lm-$TAG.tar"
+
+# The device machine applies the patch in Python (gpu_check/upstream.py); do the same here.
+CHECK_DIR="$(mktemp -d)"
+PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PY" - "$CARRY/megatron-lm-$TAG.tar" \
+        "$CHECK_DIR" "$TAG" <<'PYEOF'
+import os, sys, tarfile
+from megatron_terapipe.gpu_check.upstream import patched_tree
+archive, work, tag = sys.argv[1:]
+tarfile.open(archive).extractall(os.path.join(work, "src"), filter="data")
+tree, found = patched_tree(os.path.join(work, "src"), work)
+if found != tag:
+    sys.exit(f"gpu_prepare: the archive of {tag} takes patches/megatron-lm-{found}.patch")
+print(f"gpu_prepare: patches/megatron-lm-{tag}.patch applies to the archive (in Python)")
+PYEOF
+rm -rf "$CHECK_DIR"
 
 ls -l "$CARRY/wheels" "$CARRY/megatron-lm-$TAG.tar"
 du -sh "$CARRY"

@@ -6,6 +6,7 @@ import json
 import os
 import socket
 import sys
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,16 +16,104 @@ def write_record(path: str, record: dict[str, Any]) -> None:
         json.dump(record, handle, indent=1, default=str)
 
 
+class RowWriter:
+    """Appends one JSON line per finished row to a step's result file, flushed and synced at
+    once: a step killed at the end of its window (or the whole device call cut off) still
+    leaves every row it finished, and `read_rows` reads them back."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._handle = open(path, "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(row, default=str) + "\n")
+        self._handle.flush()
+        os.fsync(self._handle.fileno())
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def read_rows(path: str) -> list[dict[str, Any]]:
+    """The rows of a RowWriter file; a last line cut off by a kill mid-write is dropped, and a
+    missing file has no rows."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def seconds_left(deadline: float | None) -> float:
+    """Seconds until `deadline` (epoch seconds, the end of this step's window); infinite
+    without one (a step run by hand)."""
+    return float("inf") if deadline is None else deadline - time.time()
+
+
+def inner_timeout(deadline: float | None, share: float = 1.0, default_s: float = 600.0) -> float:
+    """A subprocess's timeout inside a step's window: `share` of what is left of it (e.g. 1/2
+    for the first of two runs), so that the step's own record is written before the
+    orchestrator's kill; `default_s` without a deadline."""
+    left = seconds_left(deadline)
+    if left == float("inf"):
+        return default_s
+    return max(1.0, left * share)
+
+
+def run_group(cmd: list[str], timeout_s: float, **kwargs: Any):
+    """`subprocess.run(cmd, capture_output=True, text=True)` in a process group of its own,
+    the whole group killed at `timeout_s` (a torchrun's workers too, which a plain timeout
+    would leave holding the GPU); returns (CompletedProcess or None on timeout, output)."""
+    import signal
+    import subprocess
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, **kwargs)
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                stdout, stderr = proc.communicate(timeout=3)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        else:
+            stdout, stderr = "", ""
+        return None, (stdout or "") + (stderr or "")
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr), stdout + stderr
+
+
 def step_main(run) -> None:
-    """`python -m megatron_terapipe.gpu_check.<step> [--dry-run] --json FILE`."""
+    """`python -m megatron_terapipe.gpu_check.<step> [--dry-run] --json FILE [--deadline T]
+    [--rows FILE]`: runs `run` and writes its record to FILE.
+
+    --deadline: epoch seconds at which the orchestrator kills the step (its window's end);
+    inner timeouts are taken from what is left of it. --rows: the file a measuring step
+    appends its rows to as it goes."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--json", required=True)
     parser.add_argument("--out-dir", default=None)
+    parser.add_argument("--deadline", type=float, default=None)
+    parser.add_argument("--rows", default=None)
     ns = parser.parse_args()
-    record = run(dry_run=ns.dry_run, out_dir=ns.out_dir or os.path.dirname(ns.json) or ".")
+    kwargs: dict[str, Any] = {"deadline": ns.deadline}
+    if ns.rows:
+        kwargs["rows"] = ns.rows
+    record = run(dry_run=ns.dry_run, out_dir=ns.out_dir or os.path.dirname(ns.json) or ".",
+                 **kwargs)
     write_record(ns.json, record)
     print(json.dumps({"step_status": record.get("status")}), flush=True)
     sys.exit(0)

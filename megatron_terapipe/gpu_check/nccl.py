@@ -14,11 +14,16 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from typing import Any
 
-from megatron_terapipe.gpu_check.common import free_port, judge_losses, write_record
+from megatron_terapipe.gpu_check.common import (
+    free_port,
+    inner_timeout,
+    judge_losses,
+    run_group,
+    write_record,
+)
 from megatron_terapipe.gpu_check.criteria import BF16_LOSS_RTOL
 
 STEPS = 5
@@ -99,23 +104,26 @@ def _spawn(flags: list[str], json_path: str, timeout_s: float) -> dict[str, Any]
     env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
     cmd = [sys.executable, "-m", "megatron_terapipe.gpu_check.nccl", "--one", json_path, *flags]
-    try:
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout_s:.0f} s"}
+    done, text = run_group(cmd, timeout_s, env=env)
+    if done is None:
+        return {"error": f"timed out after {timeout_s:.0f} s",
+                "log_tail": text.strip().splitlines()[-12:]}
     if done.returncode != 0 or not os.path.exists(json_path):
-        tail = (done.stdout + done.stderr).strip().splitlines()[-12:]
+        tail = text.strip().splitlines()[-12:]
         return {"error": f"exit status {done.returncode}", "log_tail": tail}
     with open(json_path, encoding="utf-8") as handle:
         return json.load(handle)
 
 
-def run(dry_run: bool, out_dir: str, timeout_s: float = 140.0) -> dict[str, Any]:
+def run(dry_run: bool, out_dir: str, deadline: float | None = None) -> dict[str, Any]:
+    """Stock then token run, each in its own process; the stock run may take half of what is
+    left of the step's window (`deadline`), the token run the rest."""
     backend = "gloo" if dry_run else "nccl"
     flags = (DRY_FLAGS if dry_run else GPU_FLAGS) + COMMON_FLAGS
     flags += ["--distributed-backend", backend]
-    stock = _spawn(flags, os.path.join(out_dir, "b_stock.json"), timeout_s / 2)
-    token = _spawn(flags + TOKEN_FLAGS, os.path.join(out_dir, "b_token.json"), timeout_s / 2)
+    stock = _spawn(flags, os.path.join(out_dir, "b_stock.json"), inner_timeout(deadline, 0.5))
+    token = _spawn(flags + TOKEN_FLAGS, os.path.join(out_dir, "b_token.json"),
+                   inner_timeout(deadline))
     record: dict[str, Any] = {
         "step": "b",
         "title": f"world-size-1 {backend}: DDP + distributed optimizer + per-token loss + bf16,"

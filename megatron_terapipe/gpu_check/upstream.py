@@ -3,7 +3,9 @@
 MEGATRON_LM_PATH names a checkout of NVIDIA/Megatron-LM at a tag patches/ has a patch for, or
 the extracted `git archive` of its training files (scripts/gpu_prepare.sh); megatron-core
 itself comes from the installed package (the carried wheel on the GPU machine). The needed
-files are copied and the patch applied to the copy, as tests/test_patch.py does; which tag the
+files are copied and the patch applied to the copy in Python (`apply_patch`: the GPU machine
+may lack git and patch; gpu_prepare.sh runs the same code on the archive before the device
+call), and a `make` shim goes first on PATH for upstream's dataset-helper build; which tag the
 tree is at is told by which patch applies (each applies to its own tag only), so a checkout
 needs no label. Upstream's training code runs only on the megatron-core release it was tagged
 with, so a tree and an installed megatron-core of different releases skip, saying which. Then
@@ -23,11 +25,17 @@ import importlib.util
 import os
 import re
 import shutil
-import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any
 
-from megatron_terapipe.gpu_check.common import free_port, judge_losses, step_main
+from megatron_terapipe.gpu_check.common import (
+    free_port,
+    inner_timeout,
+    judge_losses,
+    run_group,
+    step_main,
+)
 from megatron_terapipe.gpu_check.criteria import FP32_RTOL
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -67,28 +75,100 @@ def patch_tag(patch: str) -> str:
     return os.path.basename(patch)[len("megatron-lm-"):-len(".patch")]
 
 
-def _git_apply(tree: str, *args: str) -> subprocess.CompletedProcess:
-    """`git apply` in `tree`, which is made a repository of its own first: inside another
-    repository's work tree (out/ is in ours) git would take the patch's paths relative to that
-    repository's root and skip them. Without git: a failed run, so `patch` is tried."""
-    if shutil.which("git") is None:
-        return subprocess.CompletedProcess(args, 127, "", "git not found")
-    if not os.path.isdir(os.path.join(tree, ".git")):
-        subprocess.run(["git", "init", "-q"], cwd=tree, capture_output=True)
-    return subprocess.run(["git", "apply", *args], cwd=tree, capture_output=True, text=True)
+@dataclass
+class _Hunk:
+    old_start: int
+    new_start: int
+    old: list[str]
+    new: list[str]
+    header: str
 
 
-def _applies(patch: str, tree: str) -> tuple[bool, str]:
-    done = _git_apply(tree, "--check", patch)
-    if done.returncode != 0 and shutil.which("patch"):
-        done = subprocess.run(["patch", "-p1", "--dry-run", "-s", "-i", patch], cwd=tree,
-                              capture_output=True, text=True)
-    return done.returncode == 0, (done.stdout + done.stderr).strip()
+def parse_patch(text: str) -> dict[str, list[_Hunk]]:
+    """A `git diff` patch's hunks by file path (b/ side). Only changed files: the GPU machine
+    may have neither git nor patch, so the patch is applied here in Python; a patch that adds,
+    deletes or renames a file is refused by name (ours only change files)."""
+    files: dict[str, list[_Hunk]] = {}
+    path = None
+    hunk: _Hunk | None = None
+    left = [0, 0]  # old and new lines the current hunk still has
+    for line in text.splitlines():
+        if hunk is not None and (left[0] > 0 or left[1] > 0):
+            kind, text_ = line[:1], line[1:]
+            if kind in (" ", ""):  # context ("" where an editor stripped a blank line's space)
+                hunk.old.append(text_)
+                hunk.new.append(text_)
+                left[0] -= 1
+                left[1] -= 1
+            elif kind == "-":
+                hunk.old.append(text_)
+                left[0] -= 1
+            elif kind == "+":
+                hunk.new.append(text_)
+                left[1] -= 1
+            elif kind != "\\":  # "\ No newline at end of file"
+                raise ValueError(f"patch line {line!r} inside hunk {hunk.header}")
+            continue
+        if line.startswith("diff --git "):
+            path, hunk = None, None
+        elif line.startswith(("new file mode", "deleted file mode", "rename from", "copy from")):
+            raise ValueError(f"patch line {line!r}: only changes to existing files are applied")
+        elif line.startswith("+++ "):
+            target = line[4:].split("\t")[0]
+            path = target[2:] if target.startswith("b/") else target
+            files.setdefault(path, [])
+        elif line.startswith("@@ "):
+            match = re.match(r"@@ -(\d+)(?:,(\d+))? \+(\d+)(?:,(\d+))? @@", line)
+            if path is None or match is None:
+                raise ValueError(f"patch hunk header {line!r} outside a file or malformed")
+            hunk = _Hunk(int(match.group(1)), int(match.group(3)), [], [], line)
+            left = [int(match.group(2) or 1), int(match.group(4) or 1)]
+            files[path].append(hunk)
+    return files
+
+
+def _find(lines: list[str], block: list[str], near: int) -> int | None:
+    """Where `block` starts in `lines`, the match nearest `near` (patch's fuzz-free offset)."""
+    width = len(block)
+    starts = [i for i in range(len(lines) - width + 1) if lines[i:i + width] == block]
+    return min(starts, key=lambda i: abs(i - near), default=None)
+
+
+def apply_patch(patch: str, tree: str, reverse: bool = False, check: bool = False
+                ) -> tuple[bool, str]:
+    """Apply (or, with `reverse`, undo) `patch` to the files under `tree`; with `check` only
+    say whether it would. Every hunk must match its context exactly (at any offset, as
+    `git apply` allows); nothing is written unless every hunk of every file matches."""
+    with open(patch, encoding="utf-8") as handle:
+        files = parse_patch(handle.read())
+    results: dict[str, str] = {}
+    for path, hunks in files.items():
+        full = os.path.join(tree, path)
+        if not os.path.isfile(full):
+            return False, f"{path}: not in {tree}"
+        with open(full, encoding="utf-8") as handle:
+            lines = handle.read().split("\n")
+        shift = 0
+        for hunk in hunks:
+            old, new = (hunk.new, hunk.old) if reverse else (hunk.old, hunk.new)
+            start = (hunk.new_start if reverse else hunk.old_start) - 1
+            # -N,0 (no old lines) inserts after line N.
+            at = _find(lines, old, start + shift) if old else start + 1 + shift
+            if at is None:
+                return False, f"{path}: hunk {hunk.header} does not match"
+            lines[at:at + len(old)] = new
+            shift = at - start + len(new) - len(old)
+        results[full] = "\n".join(lines)
+    if not check:
+        for full, text in results.items():
+            with open(full, "w", encoding="utf-8") as handle:
+                handle.write(text)
+    return True, ""
 
 
 def patched_tree(checkout: str, work: str) -> tuple[str, str]:
     """A copy of the upstream files the run needs with the patch for its tag applied, and the
-    tag."""
+    tag (a checkout already patched by hand is taken as it is)."""
     tree = os.path.join(work, "megatron-lm")
     shutil.rmtree(tree, ignore_errors=True)
     os.makedirs(tree)
@@ -100,22 +180,42 @@ def patched_tree(checkout: str, work: str) -> tuple[str, str]:
                             ignore=shutil.ignore_patterns("__pycache__"))
     failures = []
     for patch in PATCHES:
-        if _git_apply(tree, "--reverse", "--check", patch).returncode == 0:
-            return tree, patch_tag(patch)  # a checkout patched by hand
-        ok, text = _applies(patch, tree)
-        if not ok:
-            failures.append(f"{os.path.basename(patch)}: {text[-300:]}")
-            continue
-        done = _git_apply(tree, patch)
-        if done.returncode != 0:
-            done = subprocess.run(["patch", "-p1", "-s", "-i", patch], cwd=tree,
-                                  capture_output=True, text=True)
-        if done.returncode != 0:
-            raise RuntimeError(f"{os.path.basename(patch)} does not apply: "
-                               f"{done.stdout}{done.stderr}".strip())
-        return tree, patch_tag(patch)
+        if apply_patch(patch, tree, reverse=True, check=True)[0]:
+            return tree, patch_tag(patch)
+        ok, text = apply_patch(patch, tree)
+        if ok:
+            return tree, patch_tag(patch)
+        failures.append(f"{os.path.basename(patch)}: {text[-300:]}")
     raise RuntimeError(f"no patch in patches/ applies to {checkout} (not a tag we patch?): "
                        + " | ".join(failures))
+
+
+MAKE_SHIM = """#!{python}
+# Written by the GPU check's step e. Upstream's initialisation runs
+# `make -C megatron/core/datasets` to build the dataset helpers; the megatron-core wheel ships
+# them prebuilt and the GPU machine may have no make. With a real make and a Makefile there,
+# that make runs; with a prebuilt helpers_cpp, nothing needs building.
+import glob, os, shutil, subprocess, sys
+args = sys.argv[1:]
+target = args[args.index("-C") + 1] if "-C" in args[:-1] else "."
+real = shutil.which("make", path=os.environ.get("GPU_CHECK_REAL_PATH", ""))
+if real and os.path.exists(os.path.join(target, "Makefile")):
+    sys.exit(subprocess.call([real, *args]))
+if glob.glob(os.path.join(target, "helpers_cpp*.so")):
+    print("make (gpu_check shim): helpers_cpp is prebuilt in", target)
+    sys.exit(0)
+sys.exit("make (gpu_check shim): no make and no prebuilt helpers_cpp in " + target)
+"""
+
+
+def make_shim(directory: str) -> str:
+    """A folder with the `make` of MAKE_SHIM, to go first on PATH."""
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, "make")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(MAKE_SHIM.format(python=sys.executable))
+    os.chmod(path, 0o755)
+    return directory
 
 
 def release_mismatch(tag: str) -> str | None:
@@ -135,20 +235,20 @@ def release_mismatch(tag: str) -> str | None:
 
 def _env(tree: str) -> dict[str, str]:
     path = [tree, REPO, *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    shim = make_shim(os.path.join(tree, "_gpu_check_bin"))
     return dict(os.environ, PYTHONPATH=os.pathsep.join(path), PYTHONWARNINGS="ignore",
-                CUDA_DEVICE_MAX_CONNECTIONS="1")
+                CUDA_DEVICE_MAX_CONNECTIONS="1",
+                PATH=os.pathsep.join([shim, os.environ.get("PATH", "")]),
+                GPU_CHECK_REAL_PATH=os.environ.get("PATH", ""))
 
 
 def train(tree: str, flags: list[str], timeout_s: float) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
            "--master-port", str(free_port()), "pretrain_gpt.py", *flags]
-    try:
-        done = subprocess.run(cmd, cwd=tree, env=_env(tree), capture_output=True, text=True,
-                              timeout=timeout_s)
-    except subprocess.TimeoutExpired as exc:
-        out = (exc.stdout or b"").decode() if isinstance(exc.stdout, bytes) else exc.stdout or ""
-        return {"error": f"timed out after {timeout_s:.0f} s", "log_tail": out.splitlines()[-12:]}
-    text = done.stdout + done.stderr
+    done, text = run_group(cmd, timeout_s, cwd=tree, env=_env(tree))
+    if done is None:
+        return {"error": f"timed out after {timeout_s:.0f} s",
+                "log_tail": text.strip().splitlines()[-12:]}
     losses = {int(i): float(v) for i, v in LOSS_LINE.findall(text)}
     result: dict[str, Any] = {"losses": [losses[i] for i in sorted(losses)]}
     if done.returncode != 0 or len(losses) != ITERATIONS:
@@ -157,7 +257,7 @@ def train(tree: str, flags: list[str], timeout_s: float) -> dict[str, Any]:
     return result
 
 
-def parse_only(tree: str) -> dict[str, Any]:
+def parse_only(tree: str, timeout_s: float) -> dict[str, Any]:
     runner = os.path.join(tree, "_parse_upstream.py")
     with open(runner, "w", encoding="utf-8") as handle:
         handle.write(CPU_PARSE_RUNNER)
@@ -165,15 +265,19 @@ def parse_only(tree: str) -> dict[str, Any]:
     env.update(WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
     for var in ("MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)  # the run ends at process-group start-up, after validation
-    done = subprocess.run([sys.executable, runner, *FLAGS, *TOKEN_FLAGS], cwd=tree, env=env,
-                          capture_output=True, text=True, timeout=240)
-    text = done.stdout + done.stderr
+    done, text = run_group([sys.executable, runner, *FLAGS, *TOKEN_FLAGS], timeout_s, cwd=tree,
+                           env=env)
+    if done is None:
+        return {"parsed": False, "log_tail": [f"timed out after {timeout_s:.0f} s",
+                                              *text.strip().splitlines()[-12:]]}
     ok = "> token pipeline: schedule terapipe, slices 4" in text and "token_pipeline_slices " \
         in text
     return {"parsed": ok, "log_tail": [] if ok else text.strip().splitlines()[-15:]}
 
 
-def run(dry_run: bool, out_dir: str, timeout_s: float = 290.0) -> dict[str, Any]:
+def run(dry_run: bool, out_dir: str, deadline: float | None = None) -> dict[str, Any]:
+    """Stock then token training run (or, without CUDA, the argument parsing alone); the
+    stock run may take half of what is left of the step's window (`deadline`)."""
     title = (f"upstream Megatron-LM {{tag}} + patch, PP=1, local spec, mock data, {ITERATIONS} "
              "iterations, stock vs --token-pipeline --token-pipeline-slices 4")
     record: dict[str, Any] = {"step": "e", "title": title.format(tag="(no tree)")}
@@ -201,11 +305,11 @@ def run(dry_run: bool, out_dir: str, timeout_s: float = 290.0) -> dict[str, Any]
     import torch
 
     if dry_run or not torch.cuda.is_available():
-        record.update(parse_only(tree), mode="arguments only (no CUDA)")
+        record.update(parse_only(tree, inner_timeout(deadline)), mode="arguments only (no CUDA)")
         record["status"] = "pass" if record["parsed"] else "fail"
         return record
-    stock = train(tree, FLAGS, timeout_s / 2)
-    token = train(tree, FLAGS + TOKEN_FLAGS, timeout_s / 2)
+    stock = train(tree, FLAGS, inner_timeout(deadline, 0.5))
+    token = train(tree, FLAGS + TOKEN_FLAGS, inner_timeout(deadline))
     record["flags"] = FLAGS
     return judge_losses(record, stock, token, FP32_RTOL)
 
