@@ -18,6 +18,7 @@ from typing import Any
 STOCK_1F1B = "stock-1f1b"
 STOCK_INTERLEAVED = "stock-interleaved"
 TOKEN = "token"
+EQUAL_FLOPS = "equal-flops"  # Seq1F1B's computation-wise split, the peer of our `auto` rows
 SAME_KERNEL = "sdpa"  # what the token-pipeline layer spec runs (torch SDPA)
 LOCAL_KERNEL = "local"  # megatron-core's local-spec DotProductAttention
 KERNEL_DESCRIPTIONS = {
@@ -37,6 +38,8 @@ class Variant:
     asks for what `--token-pipeline-slices auto` gives a user: the product's planner
     (`slicing.plan_and_broadcast`) with its default cost model on the benchmark's arguments.
     `split_backward` runs the schedule with split backwards (`--token-pipeline-split-backward`).
+    `strategy` names the rule that chose fixed `token_slices` when it is a peer method's
+    (EQUAL_FLOPS), so tables can set it beside our planner's row of the same S.
     """
 
     name: str
@@ -49,6 +52,7 @@ class Variant:
     virtual_pipeline: int | None = None
     attention: str = SAME_KERNEL
     split_backward: bool = False
+    strategy: str = ""
 
     @property
     def slices_from_planner(self) -> bool:
@@ -101,11 +105,15 @@ def stock_interleaved(chunks: int) -> Variant:
 
 def token_variant(schedule: str, num_token_slices: int | None = None, planned: bool = False,
                   token_slices: tuple[int, ...] | None = None, auto: bool = False,
-                  split_backward: bool = False) -> Variant:
+                  split_backward: bool = False, strategy: str = "") -> Variant:
+    if strategy and token_slices is None:
+        raise ValueError(f"a {strategy} variant needs its token_slices")
     if auto:
         name = f"{schedule} auto"
     elif planned:
         name = f"{schedule} DP-planned"
+    elif strategy:
+        name = f"{schedule} {strategy} S={len(token_slices)}"
     elif token_slices is not None:
         name = f"{schedule} slices={list(token_slices)}"
     else:
@@ -115,7 +123,31 @@ def token_variant(schedule: str, num_token_slices: int | None = None, planned: b
     return Variant(
         name, TOKEN, schedule=schedule, num_token_slices=num_token_slices,
         token_slices=token_slices, planned=planned, auto=auto, split_backward=split_backward,
+        strategy=strategy,
     )
+
+
+def equal_flops_variant(schedule: str, model: argparse.Namespace, num_slices: int) -> Variant:
+    """Seq1F1B's split of `model`'s sequence into `num_slices` slices of equal FLOPs (the
+    analytic model's count from the model dims), on the grid our planner's `auto` row plans on
+    (--token-pipeline-granularity, else the planner's default), so the two differ only in how
+    they cut. A count the grid cannot hold is an error naming the flag."""
+    from megatron_terapipe.slicing.cost_models import AnalyticCostModel
+    from megatron_terapipe.slicing.planner import default_granularity
+    from megatron_terapipe.slicing.strategies import attention_to_linear_ratio, equal_flops_slices
+
+    seq = int(model.seq_length)
+    tp = int(getattr(model, "tensor_model_parallel_size", 1) or 1)
+    multiple_of = tp if getattr(model, "sequence_parallel", False) and tp > 1 else 1
+    granularity = (getattr(model, "token_pipeline_granularity", None)
+                   or default_granularity(seq, multiple_of))
+    if not 1 <= num_slices <= seq // granularity:
+        raise ValueError(
+            f"--equal-flops-slices {num_slices}: valid counts are 1 to {seq // granularity} "
+            f"(--seq-length {seq} in granules of {granularity} tokens)")
+    ratio = attention_to_linear_ratio(AnalyticCostModel.from_args(model, preset="cpu"))
+    slices = equal_flops_slices(seq, num_slices, granularity, ratio)
+    return token_variant(schedule, token_slices=slices, strategy=EQUAL_FLOPS)
 
 
 SPLIT_BACKWARD_MODES = ("off", "on", "both")
@@ -138,7 +170,7 @@ def with_split_backward(variants: list[Variant], mode: str) -> list[Variant]:
             out.append(v)
             continue
         split = token_variant(v.schedule, v.num_token_slices, v.planned, v.token_slices,
-                              v.auto, split_backward=True)
+                              v.auto, split_backward=True, strategy=v.strategy)
         out += [v, split] if mode == "both" else [split]
     if not any(v.split_backward and v.schedule == "token-1f1b" and v.num_token_slices == 1
                for v in out):
