@@ -11,12 +11,17 @@ For each M, one pair of gloo ranks (1 thread each) runs every variant round-robi
 - stock 1F1B on megatron-core's local-spec DotProductAttention: a kernel difference, reported
   on its own line, never as the schedule's gain;
 - the token pipeline with S in --num-token-slices for each order in --schedules;
+- per order and S in --equal-flops-slices (default: --num-token-slices), next to the equal row
+  of that S, Seq1F1B's computation-wise split (`equal-flops`: slices of equal FLOPs on the
+  analytic model's count, on the planner's granule grid), the peer method's slicing;
 - per order, an `auto` row: the slices `--token-pipeline-slices auto` chooses for these very
   arguments (the product's planner and default cost model, profiled at start-up on rank 0).
-Reported: median and min-max step time over the timed rounds, the ratio to the baseline, and a
-verdict (faster / slower / tie when the rounds' ranges overlap); for each auto row the planner's
-predicted step time next to the measured one and its distance to the best equal-S row of the
-same order (goal: within 5 %). Model and layout flags are pretrain_gpt.py's.
+Reported: median step time over the timed rounds, the min-max of the rounds the verdict judges
+(a spiked round set aside by the quiet-host gauge's rule, and counted), the ratio to the
+baseline, and a verdict (faster / slower / tie when those ranges overlap); for each auto row
+the planner's predicted step time next to the measured one, its distance to the best equal-S
+row of the same order (goal: within 5 %) and to the equal-flops row of its own S. Model and
+layout flags are pretrain_gpt.py's.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ from megatron_terapipe.benchmark.host_noise import (  # noqa: E402
 )
 from megatron_terapipe.benchmark.spec import (  # noqa: E402
     BenchSpec,
+    equal_flops_variant,
     stock_variants,
     token_variant,
     with_split_backward,
@@ -66,6 +72,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--schedules", type=str_list, default=["terapipe", "token-1f1b"])
     parser.add_argument("--no-auto", action="store_true",
                         help="skip the auto rows (the product's planner, profiled at start-up)")
+    parser.add_argument("--equal-flops-slices", type=int_list, default=None, metavar="S,...",
+                        help="slice counts of the Seq1F1B equal-flops rows (default: those of "
+                        "--num-token-slices); give the auto row's S to see both side by side")
+    parser.add_argument("--no-equal-flops", action="store_true",
+                        help="skip the Seq1F1B equal-flops rows")
     parser.add_argument("--no-local-attention", action="store_true",
                         help="skip the stock 1F1B row on megatron-core's local-spec attention")
     add_split_backward_arg(parser)
@@ -92,9 +103,7 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
                               num_microbatches, virtual_stages(args) or 2,
                               local_kernel=not args.no_local_attention)
     for schedule in args.schedules:
-        variants += [token_variant(schedule, s) for s in args.num_token_slices]
-        if not args.no_auto:
-            variants.append(token_variant(schedule, auto=True))
+        variants += token_rows(args, schedule, model)
     variants = with_split_backward(variants, args.split_backward)
     return BenchSpec(
         model=model,
@@ -111,11 +120,40 @@ def spec_for(args: argparse.Namespace, num_microbatches: int) -> BenchSpec:
     )
 
 
+def equal_flops_counts(args: argparse.Namespace) -> list[int]:
+    """S of the equal-flops rows: --equal-flops-slices, else --num-token-slices; none with
+    --no-equal-flops."""
+    if args.no_equal_flops:
+        return []
+    counts = args.num_token_slices if args.equal_flops_slices is None else args.equal_flops_slices
+    return list(counts)
+
+
+def token_rows(args: argparse.Namespace, schedule: str, model: argparse.Namespace) -> list:
+    """One order's token rows: each equal S followed by Seq1F1B's split of the same S, the
+    equal-flops counts not among the equal ones, then auto (rows of one S side by side)."""
+    peers = equal_flops_counts(args)
+    try:
+        peer = {s: equal_flops_variant(schedule, model, s) for s in peers}
+    except ValueError as exc:
+        raise SystemExit(str(exc)) from None
+    rows = []
+    for s in args.num_token_slices:
+        rows.append(token_variant(schedule, s))
+        if s in peer:
+            rows.append(peer.pop(s))
+    rows += list(peer.values())
+    if not args.no_auto:
+        rows.append(token_variant(schedule, auto=True))
+    return rows
+
+
 ROW_KEYS = ("schedule", "kind", "order", "split_backward", "attention", "attention_kernel",
-            "baseline", "num_token_slices", "token_slices", "planned_by",
+            "baseline", "slicing_strategy", "num_token_slices", "token_slices", "planned_by",
             "planner_predicted_step_time", "planner_error", "plan_cost_model",
             "plan_profile_seconds", "step_time",
-            "step_time_min", "step_time_max", "step_times", "speedup", "verdict",
+            "step_time_min", "step_time_max", "step_times", "judged_min", "judged_max",
+            "rounds_set_aside", "speedup", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
             "peak_activation_mib", "page_faults", "weight_grad_share", "max_loss_diff")
 
@@ -137,7 +175,9 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
         "rows": out,
         "best": best["schedule"] if best else None,
         "best_speedup": best["speedup"] if best else None,
-        "best_range_s": [best["step_time_min"], best["step_time_max"]] if best else None,
+        # the rounds its verdict judged (spikes set aside)
+        "best_range_s": _judged(best) if best else None,
+        "best_rounds_set_aside": best["rounds_set_aside"] if best else None,
         "best_verdict": best["verdict"] if best else None,
         "target": target,
         # None (not decided) on a noisy host: the goal is closer than the rounds' spread.
@@ -154,14 +194,19 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
 
 
 def auto_summary(token_rows: list[dict], quiet: bool = True) -> list[dict]:
-    """Per order with an auto row: its slices, predicted and measured step time, and its distance
-    to the fastest equal-S row of the same order (medians; judged only on a quiet host)."""
+    """Per order with an auto row: its slices, predicted and measured step time, its distance
+    to the fastest equal-S row of the same order (medians; judged only on a quiet host), and
+    to Seq1F1B's equal-flops split of the same S when the run has that row (the peer)."""
+    from megatron_terapipe.benchmark.compare import equal_flops_peer, verdict
+
     out = []
     for auto in (r for r in token_rows if r["planned_by"] == "auto"):
         equal = [r for r in token_rows if r["order"] == auto["order"] and not r["planned_by"]
+                 and not r.get("slicing_strategy")
                  and r["split_backward"] == auto["split_backward"]]
         best = min(equal, key=lambda r: r["step_time"]) if equal else None
         gap = auto["step_time"] / best["step_time"] - 1.0 if best else None
+        peer = equal_flops_peer(token_rows, auto)
         out.append({
             "schedule": auto["schedule"],
             "token_slices": auto["token_slices"],
@@ -174,6 +219,13 @@ def auto_summary(token_rows: list[dict], quiet: bool = True) -> list[dict]:
             "best_equal_step_time": best["step_time"] if best else None,
             "vs_best_equal": gap,
             "within_tolerance": gap <= AUTO_TOLERANCE if gap is not None and quiet else None,
+            "equal_flops": peer["schedule"] if peer else None,
+            "equal_flops_slices": peer["token_slices"] if peer else None,
+            "equal_flops_step_time": peer["step_time"] if peer else None,
+            "vs_equal_flops": auto["step_time"] / peer["step_time"] - 1.0 if peer else None,
+            # auto's rounds against the peer's, by the baseline verdict's rule
+            "vs_equal_flops_verdict": verdict(auto["step_times"] or [], peer["step_times"] or [])
+            if peer else None,
         })
     return out
 
@@ -191,7 +243,32 @@ def format_auto(entry: dict) -> str:
                  f"{entry['best_equal_step_time']:.3f} s): {100 * entry['vs_best_equal']:+.1f} % "
                  f"(within {100 * AUTO_TOLERANCE:.0f} %: "
                  f"{ {True: 'yes', False: 'no', None: 'not decided'}[entry['within_tolerance']]})")
+    if entry.get("equal_flops") is not None:
+        line += (f"\n    auto vs Seq1F1B's equal-flops split of the same S "
+                 f"({entry['equal_flops']}, slices {entry['equal_flops_slices']}, "
+                 f"{entry['equal_flops_step_time']:.3f} s): "
+                 f"{100 * entry['vs_equal_flops']:+.1f} % ({entry['vs_equal_flops_verdict']})")
+    elif entry["token_slices"]:
+        line += (f"\n    no equal-flops row at S={len(entry['token_slices'])} "
+                 f"(--equal-flops-slices {len(entry['token_slices'])} adds one)")
     return line
+
+
+def _judged(row: dict) -> list[float]:
+    """[min, max] of the rounds the row's verdict judged; all rounds' for a row without them
+    (results saved before verdicts set spikes aside)."""
+    if row.get("judged_min") is None:
+        return [row["step_time_min"], row["step_time_max"]]
+    return [row["judged_min"], row["judged_max"]]
+
+
+def judged_range(row: dict) -> str:
+    """The min-max of the rounds the row's verdict judged, with the spiked rounds set aside
+    counted (so a range narrower than the rounds' is never silent)."""
+    low, high = _judged(row)
+    text = f"{low:.3f}-{high:.3f}"
+    aside = row.get("rounds_set_aside") or 0
+    return text + (f" ({aside} of {len(row['step_times'] or [])} set aside)" if aside else "")
 
 
 def _ratio(row: dict) -> str:
@@ -205,12 +282,11 @@ def _ratio(row: dict) -> str:
 def format_summary(summary: dict) -> str:
     lines = [f"M = {summary['num_microbatches']} (ratios against {summary['baseline']}, the "
              "same attention kernel as the token pipeline)",
-             f"  {'schedule':34s} {'attention':9s} {'step s (median)':>15s} {'min-max s':>13s} "
-             f"{'vs same-kernel stock':>24s}"]
+             f"  {'schedule':34s} {'attention':9s} {'step s (median)':>15s} "
+             f"{'judged min-max s':>24s} {'vs same-kernel stock':>24s}"]
     for r in summary["rows"]:
-        spread = f"{r['step_time_min']:.3f}-{r['step_time_max']:.3f}"
         lines.append(f"  {r['schedule']:34s} {r['attention']:9s} {r['step_time']:15.3f} "
-                     f"{spread:>13s} {_ratio(r):>24s}")
+                     f"{judged_range(r):>24s} {_ratio(r):>24s}")
     if summary["best"] is not None:
         low, high = summary["best_range_s"]
         verdict = {"faster": "faster", "slower": "SLOWER than the baseline",
@@ -219,7 +295,10 @@ def format_summary(summary: dict) -> str:
         decided = {True: "met", False: "NOT met",
                    None: f"not decided ({summary.get('undecided_reason')})"}
         goal = "" if target is None else f"; goal >= {target}x: {decided[summary['target_met']]}"
-        lines.append(f"  best: {summary['best']} ({low:.3f}-{high:.3f} s): "
+        aside = summary.get("best_rounds_set_aside") or 0
+        judged = f"{low:.3f}-{high:.3f} s" + (f", {aside} spiked round(s) set aside" if aside
+                                               else "")
+        lines.append(f"  best: {summary['best']} ({judged}): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")
     for entry in summary["auto"]:
         lines.append(format_auto(entry))

@@ -7,11 +7,13 @@
 Runs, in one pair of processes, round-robin: stock megatron-core 1F1B on the same attention
 kernel as the token pipeline (the baseline of every ratio), stock interleaved (when V > 1 fits),
 stock 1F1B on megatron-core's local-spec attention (a kernel difference, on its own line), and
-the token pipeline (terapipe and token-1f1b orders; equal slices, `auto` slices - what
-`--token-pipeline-slices auto` chooses, the product's planner - and DP-planned slices from costs
-fitted to the warm-up round; planned rows show the planner's predicted step time). Prints
-one table, the time breakdown per stage and a summary (docs/benchmarks.md defines every column).
-Model and layout flags are pretrain_gpt.py's.
+the token pipeline (terapipe and token-1f1b orders; equal slices, each followed by Seq1F1B's
+computation-wise split of the same S - `equal-flops`, the peer method's slicing -, `auto`
+slices - what `--token-pipeline-slices auto` chooses, the product's planner - and DP-planned
+slices from costs fitted to the warm-up round; planned rows show the planner's predicted step
+time). Prints one table, the time breakdown per stage and a summary: verdicts judge the rounds
+the quiet-host gauge keeps, and every row with a spiked round set aside is named
+(docs/benchmarks.md defines every column). Model and layout flags are pretrain_gpt.py's.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
 )
 from megatron_terapipe.benchmark.spec import (  # noqa: E402
     BenchSpec,
+    equal_flops_variant,
     stock_variants,
     token_variant,
     with_split_backward,
@@ -55,6 +58,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="skip DP-planned slices (fitted to the warm-up round)")
     parser.add_argument("--no-auto", action="store_true",
                         help="skip auto slices (the product's planner, profiled at start-up)")
+    parser.add_argument("--equal-flops-slices", type=int_list, default=None, metavar="S,...",
+                        help="slice counts of the Seq1F1B equal-flops rows (default: those of "
+                        "--num-token-slices); give the auto row's S to see both side by side")
+    parser.add_argument("--no-equal-flops", action="store_true",
+                        help="skip the Seq1F1B equal-flops rows")
     add_split_backward_arg(parser)
     add_contention_probe_arg(parser)
     parser.add_argument("--warmup", type=int, default=1)
@@ -85,8 +93,18 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
     chunks = virtual_stages(args) or 2
     variants, notes = stock_variants(model.num_layers, model.pipeline_model_parallel_size,
                                      microbatches, chunks, local_kernel=not args.no_local_attention)
+    peers = [] if args.no_equal_flops else (
+        args.num_token_slices if args.equal_flops_slices is None else args.equal_flops_slices)
     for schedule in args.token_schedules:
-        variants += [token_variant(schedule, s) for s in args.num_token_slices]
+        try:
+            peer = {s: equal_flops_variant(schedule, model, s) for s in peers}
+        except ValueError as exc:
+            raise SystemExit(str(exc)) from None
+        for s in args.num_token_slices:
+            variants.append(token_variant(schedule, s))
+            if s in peer:
+                variants.append(peer.pop(s))  # Seq1F1B's split of the same S, side by side
+        variants += list(peer.values())
         if not args.no_auto:
             variants.append(token_variant(schedule, auto=True))
         if not args.no_planned:
@@ -105,6 +123,37 @@ def build_spec(args: argparse.Namespace) -> BenchSpec:
         measure_contention=not args.no_contention_probe,
         extra={"notes": notes},
     )
+
+
+def peer_lines(rows: list[dict]) -> list[str]:
+    """Per auto row: Seq1F1B's equal-flops split of the same S on the same order, or how to
+    add it (the row's S is only known once the planner ran)."""
+    from megatron_terapipe.benchmark.compare import equal_flops_peer, verdict
+
+    lines = []
+    for auto in (r for r in rows if r.get("planned_by") == "auto"):
+        peer = equal_flops_peer(rows, auto)
+        s = auto["num_token_slices"]
+        if peer is None:
+            lines.append(f"{auto['schedule']} (S={s}): no equal-flops row of the same S "
+                         f"(--equal-flops-slices {s} adds one)")
+            continue
+        lines.append(
+            f"{auto['schedule']} {auto['token_slices']}: {auto['step_time']:.3f} s vs "
+            f"Seq1F1B's {peer['schedule']} {peer['token_slices']}: {peer['step_time']:.3f} s "
+            f"({100 * (auto['step_time'] / peer['step_time'] - 1):+.1f} %, "
+            f"{verdict(auto['step_times'], peer['step_times'])})")
+    return lines
+
+
+def set_aside_lines(rows: list[dict]) -> list[str]:
+    """The rows whose verdict set spiked rounds aside (the table's min-max shows all rounds)."""
+    named = [f"{r['schedule']} {r['rounds_set_aside']} of {len(r['step_times'])}"
+             for r in rows if r.get("rounds_set_aside")]
+    if not named:
+        return []
+    return ["verdicts judged without spiked rounds (the quiet-host gauge's rule): "
+            + ", ".join(named) + " rounds set aside"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -167,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         print(format_rows(data["results"], BREAKDOWN_COLUMNS))
         print()
         print(format_summary(data["results"]))
+        for line in peer_lines(data["results"]) + set_aside_lines(data["results"]):
+            print(line)
         if data.get("contention"):
             print(contention_note(data["contention"], c["num_microbatches"]))
         for note in c["notes"]:

@@ -136,3 +136,35 @@ def test_model_flags_are_pretrain_gpts():
     with pytest.raises(SystemExit, match="--num-layers=6 is not divisible"):
         script.build_spec(script.parse_args(["--num-layers", "6", "--pipeline-model-parallel-size",
                                              "4"]))
+
+
+def test_seq1f1b_equal_flops_rows_beside_the_equal_rows(output):
+    """Each order runs Seq1F1B's split of the same S right after the equal row: later slices
+    shorter, FLOPs per slice (the analytic model's count) more even than equal lengths give."""
+    from megatron_terapipe.slicing.cost_models import AnalyticCostModel
+
+    model = AnalyticCostModel(num_layers=4, hidden_size=32, num_attention_heads=4)
+    names = [r["schedule"] for r in output["results"]]
+    rows = {r["schedule"]: r for r in output["results"]}
+
+    def spread(slices):
+        flops = [float(model.forward_flops(1, n, sum(slices[:i]))) for i, n in enumerate(slices)]
+        return max(flops) / min(flops)
+
+    for order in ("terapipe", "token-1f1b"):
+        peer = rows[f"{order} equal-flops S=4"]
+        assert names.index(f"{order} equal-flops S=4") == names.index(f"{order} S=4") + 1
+        assert peer["slicing_strategy"] == "equal-flops" and rows[f"{order} S=4"][
+            "slicing_strategy"] == ""
+        slices = peer["token_slices"]
+        assert sum(slices) == 64 and len(slices) == 4
+        assert slices == sorted(slices, reverse=True) and slices[0] > slices[-1]
+        assert spread(slices) < spread(rows[f"{order} S=4"]["token_slices"])
+
+
+def test_verdict_ranges_are_the_judged_rounds(output):
+    """Two rounds are too few to set one aside: the judged range is every round's."""
+    for row in output["results"]:
+        assert row["rounds_set_aside"] == 0
+        assert (row["judged_min"], row["judged_max"]) == (row["step_time_min"],
+                                                          row["step_time_max"])

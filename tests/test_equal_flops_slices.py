@@ -115,3 +115,95 @@ def test_bad_counts_get_the_equal_strategys_errors():
         equal_flops_slices(16, 5, 4, 0.1)
     with pytest.raises(ValueError, match="not a multiple of 3"):
         equal_flops_slices(16, 2, 3, 0.1)
+
+
+# -- the benchmarks' peer rows ------------------------------------------------------------------
+def _bench_step():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "bench_step.py")
+    spec = importlib.util.spec_from_file_location("bench_step", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_step_sets_each_equal_flops_row_beside_the_equal_row_of_its_s():
+    bench = _bench_step()
+    args = bench.parse_args(["--num-layers", "2", "--hidden-size", "32",
+                             "--num-attention-heads", "4", "--seq-length", "64",
+                             "--microbatch-counts", "1", "--num-token-slices", "2,4",
+                             "--equal-flops-slices", "4,3", "--schedules", "token-1f1b",
+                             "--split-backward", "both"])
+    names = [v.name for v in bench.spec_for(args, 1).variants if v.kind == "token"]
+    assert names[:8] == [
+        "token-1f1b S=2", "token-1f1b S=2 split-B/W",
+        "token-1f1b S=4", "token-1f1b S=4 split-B/W",
+        "token-1f1b equal-flops S=4", "token-1f1b equal-flops S=4 split-B/W",
+        "token-1f1b equal-flops S=3", "token-1f1b equal-flops S=3 split-B/W",
+    ]
+    peers = [v for v in bench.spec_for(args, 1).variants if v.strategy == "equal-flops"]
+    model = AnalyticCostModel(num_layers=2, hidden_size=32, num_attention_heads=4)
+    for v in peers:
+        # Seq1F1B's split of these model dims on the planner's grid (64 tokens: 1-token units).
+        want = equal_flops_slices(64, len(v.token_slices), 1, attention_to_linear_ratio(model))
+        assert v.token_slices == want and v.token_slices[0] > v.token_slices[-1]
+    with pytest.raises(SystemExit, match=r"--equal-flops-slices 65: valid counts are 1 to 64"):
+        bench.spec_for(bench.parse_args(["--seq-length", "64", "--num-layers", "2",
+                                         "--hidden-size", "32", "--num-attention-heads", "4",
+                                         "--equal-flops-slices", "65"]), 1)
+
+
+def _row(name, order, time, slices, strategy="", planned_by=None):
+    return {"schedule": name, "order": order, "split_backward": False, "kind": "token",
+            "num_token_slices": len(slices), "token_slices": list(slices), "step_time": time,
+            "step_times": [time] * 3, "planned_by": planned_by, "slicing_strategy": strategy,
+            "planner_predicted_step_time": None, "planner_error": None,
+            "plan_cost_model": None, "plan_profile_seconds": None}
+
+
+def test_auto_is_set_beside_seq1f1bs_split_of_its_own_s():
+    bench = _bench_step()
+    rows = [
+        _row("token-1f1b S=4", "token-1f1b", 1.10, (16,) * 4),
+        _row("token-1f1b equal-flops S=4", "token-1f1b", 0.80, (20, 16, 15, 13), "equal-flops"),
+        _row("token-1f1b equal-flops S=2", "token-1f1b", 0.95, (36, 28), "equal-flops"),
+        _row("terapipe equal-flops S=4", "terapipe", 0.70, (20, 16, 15, 13), "equal-flops"),
+        _row("token-1f1b auto", "token-1f1b", 0.90, (24, 16, 12, 12), planned_by="auto"),
+    ]
+    (entry,) = bench.auto_summary(rows)
+    # The peer row is never the "best equal-S" reference, however fast it is.
+    assert entry["best_equal"] == "token-1f1b S=4"
+    assert entry["equal_flops"] == "token-1f1b equal-flops S=4"
+    assert entry["vs_equal_flops"] == pytest.approx(0.90 / 0.80 - 1)
+    assert entry["vs_equal_flops_verdict"] == "slower"
+    text = bench.format_auto(entry)
+    assert "auto vs Seq1F1B's equal-flops split of the same S (token-1f1b equal-flops S=4" in text
+    assert "+12.5 % (slower)" in text
+    (alone,) = bench.auto_summary([rows[0], rows[4]])
+    assert alone["equal_flops"] is None
+    assert "--equal-flops-slices 4 adds one" in bench.format_auto(alone)
+
+
+def test_compare_schedules_pairs_auto_with_the_equal_flops_row_of_its_s():
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                        "scripts", "compare_schedules.py")
+    spec = importlib.util.spec_from_file_location("compare_schedules", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    rows = [
+        _row("token-1f1b equal-flops S=2", "token-1f1b", 0.95, (36, 28), "equal-flops"),
+        _row("token-1f1b equal-flops S=4", "token-1f1b", 0.80, (20, 16, 15, 13), "equal-flops"),
+        _row("token-1f1b auto", "token-1f1b", 0.90, (24, 16, 12, 12), planned_by="auto"),
+        _row("terapipe auto", "terapipe", 0.70, (32, 32), planned_by="auto"),
+    ]
+    paired, missing = compare.peer_lines(rows)
+    assert paired.startswith("token-1f1b auto [24, 16, 12, 12]: 0.900 s vs Seq1F1B's "
+                             "token-1f1b equal-flops S=4 [20, 16, 15, 13]: 0.800 s (+12.5 %")
+    assert missing == ("terapipe auto (S=2): no equal-flops row of the same S "
+                       "(--equal-flops-slices 2 adds one)")

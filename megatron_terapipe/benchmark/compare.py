@@ -7,18 +7,22 @@ activation memory per stage, the simulator's predicted step time (costs fitted o
 and its error, an analytic-model prediction, and the largest loss difference to the baseline.
 
 The baseline of every ratio is stock megatron-core 1F1B running the same attention kernel as the
-token pipeline (same weights, same data). A row whose rounds overlap the baseline's is a tie.
+token pipeline (same weights, same data). A row whose rounds overlap the baseline's is a tie,
+judged on the rounds the quiet-host gauge keeps (host_noise: a spiked round is set aside, and
+counted in the row, so one spike does not turn every result into a tie).
 """
 
 from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_terapipe.benchmark.contention import contention_factors
 from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit, weight_grad_share
+from megatron_terapipe.benchmark.host_noise import MAX_OUTLIER_SHARE, kept_rounds, outliers
 from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
 from megatron_terapipe.benchmark.predict import (
     measured_timeline,
@@ -26,7 +30,7 @@ from megatron_terapipe.benchmark.predict import (
     predict_with,
     replay,
 )
-from megatron_terapipe.benchmark.spec import KERNEL_DESCRIPTIONS, BenchSpec
+from megatron_terapipe.benchmark.spec import EQUAL_FLOPS, KERNEL_DESCRIPTIONS, BenchSpec
 from megatron_terapipe.simulate import SimulationResult, Timeline
 
 MIB = 1024.0 * 1024.0
@@ -85,8 +89,11 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
     analytic = _analytic_model(spec)
     baseline = next((m for m in measured if m.is_baseline), None)
     base_timeline = measured_timeline(baseline) if baseline is not None else None
+    strategies = {v.name: v.strategy for v in spec.variants}
     rows = []
     for m in measured:
+        judged = (verdict_detail(m.step_times, baseline.step_times)
+                  if baseline is not None and not m.is_baseline else None)
         timeline = measured_timeline(m)
         sim = simulated[m.name]
         rep = replayed[m.name]
@@ -105,6 +112,7 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "attention": m.attention,
             "attention_kernel": KERNEL_DESCRIPTIONS.get(m.attention, m.attention),
             "baseline": m.is_baseline,
+            "slicing_strategy": strategies.get(m.name, ""),
             "num_token_slices": len(m.token_slices),
             "token_slices": list(m.token_slices),
             "step_time": m.step_time,
@@ -113,8 +121,9 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "step_times": m.step_times,
             "tokens_per_s": tokens / m.step_time,
             "speedup": (baseline.step_time / m.step_time) if baseline is not None else math.nan,
-            "verdict": "baseline" if m.is_baseline else (
-                verdict(m.step_times, baseline.step_times) if baseline is not None else ""),
+            "verdict": "baseline" if m.is_baseline else (judged["verdict"] if judged else ""),
+            # the rounds the verdict compared (spikes set aside) and how many were set aside
+            **_judged_fields(m.step_times, judged),
             "bubble_measured": bubble,
             "bubble_simulated": list(sim.bubble_fraction),
             "bubble_error": max(abs(a - b) for a, b in zip(bubble, sim.bubble_fraction)),
@@ -177,16 +186,59 @@ def _planner_fields(m: Measured) -> dict[str, Any]:
     }
 
 
-def verdict(step_times: list[float], baseline_times: list[float]) -> str:
-    """faster / slower than the baseline when the two ranges of rounds do not overlap, else tie
-    (a difference within the spread of the rounds is not a result)."""
+def judged_rounds(step_times: Sequence[float]) -> tuple[list[float], int]:
+    """The rounds a verdict compares and how many were set aside: the quiet-host gauge's spike
+    rule (`host_noise.outliers`), unless it would set aside more than MAX_OUTLIER_SHARE of
+    them - then the host is noisy rather than spiking, every round is kept, and their wide
+    range makes ties instead of hiding the noise."""
+    dropped = outliers(step_times)
+    if len(dropped) > MAX_OUTLIER_SHARE * len(step_times):
+        return list(step_times), 0
+    return kept_rounds(step_times), len(dropped)
+
+
+def verdict_detail(step_times: Sequence[float], baseline_times: Sequence[float]
+                   ) -> dict[str, Any]:
+    """`verdict` with what it was judged on: each side's kept range and set-aside count."""
     if not step_times or not baseline_times:
-        return ""
-    if max(step_times) < min(baseline_times):
-        return "faster"
-    if min(step_times) > max(baseline_times):
-        return "slower"
-    return "tie"
+        return {"verdict": "", "range": None, "set_aside": 0, "baseline_range": None,
+                "baseline_set_aside": 0}
+    row, row_aside = judged_rounds(step_times)
+    base, base_aside = judged_rounds(baseline_times)
+    if max(row) < min(base):
+        result = "faster"
+    elif min(row) > max(base):
+        result = "slower"
+    else:
+        result = "tie"
+    return {"verdict": result, "range": [min(row), max(row)], "set_aside": row_aside,
+            "baseline_range": [min(base), max(base)], "baseline_set_aside": base_aside}
+
+
+def verdict(step_times: Sequence[float], baseline_times: Sequence[float]) -> str:
+    """faster / slower than the baseline when the ranges of the two sides' rounds do not
+    overlap, else tie (a difference within the spread of the rounds is not a result). The
+    ranges are of the rounds `judged_rounds` keeps: one spiked round of either side would
+    otherwise stretch its range over the other's and make every row a tie."""
+    return verdict_detail(step_times, baseline_times)["verdict"]
+
+
+def _judged_fields(step_times: Sequence[float], judged: dict[str, Any] | None
+                   ) -> dict[str, Any]:
+    if judged is None or judged["range"] is None:  # the baseline: its own kept rounds
+        kept, aside = judged_rounds(step_times) if step_times else ([math.nan], 0)
+        return {"judged_min": min(kept), "judged_max": max(kept), "rounds_set_aside": aside}
+    return {"judged_min": judged["range"][0], "judged_max": judged["range"][1],
+            "rounds_set_aside": judged["set_aside"]}
+
+
+def equal_flops_peer(rows: Sequence[dict[str, Any]], row: dict[str, Any]
+                     ) -> dict[str, Any] | None:
+    """The Seq1F1B equal-flops row with `row`'s order, split mode and slice count (None if the
+    run has none): the peer that tables set beside our planner's row."""
+    return next((r for r in rows if r.get("slicing_strategy") == EQUAL_FLOPS
+                 and r["order"] == row["order"] and r["split_backward"] == row["split_backward"]
+                 and r["num_token_slices"] == row["num_token_slices"]), None)
 
 
 def _inflation(timeline: Timeline, baseline: Timeline | None) -> list[float]:
