@@ -5,9 +5,12 @@ forward+backward seconds t(l, c) of ONE transformer layer with the per-rank shap
 size (heads/t, ffn/t: the matmuls one rank runs; the TP all-reduces are not in it, one GPU has
 no TP group), bf16, for every slice length l and context c on a grid of `granularity` tokens,
 with the prefix keys/values in place as in a real step (slicing.profiler's measure function).
-Saved as the planner's latency tables (docs/latency_table.md), one layer per file.
-
-Then, per setting: the stage table (layer table x layers per stage), P2P from the analytic
+The device process only measures: it appends one JSON line per measured cell to its rows file
+(`--rows`, c.jsonl in the output folder) as it goes, so a step killed by the budget returns
+every cell it finished. On the CPU afterwards (`python -m megatron_terapipe.gpu_check summarize
+DIR`), `assemble` turns complete tables into the planner's latency tables
+(docs/latency_table.md, one layer per file), names the incomplete ones, and per setting
+computes the stage table (layer table x layers per stage), P2P from the analytic
 h100 preset, TeraPipe's DP plan (slicing.planner) and the simulated step time of stock 1F1B
 (whole sequences) vs the planned TeraPipe schedule (simulate), as benchmark/paper.py does
 with assumed costs; the analytic v100 prediction and the paper's 5.0x (175B) sit beside it.
@@ -56,14 +59,11 @@ def paper_settings(paths: list[str] | None = None) -> list[dict[str, Any]]:
     return rows
 
 
-def measure_layer_table(dims: dict, seq_length: int, granularity: int, dtype, clock: str,
-                        repeats: int):
-    """latency[b, l, c] of one layer (b = 1 measured, b = 0 inf), docs/latency_table.md layout."""
-    import numpy as np
-
+def layer_measure_fn(dims: dict, dtype, clock: str, repeats: int):
+    """measure(b, l, c) -> seconds of one layer's forward+backward (slicing.profiler)."""
     from megatron_terapipe.slicing.profiler import measure_fn_for_megatron_stage
 
-    measure = measure_fn_for_megatron_stage(
+    return measure_fn_for_megatron_stage(
         num_layers=1,
         hidden_size=dims["hidden_size"],
         num_attention_heads=dims["num_attention_heads"],
@@ -74,11 +74,20 @@ def measure_layer_table(dims: dict, seq_length: int, granularity: int, dtype, cl
         repeats=repeats,
         clock=clock,
     )
-    units = seq_length // granularity
+
+
+def grid(units: int) -> list[tuple[int, int]]:
+    """The (slice units, context units) cells of one table, in measuring order."""
+    return [(n, c) for n in range(1, units + 1) for c in range(0, units - n + 1)]
+
+
+def layer_table(cells: dict[tuple[int, int], float], units: int):
+    """latency[b, l, c] of one layer (b = 1 measured, b = 0 inf), docs/latency_table.md layout."""
+    import numpy as np
+
     latency = np.full((2, units + 1, units + 1), np.inf)
-    for n in range(1, units + 1):
-        for c in range(0, units - n + 1):
-            latency[1, n, c] = measure(1, n * granularity, c * granularity)
+    for (n, c), seconds in cells.items():
+        latency[1, n, c] = seconds
     return latency
 
 
@@ -133,12 +142,13 @@ def _analytic_v100(setting: dict) -> float | None:
         return None
 
 
-def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
-    import numpy as np
+def run(dry_run: bool, out_dir: str, deadline: float | None = None,
+        rows: str | None = None) -> dict[str, Any]:
+    """Measure every table's cells, one row each to `rows` as it is measured; the record holds
+    only the counts (the rows are the result)."""
     import torch
 
-    from megatron_terapipe.gpu_check.common import pick_device
-    from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
+    from megatron_terapipe.gpu_check.common import RowWriter, pick_device
 
     device = pick_device(dry_run)
     settings = paper_settings()
@@ -152,56 +162,158 @@ def run(dry_run: bool, out_dir: str) -> dict[str, Any]:
         seq_length, granularity, dtype, clock, repeats = 64, 16, torch.float32, "cpu", 1
     else:
         seq_length, granularity, dtype, clock, repeats = 2048, 128, torch.bfloat16, "wall", 2
-    table_dir = os.path.join(out_dir, "latency_tables")
-    os.makedirs(table_dir, exist_ok=True)
-    tables: dict[tuple[str, int], Any] = {}
-    measured = []
+    units = seq_length // granularity
+    tables = []
     for s in settings:
-        key = (s["model"], s["tensor_model_parallel"])
-        if key in tables:
+        key = {"model": s["model"], "tensor_model_parallel": s["tensor_model_parallel"],
+               "hidden_size": s["hidden_size"], "num_attention_heads": s["num_attention_heads"]}
+        if key not in tables:
+            tables.append(key)
+    # The paper's headline model first: a step cut by the budget returns its tables first.
+    tables.sort(key=lambda t: t["model"] not in PAPER_HEADLINE)
+    writer = RowWriter(rows or os.path.join(out_dir, "c.jsonl"))
+    writer.write({
+        "kind": "plan", "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "seq_length": seq_length, "granularity": granularity, "clock": clock,
+        "repeats": repeats, "tables": tables, "cells_per_table": len(grid(units)),
+        "settings": settings,
+        "skipped_settings": [{"config": s["config"], "reason": s["reason"]} for s in skipped],
+    })
+    for table in tables:
+        measure = layer_measure_fn(table, dtype, clock, repeats)
+        for n, c in grid(units):
+            writer.write({"kind": "cell", "model": table["model"],
+                          "tensor_model_parallel": table["tensor_model_parallel"],
+                          "l": n, "c": c, "seconds": measure(1, n * granularity,
+                                                             c * granularity)})
+        del measure
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    writer.close()
+    return {
+        "step": "c",
+        "title": TITLE,
+        "status": "measured",
+        "tables": len(tables),
+        "cells": len(tables) * len(grid(units)),
+    }
+
+
+TITLE = ("per-slice cost at paper shapes (one layer, per-rank TP shapes) and the paper-scale "
+         "prediction from it")
+
+
+def assemble(rows: list[dict[str, Any]], record: dict[str, Any] | None, plan: bool,
+             tables_out: str | None = None) -> dict[str, Any]:
+    """Step c's summary record from its rows (c.jsonl) and the orchestrator's record of the
+    step (None when the device call was cut off before the step's end was recorded).
+
+    Complete tables are saved (with `tables_out`: .npz files and latency_tables.tgz there);
+    incomplete ones are listed in `missing` with how many cells came back and why the rest
+    did not. With `plan` (the CPU, after the device call) every setting whose table is
+    complete gets TeraPipe's DP plan and the simulated speedup."""
+    import numpy as np
+
+    from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
+
+    out: dict[str, Any] = {"step": "c", "title": TITLE}
+    out.update({k: v for k, v in (record or {}).items() if k not in ("tables", "cells")})
+    header = next((r for r in rows if r.get("kind") == "plan"), None)
+    if header is None:
+        out.setdefault("status", "error")
+        out["missing"] = [{"row": "every table", "got": "none", "reason": why_missing(record)}]
+        return out
+    seq_length, granularity = header["seq_length"], header["granularity"]
+    units = seq_length // granularity
+    out.update({k: header[k] for k in ("device", "dtype", "seq_length", "granularity", "clock")})
+    out["p2p"] = f"analytic {P2P_PRESET} preset"
+    out["note"] = ("TP all-reduces are not in the measured cost (one GPU); stage = layer x "
+                   "layers per stage")
+    cells: dict[tuple[str, int], dict[tuple[int, int], float]] = {}
+    for r in rows:
+        if r.get("kind") == "cell":
+            cells.setdefault((r["model"], r["tensor_model_parallel"]), {})[r["l"], r["c"]] = \
+                float(r["seconds"])
+    expected = header["cells_per_table"]
+    measured, missing, complete = [], [], {}
+    for t in header["tables"]:
+        key = (t["model"], t["tensor_model_parallel"])
+        got = cells.get(key, {})
+        if len(got) < expected:
+            missing.append({"row": f"table {key[0]} tp{key[1]}",
+                            "got": f"{len(got)}/{expected} cells", "reason": why_missing(record)})
             continue
-        layer = measure_layer_table(s, seq_length, granularity, dtype, clock, repeats)
-        tables[key] = layer
-        path = os.path.join(table_dir, f"latency_{key[0]}_tp{key[1]}_one_layer.npz")
-        LatencyTableCostModel(layer, granularity, seq_length, source=path).save(path)
-        units = seq_length // granularity
+        layer = layer_table(got, units)
+        complete[key] = layer
+        name = f"latency_{key[0]}_tp{key[1]}_one_layer.npz"
+        if tables_out:
+            table_dir = os.path.join(tables_out, "latency_tables")
+            os.makedirs(table_dir, exist_ok=True)
+            path = os.path.join(table_dir, name)
+            LatencyTableCostModel(layer, granularity, seq_length, source=path).save(path)
         measured.append({
-            "model": key[0], "tensor_model_parallel": key[1], "file": os.path.basename(path),
+            "model": key[0], "tensor_model_parallel": key[1], "file": name,
             "t_full_sequence_ms": 1e3 * float(layer[1, units, 0]),
             "t_one_granule_ms": 1e3 * float(layer[1, 1, 0]),
             "t_last_granule_ms": 1e3 * float(layer[1, 1, units - 1]),
             "latency_ms": np.where(np.isfinite(layer[1]), layer[1] * 1e3, -1).round(4).tolist(),
         })
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    rows = []
-    for s in settings:
-        row = dict(s, **predict(tables[s["model"], s["tensor_model_parallel"]], s, granularity,
-                                seq_length))
-        row["analytic_v100_speedup"] = None if dry_run else _analytic_v100(s)
+    if tables_out and complete:
+        archive = os.path.join(tables_out, "latency_tables.tgz")
+        with tarfile.open(archive, "w:gz") as tar:
+            tar.add(os.path.join(tables_out, "latency_tables"), arcname="latency_tables")
+        out["archive"] = os.path.basename(archive)
+    out["layer_tables"], out["missing"] = measured, missing
+    out["skipped_settings"] = header.get("skipped_settings", [])
+    settings = []
+    for s in header["settings"]:
+        key = (s["model"], s["tensor_model_parallel"])
+        if key not in complete:
+            continue
+        row = dict(s)
+        if plan:
+            try:
+                row.update(predict(complete[key], s, granularity, seq_length))
+            except Exception as exc:  # noqa: BLE001 - the measured tables still count
+                row["plan_error"] = f"{type(exc).__name__}: {exc}"[:300]
+            row["analytic_v100_speedup"] = (None if seq_length != 2048
+                                            else _analytic_v100(s))
         row["paper_headline"] = PAPER_HEADLINE.get(s["model"])
-        rows.append(row)
-    archive = os.path.join(out_dir, "latency_tables.tgz")
-    with tarfile.open(archive, "w:gz") as tar:
-        tar.add(table_dir, arcname="latency_tables")
-    return {
-        "step": "c",
-        "title": "per-slice cost at paper shapes (one layer, per-rank TP shapes) and the "
-        "paper-scale prediction from it",
-        "status": "pass" if rows else "error",
-        "device": str(device),
-        "dtype": str(dtype).replace("torch.", ""),
-        "seq_length": seq_length,
-        "granularity": granularity,
-        "clock": clock,
-        "p2p": f"analytic {P2P_PRESET} preset",
-        "note": "TP all-reduces are not in the measured cost (one GPU); stage = layer x layers "
-        "per stage",
-        "layer_tables": measured,
-        "archive": os.path.basename(archive),
-        "settings": rows,
-        "skipped_settings": [{"config": s["config"], "reason": s["reason"]} for s in skipped],
-    }
+        settings.append(row)
+    out["settings"], out["planned"] = settings, plan
+    planned_ok = settings and not any("plan_error" in r for r in settings)
+    out["status"] = completeness_status(record, bool(measured), not missing,
+                                        "pass" if planned_ok else "error")
+    if out["status"] == "pass" and not plan:
+        out["status"] = "measured"
+    return out
+
+
+def completeness_status(record: dict[str, Any] | None, some: bool, all_rows: bool,
+                        complete_status: str) -> str:
+    """A measuring step's status from what came back: `complete_status` when every row did,
+    "partial" when some did, else the orchestrator's status (timeout, error, skipped), or
+    "cut off" when the device call ended before the step's end was recorded."""
+    if all_rows and some:
+        return complete_status
+    if some:
+        return "partial"
+    if record is None:
+        return "cut off"
+    return record.get("status") if record.get("status") != "measured" else "error"
+
+
+def why_missing(record: dict[str, Any] | None) -> str:
+    """Why rows of a measuring step did not come back, from the orchestrator's record."""
+    if record is None:
+        return "the device call ended before the step did (cut off by the outer time limit)"
+    if record.get("status") == "timeout":
+        return record.get("reason", "killed by budget")
+    if record.get("status") == "skipped":
+        return record.get("reason", "skipped")
+    if record.get("status") == "error":
+        return f"the step failed ({record.get('reason', 'error')}; see its log)"
+    return "not measured"
 
 
 if __name__ == "__main__":

@@ -1,8 +1,22 @@
-"""summary.json and summary.md from the steps' records."""
+"""summary.json and summary.md from what a run left in its output folder.
+
+`collect` reads run.jsonl (the orchestrator's journal: the dependency report and each step's
+record, written as each step ends) and the measuring steps' row files (c.jsonl, d.jsonl,
+written row by row), so it works on a finished run, on one whose steps were killed by the
+budget and on one cut off as a whole; the rows that did not come back are listed with why.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Any
+
+from megatron_terapipe.gpu_check.common import read_rows
+
+# A run's exit status is 1 when a step ends in one of these (a check failed, a step crashed,
+# was killed by the budget, or returned only part of its rows).
+BAD_STATUSES = ("fail", "error", "timeout", "partial", "cut off")
 
 
 def _fmt(value: Any, spec: str = ".3g") -> str:
@@ -52,6 +66,13 @@ def _step_b(r: dict) -> list[str]:
         "", f"criterion: relative difference <= {r['loss_rtol']:g} (bf16, token vs stock schedule)"]
 
 
+def _missing(r: dict) -> list[str]:
+    lines = []
+    for m in r.get("missing", []):
+        lines.append(f"- MISSING {m.get('row')} ({m.get('got')} came back): {m.get('reason')}")
+    return [""] + lines if lines else []
+
+
 def _step_c(r: dict) -> list[str]:
     lines = [f"{r.get('dtype')} · seq {r.get('seq_length')} · granularity "
              f"{r.get('granularity')} · clock {r.get('clock')} · P2P {r.get('p2p')} · "
@@ -60,7 +81,14 @@ def _step_c(r: dict) -> list[str]:
         ["model", "TP", "t(full seq) ms", "t(first granule) ms", "t(last granule) ms"],
         [[m["model"], m["tensor_model_parallel"], m["t_full_sequence_ms"],
           m["t_one_granule_ms"], m["t_last_granule_ms"]] for m in r.get("layer_tables", [])])
+    lines += _missing(r)
     lines.append("")
+    if not r.get("planned"):
+        lines.append("DP plan and simulated speedup: not computed on the device; run "
+                     "`python -m megatron_terapipe.gpu_check summarize DIR --out OUT` on the "
+                     "returned files.")
+        return lines
+    planned = [s for s in r.get("settings", []) if "plan_error" not in s]
     lines += _table(
         ["config", "B", "TP", "PP", "slices", "stock 1F1B s", "TeraPipe s",
          "predicted speedup (measured)", "analytic v100", "paper"],
@@ -69,21 +97,24 @@ def _step_c(r: dict) -> list[str]:
           s["terapipe_step_s"], f"{s['predicted_speedup']:.2f}x",
           _fmt(s.get("analytic_v100_speedup"), ".2f"),
           f"{s['paper_headline']:.1f}x" if s.get("paper_headline") else "–"]
-         for s in r.get("settings", [])])
+         for s in planned])
+    for s in r.get("settings", []):
+        if "plan_error" in s:
+            lines.append(f"- {s['config']}: planning failed: {s['plan_error']}")
     for s in r.get("skipped_settings", []):
         lines.append(f"- skipped {s['config']}: {s['reason']}")
     return lines
 
 
 def _step_d(r: dict) -> list[str]:
-    if "rows" in r:
-        return [f"via {r['via']}", ""] + _table(
-            ["S", "median s", "min(–max) s", "t_S / t_1", "peak memory GiB"],
-            [[x["num_token_slices"], x["median_s"],
-              f"{_fmt(x['min_s'], '.4g')}–{_fmt(x['max_s'], '.4g')}" if x.get("max_s")
-              else _fmt(x["min_s"], ".4g"),
-              x["t_S_over_t_1"], x["peak_memory_gib"]] for x in r["rows"]])
-    return [f"via {r.get('via')}", "", "```", str(r.get("result", r.get("error")))[:3000], "```"]
+    lines = [f"via {r.get('via', 'benchmark.single_stage (one process)')} · "
+             f"{r.get('dtype')} · rounds {r.get('rounds')}", ""]
+    lines += _table(
+        ["S", "rounds", "median s", "min–max s", "t_S / t_1", "peak memory GiB"],
+        [[x["num_token_slices"], x["rounds"], x["median_s"],
+          f"{_fmt(x['min_s'], '.4g')}–{_fmt(x['max_s'], '.4g')}", x["t_S_over_t_1"],
+          x["peak_memory_gib"]] for x in r.get("rows", [])])
+    return lines + _missing(r)
 
 
 def _step_e(r: dict) -> list[str]:
@@ -101,14 +132,67 @@ def _step_e(r: dict) -> list[str]:
 RENDER = {"a": _step_a, "b": _step_b, "c": _step_c, "d": _step_d, "e": _step_e}
 
 
+def collect(out_dir: str, plan: bool, tables_out: str | None = None) -> dict[str, Any]:
+    """The summary of the run in `out_dir`: step records from its journal, c and d assembled
+    from their rows (with `plan`, c's DP plan and simulation: the CPU's part)."""
+    from megatron_terapipe.gpu_check import inflation, latency
+
+    events = read_rows(os.path.join(out_dir, "run.jsonl"))
+    start = next((e for e in events if e.get("event") == "start"), {})
+    end = next((e for e in events if e.get("event") == "end"), None)
+    records = {e["step"]: {k: v for k, v in e.items() if k != "event"}
+               for e in events if e.get("event") == "step"}
+    planned = start.get("steps", "".join(sorted(records)))
+    steps = []
+    for key in sorted(set(planned) | set(records)):
+        record = records.get(key)
+        if key == "c" and (record is None or record.get("status") != "skipped"):
+            steps.append(latency.assemble(read_rows(os.path.join(out_dir, "c.jsonl")), record,
+                                          plan, tables_out))
+        elif key == "d" and (record is None or record.get("status") != "skipped"):
+            steps.append(inflation.assemble(read_rows(os.path.join(out_dir, "d.jsonl")),
+                                            record))
+        elif record is None:
+            steps.append({"step": key, "status": "cut off", "reason": "the device call ended "
+                          "before this step did (outer time limit)"})
+        else:
+            steps.append(record)
+    environment = next((e for e in events if e.get("event") == "environment"), {})
+    return {
+        "dry_run": start.get("dry_run", False),
+        "budget_s": start.get("budget_s"),
+        "environment": {k: v for k, v in environment.items() if k != "event"},
+        "dependencies": next((e for e in events if e.get("event") == "dependencies"), {}),
+        "elapsed_s": end["elapsed_s"] if end else None,
+        "complete": end is not None,
+        "steps": steps,
+    }
+
+
+def write(result: dict[str, Any], out_dir: str) -> str:
+    """summary.json and summary.md in `out_dir`; returns the markdown."""
+    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
+        json.dump(result, handle, indent=1, default=str)
+    text = markdown(result)
+    with open(os.path.join(out_dir, "summary.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return text
+
+
+def exit_status(result: dict[str, Any]) -> int:
+    return 1 if any(r.get("status") in BAD_STATUSES for r in result["steps"]) else 0
+
+
 def markdown(summary: dict) -> str:
-    env = summary["environment"]
+    env = summary.get("environment", {})
+    elapsed = summary.get("elapsed_s")
     lines = [
-        f"# GPU check{' (dry run on CPU, toy sizes)' if summary['dry_run'] else ''}",
+        f"# GPU check{' (dry run on CPU, toy sizes)' if summary.get('dry_run') else ''}",
         "",
         f"device {env.get('device')} · torch {env.get('torch')} · CUDA {env.get('cuda')} · "
         f"Python {env.get('python')} · megatron-core {env.get('megatron_core')} · "
-        f"{summary['elapsed_s']:.0f} s",
+        + (f"{elapsed:.0f} s" if elapsed is not None else "cut off before its end")
+        + (f" of a {summary['budget_s']:.0f} s budget" if summary.get("budget_s") else ""),
         "",
     ]
     deps = summary.get("dependencies", {})
@@ -116,9 +200,10 @@ def markdown(summary: dict) -> str:
         lines.append(f"installed from carried wheels: {', '.join(deps['installed'])}")
     for item in deps.get("missing", []):
         lines.append(f"- MISSING: {item}")
-    lines += ["", "| step | result |", "|---|---|"]
+    lines += ["", "| step | result | window s | elapsed s |", "|---|---|---|---|"]
     for r in summary["steps"]:
-        lines.append(f"| {r['step']}. {r.get('title', '')} | {r.get('status')} |")
+        lines.append(f"| {r['step']}. {r.get('title', '')} | {r.get('status')} | "
+                     f"{_fmt(r.get('window_s'))} | {_fmt(r.get('elapsed_s'))} |")
     for r in summary["steps"]:
         lines += ["", f"## {r['step']}. {r.get('title', '')}: {r.get('status')}", ""]
         if r.get("reason"):
