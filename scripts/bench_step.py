@@ -283,10 +283,10 @@ def format_summary(summary: dict) -> str:
     lines = [f"M = {summary['num_microbatches']} (ratios against {summary['baseline']}, the "
              "same attention kernel as the token pipeline)",
              f"  {'schedule':34s} {'attention':9s} {'step s (median)':>15s} "
-             f"{'judged min-max s':>24s} {'vs same-kernel stock':>24s}"]
+             f"{'judged min-max s':>31s} {'vs same-kernel stock':>24s}"]
     for r in summary["rows"]:
         lines.append(f"  {r['schedule']:34s} {r['attention']:9s} {r['step_time']:15.3f} "
-                     f"{judged_range(r):>24s} {_ratio(r):>24s}")
+                     f"{judged_range(r):>31s} {_ratio(r):>24s}")
     if summary["best"] is not None:
         low, high = summary["best_range_s"]
         verdict = {"faster": "faster", "slower": "SLOWER than the baseline",
