@@ -529,27 +529,28 @@ def test_later_flags_turn_off_switches_from_a_config_file():
 
 
 def test_memory_cap_applies_to_explicit_slices():
-    # One slice holds the whole sequence's K/V copies; the cap is set between the two slicings'
-    # activation peaks as the planner's memory model computes them.
+    # A thin last slice frees little before the first backward makes the fp32 K/V-gradient
+    # accumulators, so it peaks higher than one slice; the cap is set between the two
+    # slicings' peaks as the planner's memory model computes them.
     from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel
 
     args = targs.parse_args(BASE + ["--token-pipeline"])
     memory = ActivationMemoryModel.from_args(args)
     micro = 16 // 2
     one = memory.peak_bytes("terapipe", (2,) * micro, ((128,),) * micro, 2)
-    four = memory.peak_bytes("terapipe", (2,) * micro, ((32,) * 4,) * micro, 2)
-    assert one < four
-    cap = (one + four) / 2 / GIB
+    thin = memory.peak_bytes("terapipe", (2,) * micro, ((120, 8),) * micro, 2)
+    assert one < thin
+    cap = (one + thin) / 2 / GIB
     flags = ["--token-pipeline", "--token-pipeline-memory-cap", repr(cap)]
     assert errors_for(flags + ["--token-pipeline-slices", "128,"]) == []
-    errors = errors_for(flags + ["--token-pipeline-slices", "32,32,32,32"])
+    errors = errors_for(flags + ["--token-pipeline-slices", "120,8"])
     assert len(errors) == 1 and errors[0].startswith(
-        f"--token-pipeline-slices=32,32,32,32 needs {four / GIB:.3f} GiB of activations per "
+        f"--token-pipeline-slices=120,8 needs {thin / GIB:.3f} GiB of activations per "
         f"stage (the planner's memory model), over --token-pipeline-memory-cap={cap:g}"
     ), errors
-    # N equal slices are checked the same way.
-    assert errors_for(flags + ["--token-pipeline-slices", "4"]) == [
-        errors[0].replace("32,32,32,32", "4", 1)
+    # N equal slices are checked the same way (16 slices of 8 end on the same thin slice).
+    assert errors_for(flags + ["--token-pipeline-slices", "16"]) == [
+        errors[0].replace("120,8", "16", 1)
     ]
 
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 
 from megatron_terapipe.schedules.generators import terapipe, token_1f1b, token_interleaved
-from megatron_terapipe.schedules.in_flight import in_flight
-from megatron_terapipe.schedules.ir import BACKWARD, FORWARD
+from megatron_terapipe.schedules.in_flight import in_flight, lifetimes
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, WEIGHT_GRAD
 
 
 def _replay(schedule, rank):
@@ -43,8 +43,35 @@ def test_terapipe_holds_every_slice_and_every_buffer():
     assert (marks[0].units, marks[0].buffers) == (32, 4)
 
 
-def test_weighted_units_peak():
-    schedule = terapipe(2, 2, 4)
-    marks = in_flight(schedule, lambda c: 1.0 + c.token_slice)
-    # Every unit is held at rank 0's peak: 2 micro-batches × (1 + 2 + 3 + 4).
-    assert marks[0].unit_bytes == 20.0
+def _replay_lifetimes(schedule, rank):
+    """Each compute's flags recomputed from the prefix of the order (no running counters)."""
+    order = schedule.computes(rank)
+    flags = []
+    for i, c in enumerate(order):
+        before = order[:i]
+        key = (c.microbatch, c.chunk)
+        same = [d for d in before if (d.microbatch, d.chunk) == key]
+        backwards = sum(d.kind == BACKWARD for d in same) + (c.kind == BACKWARD)
+        flags.append((
+            c.kind == FORWARD and not any(d.kind == FORWARD for d in same),
+            c.kind == BACKWARD and backwards == schedule.num_token_slices,
+            c.kind == BACKWARD and backwards == 1,
+            c.kind == BACKWARD and any(d.kind == WEIGHT_GRAD and d.unit == c.unit
+                                       for d in order[i + 1:]),
+        ))
+    return flags
+
+
+@pytest.mark.parametrize("make,P,M,S,split", [
+    (terapipe, 2, 2, 4, False), (token_1f1b, 3, 4, 4, True), (token_interleaved, 2, 4, 4, True),
+])
+def test_lifetimes_match_replay(make, P, M, S, split):
+    from megatron_terapipe.schedules.generators import build_schedule
+
+    schedule = build_schedule(make(P, M, S).name, P, M, S, split_backward=split)
+    for rank in range(P):
+        got = [(e.opens_buffer, e.closes_buffer, e.first_backward, e.leaves_weight_grad)
+               for e in lifetimes(schedule, rank)]
+        assert got == _replay_lifetimes(schedule, rank)
+    if split:
+        assert any(e.leaves_weight_grad for r in range(P) for e in lifetimes(schedule, r))

@@ -1,12 +1,13 @@
-"""What each rank holds at its high-water mark, read from the schedule IR's compute order.
+"""What each rank holds, and when, read from the schedule IR's compute order.
 
-The simulator and the planner's memory model both need it, and deciding it from a schedule's
-name drifts from what the generators emit (a new schedule, a split backward, interleaved
-chunks), so both derive it here from the same walk. Order alone decides it, never timing.
+The simulator's high-water marks and the planner's memory model both need it, and deciding it
+from a schedule's name drifts from what the generators emit (a new schedule, a split backward,
+interleaved chunks), so both read the same lifetimes from here. Order alone decides them,
+never timing.
 
 Two things are live on a rank:
 - a unit's activations, from its forward until its backward (a split backward frees them at
-  B: its W follows right after and holds one slice's GEMM operands at most);
+  B, except what its W still needs, which lives until that W);
 - a (micro-batch, chunk)'s K/V buffer, from its first forward on the rank until every one of
   its token slices has run its backward there: later slices read it, earlier slices' backwards
   take their gradient from its accumulators.
@@ -14,50 +15,74 @@ Two things are live on a rank:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Iterator
 from dataclasses import dataclass
 
-from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, Compute, Schedule
+from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, WEIGHT_GRAD, Compute, Schedule
+
+
+@dataclass(frozen=True)
+class Lifetime:
+    """One compute of a rank's order with what starts or ends there.
+
+    `opens_buffer`: the first forward of its (micro-batch, chunk) on the rank.
+    `closes_buffer`: the last backward of its (micro-batch, chunk).
+    `first_backward`: the first backward of its (micro-batch, chunk).
+    `leaves_weight_grad`: a backward whose W runs later on the rank (a split B).
+    """
+
+    compute: Compute
+    opens_buffer: bool = False
+    closes_buffer: bool = False
+    first_backward: bool = False
+    leaves_weight_grad: bool = False
+
+
+def lifetimes(schedule: Schedule, rank: int) -> Iterator[Lifetime]:
+    """The rank's computes in order, each with the lifetimes it opens or closes."""
+    computes = schedule.computes(rank)
+    split = {c.unit for c in computes if c.kind == WEIGHT_GRAD}
+    backwards: dict[tuple[int, int], int] = {}
+    for c in computes:
+        key = (c.microbatch, c.chunk)
+        if c.kind == FORWARD:
+            opens = key not in backwards
+            backwards.setdefault(key, 0)
+            yield Lifetime(c, opens_buffer=opens)
+        elif c.kind == BACKWARD:
+            first = backwards.get(key, 0) == 0
+            backwards[key] = backwards.get(key, 0) + 1
+            closes = backwards[key] == schedule.num_token_slices
+            if closes:
+                del backwards[key]
+            yield Lifetime(c, closes_buffer=closes, first_backward=first,
+                           leaves_weight_grad=c.unit in split)
+        else:
+            yield Lifetime(c)
 
 
 @dataclass(frozen=True)
 class InFlight:
-    """One rank's high-water marks; `units` and `buffers` peak at possibly different points,
-    `unit_bytes` is the peak of the weighted unit count (None without a weight)."""
+    """One rank's high-water marks; `units` and `buffers` peak at possibly different points."""
 
     units: int
     buffers: int
-    unit_bytes: float | None = None
 
 
-def in_flight(
-    schedule: Schedule, unit_bytes: Callable[[Compute], float] | None = None
-) -> list[InFlight]:
-    """Per rank: the most units and K/V buffers held at once, and optionally the most bytes
-    of held units when `unit_bytes` weighs each forward."""
+def in_flight(schedule: Schedule) -> list[InFlight]:
+    """Per rank: the most units and K/V buffers held at once."""
     result: list[InFlight] = []
     for rank in range(schedule.num_stages):
-        held = peak = 0
-        held_bytes = peak_bytes = 0.0
-        backwards: dict[tuple[int, int], int] = {}
-        live = peak_live = 0
-        for c in schedule.computes(rank):
-            key = (c.microbatch, c.chunk)
-            size = float(unit_bytes(c)) if unit_bytes is not None else 0.0
-            if c.kind == FORWARD:
-                if key not in backwards:
-                    backwards[key] = 0
-                    live += 1
-                    peak_live = max(peak_live, live)
+        held = peak = live = peak_live = 0
+        for event in lifetimes(schedule, rank):
+            kind = event.compute.kind
+            if kind == FORWARD:
+                live += event.opens_buffer
+                peak_live = max(peak_live, live)
                 held += 1
-                held_bytes += size
                 peak = max(peak, held)
-                peak_bytes = max(peak_bytes, held_bytes)
-            elif c.kind == BACKWARD:
+            elif kind == BACKWARD:
                 held -= 1
-                held_bytes -= size
-                backwards[key] = backwards.get(key, 0) + 1
-                if backwards[key] == schedule.num_token_slices:
-                    live -= 1
-        result.append(InFlight(peak, peak_live, peak_bytes if unit_bytes is not None else None))
+                live -= event.closes_buffer
+        result.append(InFlight(peak, peak_live))
     return result

@@ -14,7 +14,7 @@ import argparse
 import json
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from megatron_terapipe.schedules.generators import SCHEDULES, TOKEN_SCHEDULES, build_schedule
@@ -231,7 +231,7 @@ def _analytic_costs(
         batch=args.micro_batch_size,
         backward_ratio=args.backward_ratio,
         num_chunks=num_chunks,
-        activation_bytes=_activation_bytes(dims, args, num_chunks),
+        memory=_memory_model(dims, args, num_chunks),
     )
 
 
@@ -254,27 +254,16 @@ def _model_dims(parser: argparse.ArgumentParser, args: argparse.Namespace) -> di
     return dims
 
 
-def _activation_bytes(
-    dims: dict[str, int], args: argparse.Namespace, num_chunks: int
-) -> Callable[[int, int], float] | None:
-    try:
-        from megatron_terapipe.slicing.memory import ActivationMemoryModel
-    except ImportError:
-        return None
-    memory = ActivationMemoryModel(
+def _memory_model(dims: dict[str, int], args: argparse.Namespace, num_chunks: int) -> Any:
+    from megatron_terapipe.slicing.memory import ActivationMemoryModel
+
+    return ActivationMemoryModel(
         **dims,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_chunks=num_chunks,
         sequence_parallel=args.sequence_parallel,
     )
-    batch = args.micro_batch_size
-
-    def nbytes(slice_len: int, context_len: int) -> float:
-        held = batch * slice_len * memory.held_bytes_per_token()
-        copies = float(memory.copy_bytes(batch, slice_len, context_len))
-        return (held + copies) / num_chunks
-
-    return nbytes
 
 
 def format_table(result: SimulationResult) -> str:

@@ -7,9 +7,18 @@ choosing slices that balance that.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+from megatron_terapipe.schedules.ir import Schedule
+
+
+class MemoryModel(Protocol):
+    """What the simulator asks of a memory model (`slicing.memory.ActivationMemoryModel`)."""
+
+    def rank_peaks(self, schedule: Schedule, token_slices: Sequence[Sequence[int]],
+                   batch_sizes: Sequence[int]) -> list[float]: ...
 
 
 @dataclass
@@ -19,7 +28,8 @@ class ActionCosts:
     forward/backward: (stage, chunk, slice_len, context_len) -> time of that compute; `backward`
     prices a whole backward, weight gradients included.
     transfer: (slice_len) -> time of one P2P message of that slice, 0 for none.
-    activation_bytes: (slice_len, context_len) -> bytes one forward keeps until its backward.
+    memory: the model that prices each rank's peak activation bytes over a schedule's order,
+    for micro-batches of `batch` sequences; None reports unit counts only.
     weight_grad: same arguments -> the weight-gradient part of that backward, which a split
     backward runs as its own W action (the B action then costs the rest); None prices it as
     `weight_grad_share` of the backward (0.5: Zero Bubble's B = W, right for GEMM-bound layers;
@@ -29,7 +39,8 @@ class ActionCosts:
     forward: Callable[[int, int, int, int], float]
     backward: Callable[[int, int, int, int], float]
     transfer: Callable[[int], float]
-    activation_bytes: Callable[[int, int], float] | None = None
+    memory: MemoryModel | None = None
+    batch: int = 1
     name: str = "custom"
     time_unit: str = "s"
     weight_grad: Callable[[int, int, int, int], float] | None = None
@@ -65,7 +76,7 @@ class ActionCosts:
         batch: int = 1,
         backward_ratio: float = 2.0,
         num_chunks: int = 1,
-        activation_bytes: Callable[[int, int], float] | None = None,
+        memory: MemoryModel | None = None,
     ) -> ActionCosts:
         """Split a stage model's forward+backward time into forward and backward.
 
@@ -93,7 +104,8 @@ class ActionCosts:
                 backward_share * fb(slice_len, context_len)
             ),
             transfer=lambda slice_len: float(model.p2p_time(batch, slice_len)),
-            activation_bytes=activation_bytes,
+            memory=memory,
+            batch=batch,
             name=str(getattr(model, "name", type(model).__name__)),
             time_unit="s",
         )

@@ -197,18 +197,14 @@ def simulate(
 def _peak_activations(
     schedule: Schedule, slices: tuple[int, ...], context: list[int], costs: ActionCosts
 ) -> tuple[list[int], list[float] | None]:
-    """High-water marks over each rank's order, from the derivation the memory model shares
-    (`schedules.in_flight`)."""
-    weigh = None
-    if costs.activation_bytes is not None:
-        size = costs.activation_bytes
-
-        def weigh(c: Compute) -> float:
-            return float(size(slices[c.token_slice], context[c.token_slice]))
-
-    marks = in_flight(schedule, weigh)
-    nbytes = None if weigh is None else [float(m.unit_bytes or 0.0) for m in marks]
-    return [m.units for m in marks], nbytes
+    """High-water marks over each rank's order (`schedules.in_flight`, which the memory model
+    reads too), and the memory model's peak bytes per rank when the costs carry one."""
+    counts = [m.units for m in in_flight(schedule)]
+    if costs.memory is None:
+        return counts, None
+    micro = schedule.num_microbatches
+    nbytes = costs.memory.rank_peaks(schedule, [slices] * micro, [costs.batch] * micro)
+    return counts, [float(b) for b in nbytes]
 
 
 def _label(schedule: Schedule, slices: tuple[int, ...], costs: ActionCosts) -> str:

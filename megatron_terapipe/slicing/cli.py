@@ -273,7 +273,10 @@ def run(argv: Sequence[str] | None = None) -> dict[str, Any]:
         par = dict(num_query_groups=args.num_query_groups,
                    tensor_model_parallel_size=args.tensor_model_parallel_size,
                    pipeline_model_parallel_size=args.pipeline_model_parallel_size)
-        memory = ActivationMemoryModel(**dims, **par, sequence_parallel=args.sequence_parallel)
+        memory = ActivationMemoryModel(**dims, **par, sequence_parallel=args.sequence_parallel,
+                                       num_chunks=args.num_chunks,
+                                       ffn_hidden_size=args.ffn_hidden_size,
+                                       gated_linear_unit=args.swiglu)
         flops = AnalyticCostModel(**dims, **par, ffn_hidden_size=args.ffn_hidden_size,
                                   gated_linear_unit=args.swiglu)
     if args.memory_cap is not None and memory is None:

@@ -233,7 +233,8 @@ def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | No
     stages, mbs, micro = common["num_stages"], common["batch"], common["num_microbatches"]
     batch_slices = (mbs,) * micro
     memory: ActivationMemoryModel = common["memory"]
-    peak = memory.peak_bytes(common["schedule"], batch_slices, (tuple(slices),) * micro, stages)
+    peak = memory.peak_bytes(common["schedule"], batch_slices, (tuple(slices),) * micro, stages,
+                             split_backward=common["split_backward"])
     if cap is not None and peak > cap * GIB:
         raise ValueError(
             f"{SLICES_FLAG} {list(slices)} needs {peak / GIB:.3f} GiB of activations per stage, "

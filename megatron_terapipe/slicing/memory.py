@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from megatron_terapipe.schedules.in_flight import lifetimes
 from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, WEIGHT_GRAD, Schedule
 
 GIB = float(1 << 30)
@@ -274,12 +275,10 @@ class ActivationMemoryModel:
         kv, kv_grad = self.kv_bytes_per_token(), self.kv_grad_bytes_per_token()
         rebuilds = self._recompute_groups()
         held = peak = 0.0
-        done: dict[tuple[int, int], int] = {}  # (micro-batch, chunk) -> backwards run
         accumulating: set[tuple[int, int]] = set()
-        computes = schedule.computes(rank)
-        split = {c.unit for c in computes if c.kind == WEIGHT_GRAD}  # B's that leave a W
         waiting: dict[tuple[int, int, int], float] = {}  # a split B's operands until its W
-        for c in computes:
+        for event in lifetimes(schedule, rank):
+            c = event.compute
             key = (c.microbatch, c.chunk)
             slices = token_slices[c.microbatch]
             b, seq = batch_sizes[c.microbatch], sum(slices)
@@ -287,8 +286,7 @@ class ActivationMemoryModel:
             unit = tokens * self.unit_bytes_per_token(rank, c.chunk)
             last = self._is_last(rank, c.chunk)
             if c.kind == FORWARD:
-                if key not in done:
-                    done[key] = 0
+                if event.opens_buffer:
                     held += b * seq * kv * layers
                 held += unit
                 peak = max(peak, held)
@@ -296,30 +294,30 @@ class ActivationMemoryModel:
                 before = held
                 if last:
                     held -= tokens * self.last_stage_bytes_per_token()
+                # The first backward that sends gradient to earlier rows makes the buffer's
+                # accumulators, layer by layer, while that layer's attention half is held.
                 grows = c.token_slice > 0 and key not in accumulating
                 for index in range(layers):
                     if rebuilds[index]:  # a checkpoint group rebuilt, then walked
                         held += tokens * layer * rebuilds[index]
                         peak = max(peak, held)
                     held -= tokens * mlp
-                    if grows:  # this layer's accumulators, made in its attention backward
+                    if grows:
                         held += b * seq * kv_grad
                     peak = max(peak, held)
                     held -= tokens * attention
-                # Whatever the layers did not free: the embedding's, the checkpoints' inputs.
+                # Whatever the layers did not free goes too: the embedding's, the checkpoints'.
                 held = before - unit + (b * seq * kv_grad * layers if grows else 0.0)
                 if grows:
                     accumulating.add(key)
-                if c.unit in split:
+                if event.leaves_weight_grad:
                     per_layer, head = self.weight_operand_bytes_per_token(last)
                     waiting[c.unit] = tokens * (layers * per_layer + head)
                     held += waiting[c.unit]
                     peak = max(peak, held)
-                done[key] += 1
-                if done[key] == len(slices):
+                if event.closes_buffer:
                     held -= b * seq * layers * (kv + (kv_grad if key in accumulating else 0.0))
                     accumulating.discard(key)
-                    del done[key]
             elif c.kind == WEIGHT_GRAD:
                 held -= waiting.pop(c.unit, 0.0)
         return peak

@@ -9,8 +9,13 @@ The DP itself is in `dp.py`; this module decides what it is asked:
   (TeraPipe); 'uniform' only into equal slices (what Megatron's equal micro-batches can run);
   'fixed' plans `num_microbatches` micro-batches of `batch` sequences each, one token slicing
   for all of them (what `plan_from_args` asks).
-- memory cap: held activations are fixed by the batch and schedule; the K/V copies each slice
-  saves are additive, so the DP carries them as a budget (see memory.py, dp.Budget).
+- memory cap: every candidate's peak comes from the memory model's walk of the schedule it
+  would run (memory.py); the DP's optimum is kept when it fits. Otherwise the best fitting
+  candidate under the score wins, among the DP's explored and bound-swept slicings, the equal
+  ones and the DP's optima with the last slice at least k units or the first at most k (k
+  bisected): terapipe's peak depends on its last slice only (the accumulators of the first
+  backward against what that slice frees), which makes the plan exact there; 1F1B orders also
+  hold the first slices of later micro-batches.
 - strategy: 'dp' (TeraPipe's Algorithm 1), 'equal' or 'equal-flops' (Seq1F1B); the last two take
   `num_slices` or, when it is None, the best count under the score.
 - score: 'formula' (TeraPipe's Σ t + (K−1)·max t) or 'simulator' (the schedule simulator's
@@ -103,7 +108,6 @@ def make_plan(
     include_p2p: bool = True,
     flops_model: Any = None,
     method: str = "bisect",
-    memory_quanta: int = 512,
     simulator_candidates: int = 12,
     split_backward: bool = False,
 ) -> SlicingPlan:
@@ -135,18 +139,19 @@ def make_plan(
 
     table = _table(cost_model, batch, seq_length, g, include_p2p)
     fixed = (batch,) * num_microbatches if batch_mode == "fixed" else None
-    budget, cap_note = _memory_budget(
-        memory, memory_cap_gib, table, batch_mode, batch, fixed, seq_length, g, num_stages,
-        schedule, memory_quanta,
-    )
-    smallest = cap_note.pop("_smallest", None)
+    cap = _cap_bytes(memory, memory_cap_gib)
+    peaks: dict[tuple, float] = {}
+
+    def peak_of(batch_slices: tuple[int, ...], per_slice: tuple[tuple[int, ...], ...]) -> float:
+        key = (batch_slices, per_slice)
+        if key not in peaks:
+            peaks[key] = memory.peak_bytes(schedule, batch_slices, per_slice, num_stages,
+                                           split_backward=split_backward)
+        return peaks[key]
 
     def fits(batch_slices: tuple[int, ...], slices: tuple[int, ...]) -> bool:
-        if budget is None:
-            return True
-        peak = memory.peak_bytes(schedule, batch_slices, (slices,) * len(batch_slices),
-                                 num_stages)
-        return peak <= memory_cap_gib * GIB
+        return cap is None or peak_of(batch_slices, (slices,) * len(batch_slices)) <= cap
+
     extra: dict[str, Any] = {
         "granularity": g,
         "num_stages": num_stages,
@@ -154,18 +159,13 @@ def make_plan(
         "score": score,
         "batch_mode": batch_mode,
     }
-    extra.update(cap_note)
+    if cap is not None:
+        extra["memory_cap_gib"] = memory_cap_gib
 
     if strategy == "dp":
-        try:
-            sol = dp.solve(table, num_stages, batch_mode=batch_mode, batch=batch,
-                           batch_slices=fixed, budget=budget, method=method,
-                           keep_explored=score == "simulator")
-        except dp.NoFeasiblePlan:
-            if smallest is None:
-                raise
-            raise ValueError(_no_fit(smallest, memory_cap_gib) + " (with the planner's "
-                             f"rounding to 1/{memory_quanta} of the headroom)") from None
+        sol = dp.solve(table, num_stages, batch_mode=batch_mode, batch=batch,
+                       batch_slices=fixed, method=method,
+                       keep_explored=score == "simulator" or cap is not None)
         batch_slices = sol.batch_slices
         per_slice = tuple(tuple(u * g for u in units) for units in sol.token_units)
         token_slices, step, t_max = per_slice[0], sol.objective, sol.t_max
@@ -173,27 +173,41 @@ def make_plan(
         extra.update(dp_evaluations=sol.evaluations, dp_candidates=sol.candidates)
         if len(set(per_slice)) > 1:
             extra["token_slices_per_batch_slice"] = [list(s) for s in per_slice]
-        if score == "simulator":
+        dp_peak = peak_of(batch_slices, per_slice) if cap is not None else 0.0
+        over_cap = cap is not None and dp_peak > cap
+        if score == "simulator" or over_cap:
             b = batch_slices[0]
             candidates = [tuple(u * g for u in s) for size, s in sol.explored if size == b]
-            candidates += [tuple(u * g for u in s)
-                           for s in dp.slicings_at_bounds(table, b, budget=budget)]
+            candidates += [tuple(u * g for u in s) for s in dp.slicings_at_bounds(table, b)]
             equal = _strategy_candidates("equal", seq_length, g, None, cost_model, flops_model)
             candidates += equal
             candidates += _strategy_candidates("equal-flops", seq_length, g, None, cost_model,
                                                flops_model, quiet=True)
+            if over_cap:
+                candidates += _capped_optima(table, g, b, batch_slices, fits)
+            formula = formula_scorer(table, g, num_stages, batch_slices)
+            scorer = (formula if score == "formula" else
+                      _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
+                              num_chunks, split_backward, flops_model))
             token_slices, step = _best(
-                candidates, batch_slices, fits,
-                _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
-                        num_chunks, split_backward, flops_model),
-                formula_scorer(table, g, num_stages, batch_slices), simulator_candidates,
-                always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL])
+                candidates, batch_slices, fits, scorer, formula,
+                simulator_candidates if score == "simulator" else None,
+                always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL],
+                no_fit=lambda: _no_fit(min(peak_of(batch_slices, (c,) * len(batch_slices))
+                                           for c in candidates), memory_cap_gib))
             per_slice = (token_slices,) * len(batch_slices)
-            simulated, dp_slices = step, tuple(u * g for u in sol.token_units[0])
-            objective = formula_scorer(table, g, num_stages, batch_slices)(token_slices)
+            dp_slices = tuple(u * g for u in sol.token_units[0])
+            objective = formula(token_slices)
+            simulated = step if score == "simulator" else math.nan
             if token_slices != dp_slices:
-                # The simulator kept another plan: the DP's optimum of the objective, beside it.
+                # Another plan than the DP's optimum of the objective was kept (by the
+                # simulator, or by the cap): the optimum stays beside it.
                 extra.update(dp_token_slices=list(dp_slices), dp_objective=sol.objective)
+                extra.pop("token_slices_per_batch_slice", None)
+            if over_cap:
+                extra["memory_cap_note"] = (
+                    f"the DP's optimum needs {dp_peak / GIB:.4f} GiB, over the cap; the best "
+                    "fitting candidate was kept")
             t_max = _t_max(table, g, batch_slices, token_slices)
     else:
         batch_slices = fixed or (batch,)
@@ -201,9 +215,12 @@ def make_plan(
                                           flops_model)
         scorer = _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
                          num_chunks, split_backward, flops_model)
-        token_slices, step = _best(candidates, batch_slices, fits, scorer,
-                                   formula_scorer(table, g, num_stages, batch_slices),
-                                   simulator_candidates if score == "simulator" else None)
+        token_slices, step = _best(
+            candidates, batch_slices, fits, scorer,
+            formula_scorer(table, g, num_stages, batch_slices),
+            simulator_candidates if score == "simulator" else None,
+            no_fit=lambda: _no_fit(min(peak_of(batch_slices, (c,) * len(batch_slices))
+                                       for c in candidates), memory_cap_gib))
         per_slice = (token_slices,) * len(batch_slices)
         t_max = _t_max(table, g, batch_slices, token_slices)
         objective = formula_scorer(table, g, num_stages, batch_slices)(token_slices)
@@ -211,8 +228,7 @@ def make_plan(
 
     validate_token_slices(token_slices, seq_length, g, "planned token slices")
     if memory is not None:
-        peak = memory.peak_bytes(schedule, batch_slices, per_slice, num_stages)
-        extra["activation_memory_gib"] = round(peak / GIB, 4)
+        extra["activation_memory_gib"] = round(peak_of(batch_slices, per_slice) / GIB, 4)
     extra["solve_time_s"] = round(time.perf_counter() - started, 4)
     return SlicingPlan(
         token_slices=token_slices,
@@ -265,81 +281,56 @@ def _table(cost_model: Any, batch: int, seq_length: int, g: int, include_p2p: bo
     return build_latency_table(cost_model, batch, seq_length, g, include_p2p)
 
 
-def _memory_budget(
-    memory: ActivationMemoryModel | None,
-    cap_gib: float | None,
-    table: np.ndarray,
-    batch_mode: str,
-    batch: int,
-    fixed: tuple[int, ...] | None,
-    seq_length: int,
-    g: int,
-    num_stages: int,
-    schedule: str,
-    quanta: int,
-) -> tuple[dp.Budget | None, dict]:
-    """The memory cap as the DP's additive budget, in `quanta` steps of the headroom.
-
-    Each slice's saved K/V copy is rounded up to whole quanta, so every plan the DP returns fits
-    the cap; plans within about n/quanta of it (n slices) may be missed.
-    """
+def _cap_bytes(memory: ActivationMemoryModel | None, cap_gib: float | None) -> float | None:
     if cap_gib is None:
-        return None, {}
+        return None
     if memory is None:
         raise ValueError("a memory cap needs the model dims for the activation-memory model")
     if not cap_gib > 0:
         raise ValueError(f"memory cap must be > 0 GiB, got {cap_gib}")
-    cap, units = cap_gib * GIB, table.shape[1] - 1
-    ends = np.arange(units + 1) * g
-    first = np.full((table.shape[0], units + 1), quanta + 1, dtype=np.int64)
-    rest = first.copy()
-    sizes = (range(1, batch + 1) if batch_mode == "free" else
-             divisors(batch) if batch_mode == "uniform" else sorted(set(fixed)))
-    least = _least_copies(memory, table, g, sizes)
-    smallest = math.inf
-    if batch_mode == "free":
-        # Every batch slice in flight (an upper bound for 1F1B-style schedules).
-        held = memory.held_bytes("terapipe", (batch,), seq_length, num_stages)
-        best = [0.0] + [math.inf] * batch
-        for a in range(1, batch + 1):
-            best[a] = min(best[a - b] + least[b] for b in sizes if b <= a)
-        smallest = held + best[batch]
-    for b in sizes:
-        if batch_mode == "free":
-            copies = 1
-        else:
-            parts = fixed if batch_mode == "fixed" else (b,) * (batch // b)
-            held = memory.held_bytes(schedule, parts, seq_length, num_stages)
-            copies = memory.in_flight(schedule, parts, num_stages).count(b)
-            if batch_mode == "uniform":
-                smallest = min(smallest, held + copies * least[b])
-        headroom = cap - held
-        if headroom <= 0:
-            continue
-        quantum = headroom / quanta
-        first[b] = np.ceil(copies * memory.copy_bytes(b, ends, 0) / quantum)
-        rest[b] = np.ceil(copies * memory.copy_bytes(b, g, np.maximum(ends - g, 1)) / quantum)
-    if batch_mode == "fixed":
-        held = memory.held_bytes(schedule, fixed, seq_length, num_stages)
-        in_flight = memory.in_flight(schedule, fixed, num_stages)
-        smallest = held + sum(in_flight.count(b) * least[b] for b in sizes)
-    if smallest > cap:
-        raise ValueError(_no_fit(smallest, cap_gib))
-    return dp.Budget(first, rest, quanta), {"memory_cap_gib": cap_gib, "_smallest": smallest}
+    return cap_gib * GIB
 
 
-def _least_copies(memory: ActivationMemoryModel, table: np.ndarray, g: int,
-                  sizes: Any) -> dict[int, float]:
-    """Per batch size, the least K/V-copy bytes of any slicing the table allows."""
+def _capped_optima(table: np.ndarray, g: int, b: int, batch_slices: tuple[int, ...],
+                   fits: Any) -> list[tuple[int, ...]]:
+    """The DP's optima (batch size `b`) with the last slice at least k units, for the least
+    k that fits, and with the first slice at most k units, for the largest k that fits."""
     units = table.shape[1] - 1
-    b, n, c = np.meshgrid(np.arange(table.shape[0]), np.arange(units + 1),
-                          np.arange(units + 1), indexing="ij")
-    copies = np.where(np.isfinite(table), memory.copy_bytes(b, n * g, c * g), np.inf)
-    out = {}
-    for size in sizes:
-        prob = dp._Problem(copies, "fixed", None, (size,), None)
-        out[size] = float(prob.token_dp(np.inf)[0, 0])
-    return out
+    lengths = np.arange(units + 1)[None, :, None]
+    contexts = np.arange(units + 1)[None, None, :]
+    found: list[tuple[int, ...]] = []
+
+    def optimum(allowed: np.ndarray) -> tuple[int, ...] | None:
+        try:
+            sol = dp.solve(table, 1, batch_mode="fixed", batch_slices=(b,), allowed=allowed)
+        except dp.NoFeasiblePlan:
+            return None
+        return tuple(u * g for u in sol.token_units[0])
+
+    def candidate(family: str, k: int) -> tuple[int, ...] | None:
+        if family == "last":
+            allowed = ~((lengths + contexts == units) & (lengths < k))
+        else:
+            allowed = ~((contexts == 0) & (lengths > k))
+        return optimum(np.broadcast_to(allowed, table.shape))
+
+    for family in ("last", "first"):
+        # last: larger k fits better; first: smaller k does. Bisect for the loosest that fits.
+        lo, hi = 1, units
+        best = None
+        while lo <= hi:
+            k = (lo + hi) // 2
+            slices = candidate(family, k)
+            ok = slices is not None and fits(batch_slices, slices)
+            if ok:
+                best = slices
+            if ok == (family == "last"):
+                hi = k - 1
+            else:
+                lo = k + 1
+        if best is not None:
+            found.append(best)
+    return found
 
 
 def _no_fit(smallest: float, cap_gib: float) -> str:
@@ -385,7 +376,7 @@ def _scorer(score: str, cost_model: Any, table: np.ndarray, g: int, num_stages: 
 
 def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...], fits: Any,
           scorer: Any, prefilter: Any = None, shortlist: int | None = None,
-          always: list[tuple[int, ...]] = (),
+          always: list[tuple[int, ...]] = (), no_fit: Any = None,
           ) -> tuple[tuple[int, ...], float]:
     """Best candidate under `scorer`; with `shortlist`, only that many, chosen by `prefilter`,
     plus the `always` candidates."""
@@ -399,7 +390,8 @@ def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...], fits
         if best is None or value < best[0]:
             best = (value, slices)
     if best is None:
-        raise ValueError("no candidate slicing fits the memory cap; try strategy 'dp'")
+        raise ValueError(no_fit() if no_fit is not None else
+                         "no candidate slicing fits the memory cap")
     return best[1], best[0]
 
 
