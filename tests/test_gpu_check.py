@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 
 import numpy as np
@@ -205,6 +206,43 @@ def test_window_leaves_later_steps_their_minimum():
     tight = kept + orchestrator.STEP_OVERHEAD_S + steps["a"].min_s - 1
     window, reason = orchestrator.plan_window("a", later, tight, dry_run=False)
     assert window == 0 and reason.startswith("not started: needs at least")
+
+
+def test_steps_that_cannot_fit_are_skipped_with_the_reason(tmp_path):
+    # 100 s: a's minimum plus what b's minimum keeps does not fit, nor then b's own minimum.
+    done = _gpu_check(tmp_path, "--steps", "ab", "--budget-s", "100", timeout=120)
+    events = read_rows(tmp_path / "run.jsonl")
+    steps = {e["step"]: e for e in events if e.get("event") == "step"}
+    assert set(steps) == {"a", "b"}, events
+    for record in steps.values():
+        assert record["status"] == "skipped"
+        assert record["reason"].startswith("not started: needs at least"), record
+    assert "step a (exactness), window" not in done.stdout  # never started
+
+
+def test_a_timed_out_subprocess_is_killed_with_its_children(tmp_path):
+    from megatron_terapipe.gpu_check.common import run_group
+
+    pid_file = tmp_path / "child.pid"
+    done, _ = run_group(["sh", "-c", f"sleep 60 & echo $! > {pid_file}; wait"], timeout_s=2)
+    assert done is None  # timed out
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        if not _running(child):
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"child {child} of the timed-out command still runs")
+
+
+def _running(pid: int) -> bool:
+    """Alive and not a zombie (a killed orphan waits to be reaped by whatever PID 1 is)."""
+    try:
+        with open(f"/proc/{pid}/status", encoding="utf-8") as status:
+            return not any(line.startswith("State:") and "Z" in line.split()[1]
+                           for line in status)
+    except FileNotFoundError:
+        return False
 
 
 def test_device_budget_fits_the_device_call():
