@@ -134,11 +134,13 @@ class ActivationMemoryModel:
         return self.hidden_size * self.bytes_per_element * self._sharded
 
     def _norm(self) -> float:
-        # LayerNorm keeps its input, mean and rstd; torch's RMSNorm its input, the normalised
-        # input (for the weight's gradient) and rstd.
+        # LayerNorm keeps its input, mean and rstd. torch's RMSNorm computes in fp32 whatever
+        # the dtype: it keeps the fp32 input, the normalised input (for the weight's gradient)
+        # and rstd.
         e = self.bytes_per_element
         if self.normalization == "RMSNorm":
-            return 2.0 * self._hidden() + e * self._sharded
+            width = max(FP32, e)
+            return (2.0 * self.hidden_size * width + width) * self._sharded
         return self._hidden() + 2.0 * e * self._sharded
 
     def _dropout(self) -> float:
