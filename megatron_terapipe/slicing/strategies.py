@@ -265,43 +265,61 @@ class _SliceFlops:
         """Among the splits into n slices none above `top`, the one whose smallest slice is
         largest (ties: longest slices first), as token lengths.
 
-        The smallest slice of the best split is one of the slice costs under `top`: a binary
-        search over them, each step asking whether n slices, all within [floor, top], cover
-        the sequence (from each start the allowed ends are one run of granules)."""
+        Slices of a near-equal split cost within a granule or so of each other, so the search
+        first allows only slices in a narrow band under `top` and widens it until some split
+        fits: a split found in a band is optimal, since the best split's slices all cost at
+        least its smallest, which is no less than the band's floor."""
+        share = min(1.0, 4.0 * n / self.units)
+        while True:
+            split = self._best_in_band(n, top, 0.0 if share >= 1.0 else top * (1.0 - share))
+            if split is not None:
+                return split
+            share *= 4.0
+
+    def _best_in_band(self, n: int, top: float, low: float) -> tuple[int, ...] | None:
+        """The longest-first split with the greatest smallest slice among the splits into n
+        slices that all cost within [low, top]; None if there is none.
+
+        A bottleneck DP over the allowed slices (from each start, one run of ends):
+        best[k][i] is the greatest smallest-slice FLOPs of k slices covering granules i..;
+        each of its n steps is one pass over the allowed slices. A second run keeps, per
+        step, only which starts reach the optimum, to walk the longest-first split out."""
         units = self.units
         starts = np.arange(units)
-        last = self.last_end(starts, top)  # the longest slice from each start
-
-        def reachable(floor: float) -> tuple[list[np.ndarray], np.ndarray]:
-            """done[k][i]: granules i.. split into k slices, each within [floor, top]."""
-            first = np.maximum(self.last_end(starts, floor, strict=True), starts) + 1
-            ok = first <= last
-            done = [np.zeros(units + 1, dtype=bool)]
-            done[0][units] = True
-            for _ in range(n):
-                prefix = np.concatenate(([0], np.cumsum(done[-1])))
-                hit = np.zeros(units + 1, dtype=bool)
-                hit[:units][ok] = prefix[last[ok] + 1] > prefix[first[ok]]
-                done.append(hit)
-            return done, first
-
-        lengths = last - starts
+        last = self.last_end(starts, top)
+        begin = np.maximum(self.last_end(starts, low, strict=True), starts) + 1
+        lengths = np.maximum(last - begin + 1, 0)  # allowed ends of each start: begin..last
+        first = np.cumsum(lengths) - lengths  # where each start's slices begin in the lists
         owner = np.repeat(starts, lengths)
-        ends = owner + 1 + np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths,
-                                                                 lengths)
-        floors = np.unique(self.cost(owner, ends))
-        low, high = 0, len(floors)  # floors[low] feasible (any split within top), high not
-        while high - low > 1:
-            mid = (low + high) // 2
-            if reachable(float(floors[mid]))[0][n][0]:
-                low = mid
-            else:
-                high = mid
-        done, first = reachable(float(floors[low]))
+        ends = np.repeat(begin, lengths) + np.arange(lengths.sum()) - np.repeat(first, lengths)
+        cost = self.cost(owner, ends)
+        has = lengths > 0
+        offsets = first[has]
+
+        def step(best: np.ndarray) -> np.ndarray:
+            out = np.full(units + 1, -np.inf)
+            if offsets.size:
+                out[:units][has] = np.maximum.reduceat(np.minimum(cost, best[ends]), offsets)
+            return out
+
+        best = np.full(units + 1, -np.inf)
+        best[units] = np.inf  # no slice left to cover: no smallest slice to bound
+        for _ in range(n):
+            best = step(best)
+        floor = best[0]  # a min of listed costs: the walk below compares it exactly
+        if floor == -np.inf:
+            return None
+        reach, best = [], np.full(units + 1, -np.inf)
+        best[units] = np.inf
+        for _ in range(n - 1):
+            best = step(best)
+            reach.append(best >= floor)
         out, i = [], 0
-        for k in range(n, 0, -1):
-            options = np.flatnonzero(done[k - 1][first[i]:last[i] + 1])
-            j = int(first[i] + options[-1])
+        for k in range(n - 1, -1, -1):
+            lo, hi = first[i], first[i] + lengths[i]
+            fits = cost[lo:hi] >= floor
+            fits &= reach[k - 1][ends[lo:hi]] if k else ends[lo:hi] == units
+            j = int(ends[lo + np.flatnonzero(fits)[-1]])
             out.append((j - i) * int(self.g))
             i = j
         return tuple(out)
