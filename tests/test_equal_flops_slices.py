@@ -97,6 +97,17 @@ def test_hand_counted_splits():
     assert equal_flops_slices(64, 4, 16, 0.0) == (16,) * 4
 
 
+def test_a_band_above_the_best_smallest_slice_holds_no_split():
+    """The band search is exact only if a band too narrow says so instead of settling."""
+    from megatron_terapipe.slicing.strategies import _SliceFlops
+
+    flops = _SliceFlops(7, 1, 1.0)  # 7 tokens, ρ = 1, 3 slices: (3, 2, 2) costs 12, 12, 16
+    top = flops.smallest_max(3)
+    assert top == 16.0
+    assert flops._best_in_band(3, top, 12.5) is None
+    assert flops._best_in_band(3, top, 12.0) == flops._best_in_band(3, top, 0.0) == (3, 2, 2)
+
+
 def test_later_slices_shrink_on_a_long_sequence():
     model = _model(1024, 16)
     slices = equal_flops_slices(8192, 8, 64, attention_to_linear_ratio(model))
