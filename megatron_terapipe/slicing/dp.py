@@ -19,9 +19,10 @@ reaches the same optimum with far fewer DPs by skipping candidates that cannot i
 Runs of candidates are split at their middle, most promising first.
 
 Additive budget (optional). A slice ending at unit i can also consume an integer amount of a
-budget (the memory planner's quanta: each slice's saved prefix K/V grows with its end). The
-DP then carries the budget used as a second index, f_b[i, q], and every solution must stay
-within Q. Budgets add up over batch slices; copies of one size share one slicing.
+budget. The DP then carries the budget used as a second index, f_b[i, q], and every solution
+must stay within Q. Budgets add up over batch slices; copies of one size share one slicing.
+The planner's memory cap does not use it: peak memory is not additive over slices (it is a
+walk of the schedule's order, slicing/memory.py), so the cap filters candidates instead.
 """
 
 from __future__ import annotations
