@@ -337,7 +337,8 @@ def _explicit_slices_memory_errors(
     if getattr(args, "num_layers", None) is None or getattr(args, "hidden_size", None) is None:
         return []
     peak = ActivationMemoryModel.from_args(args).peak_bytes(
-        schedule, (mbs,) * micro, (tuple(lengths),) * micro, stages
+        schedule, (mbs,) * micro, (tuple(lengths),) * micro, stages,
+        split_backward=bool(_get(args, "token_pipeline_split_backward", False)),
     )
     if peak <= cap * GIB:
         return []
