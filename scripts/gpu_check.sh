@@ -23,7 +23,9 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO"
 
 PY="${PYTHON:-python3}"
-if ! "$PY" -c "import torch" 2>/dev/null; then
+# find_spec, not import: importing torch takes seconds of the budget.
+if ! "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is None)" \
+        2>/dev/null; then
     if [ -x "$REPO/.venv/bin/python" ]; then
         PY="$REPO/.venv/bin/python"
     else

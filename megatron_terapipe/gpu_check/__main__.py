@@ -224,21 +224,38 @@ def check(argv: list[str]) -> int:
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(
         os.pathsep) if p])
     sys.path[:0] = paths
-    try:
-        environment = json.loads(subprocess.run(
-            [sys.executable, "-c", "import json; from megatron_terapipe.gpu_check.common "
-             "import environment; print(json.dumps(environment()))"],
-            env=env, capture_output=True, text=True,
-            timeout=max(5.0, min(60.0, remaining() / 8)),
-        ).stdout or "{}")
-    except (subprocess.TimeoutExpired, json.JSONDecodeError) as exc:
-        environment = {"error": f"environment not read: {exc}"}
-    journal.write({"event": "environment", **environment})
+    # Versions and device, read beside the first step (importing torch and megatron-core takes
+    # seconds that the steps' windows should not lose); journaled as soon as it is read.
+    env_proc = subprocess.Popen(
+        [sys.executable, "-c", "import json; from megatron_terapipe.gpu_check.common "
+         "import environment; print(json.dumps(environment()))"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
 
+    def journal_environment(wait_s: float) -> None:
+        nonlocal env_proc
+        if env_proc is None:
+            return
+        try:
+            stdout, _ = env_proc.communicate(timeout=wait_s)
+            environment = json.loads(stdout or "{}")
+        except subprocess.TimeoutExpired:
+            if wait_s == 0:
+                return
+            env_proc.kill()
+            env_proc.communicate()
+            environment = {"error": f"environment not read within {wait_s:.0f} s"}
+        except json.JSONDecodeError as exc:
+            environment = {"error": f"environment not read: {exc}"}
+        journal.write({"event": "environment", **environment})
+        env_proc = None
+
+    # Steps that lack a package are not started, so no time is kept for them.
+    runnable = "".join(k for k in ns.steps if not deps.unavailable_for(dependency_report, k))
     for index, key in enumerate(ns.steps):
-        window, skip = plan_window(key, ns.steps[index + 1:], remaining(), ns.dry_run)
+        later = "".join(k for k in ns.steps[index + 1:] if k in runnable)
+        window, skip = plan_window(key, later, remaining(), ns.dry_run)
         lacking = deps.unavailable_for(dependency_report, key)
-        if lacking and not skip:
+        if lacking:
             skip = f"not started: needs {', '.join(lacking)}, which could not be installed " \
                 "(see the dependencies above)"
         if skip:
@@ -253,6 +270,8 @@ def check(argv: list[str]) -> int:
                   flush=True)
         journal.write({"event": "step", **record})
         _archive_logs(work, ns.out)
+        journal_environment(0)
+    journal_environment(max(1.0, min(30.0, remaining() - RESERVE_S / 2)))
     journal.write({"event": "end", "elapsed_s": round(time.time() - ns.started_at, 1)})
     journal.close()
 

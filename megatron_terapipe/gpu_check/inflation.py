@@ -31,12 +31,12 @@ GPU_SHAPE = GPTShape(num_layers=4, hidden_size=5120, num_attention_heads=40,
                      position_embedding_type="learned_absolute")
 DRY_SHAPE = GPTShape(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=4,
                      seq_length=64, vocab_size=128, position_embedding_type="learned_absolute")
-GPU_ROUNDS, DRY_ROUNDS = 3, 3
+GPU_ROUNDS, DRY_ROUNDS = 3, 5
 WARMUP = 1
 # The dry run's toy step takes milliseconds; each of its measurements repeats the step for at
-# least this long (and reports the mean), so that the dry run's timing phase lasts long enough
-# (5 S x 4 rounds x 1.5 s) for a test to cut it half-way with the real budget. 0 on the
-# device: one step per measurement.
+# least this long (and reports the mean), so that the dry run's timed rounds last long enough
+# (5 S x 5 rounds x 1.5 s = 37.5 s) for a test to cut them half-way with the real budget. 0 on
+# the device: one step per measurement.
 DRY_MEASURE_S = 1.5
 TITLE = "same-kernel single-stage inflation t_S / t_1 (GPT-3 13B shape)"
 
@@ -92,7 +92,9 @@ def run(dry_run: bool, out_dir: str, deadline: float | None = None,
     for round_index in range(WARMUP + rounds):
         order = SLICE_COUNTS if round_index % 2 == 0 else SLICE_COUNTS[::-1]
         for count in order:
-            seconds, steps = measure(model, batch, count, shape.seq_length, min_s)
+            # Warm-up rounds run one step each: they only take first-call costs out.
+            seconds, steps = measure(model, batch, count, shape.seq_length,
+                                     min_s if round_index >= WARMUP else 0.0)
             if round_index >= WARMUP:
                 writer.write({"kind": "time", "S": count, "round": round_index - WARMUP,
                               "seconds": seconds, "steps": steps})
