@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -274,6 +275,7 @@ def check(argv: list[str]) -> int:
     journal_environment(max(1.0, min(30.0, remaining() - RESERVE_S / 2)))
     journal.write({"event": "end", "elapsed_s": round(time.time() - ns.started_at, 1)})
     journal.close()
+    shutil.rmtree(work, ignore_errors=True)  # its logs are in logs.tgz
 
     result = summary.collect(ns.out, plan=False)
     text = summary.write(result, ns.out)
