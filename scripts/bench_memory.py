@@ -4,7 +4,8 @@
     python scripts/bench_memory.py --num-layers 4 --hidden-size 64 --seq-length 256 --bf16
 
 For each M, one pair of gloo ranks runs one step of every variant (stock 1F1B, then each order
-in --schedules with each S in --num-token-slices) with the activation tracker on: every
+in --schedules with each S in --num-token-slices; token-interleaved on 2 model chunks per rank
+where the layers and micro-batches allow) with the activation tracker on: every
 storage autograd saves for backward plus the K/V buffers, their fp32 gradient accumulators and
 split backwards' deferred GEMM operands. Next to each rank's measured peak: the peak
 `--token-pipeline-memory-cap` and `--token-pipeline-slices auto` plan with
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     met = True
     for count in args.microbatch_counts:
         model = model_args(args, count)
-        variants = default_variants(args.schedules, args.num_token_slices, args.split_backward)
+        stages = model.pipeline_model_parallel_size
+        even = model.num_layers % (2 * stages) == 0 and count % stages == 0
+        chunks = 2 if even else 1
+        variants = default_variants(args.schedules, args.num_token_slices, args.split_backward,
+                                    chunks)
         rows = measure(memory_spec(model, count, variants), args.timeout)
         met &= all(row.within is not False for row in rows)
         results.append({"num_microbatches": count,

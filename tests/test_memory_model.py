@@ -44,7 +44,9 @@ def _check(rows):
 
 @pytest.mark.parametrize("micro", [1, 4])
 def test_predicted_within_tolerance_for_every_schedule_and_slice_count(micro):
-    spec = memory_spec(_model(SMALL, micro), micro, default_variants(SCHEDULES, [1, 8, 16]))
+    chunks = 2 if micro % 2 == 0 else 1  # megatron-core interleaves groups of PP micro-batches
+    spec = memory_spec(_model(SMALL, micro), micro,
+                       default_variants(SCHEDULES, [1, 8, 16], chunks=chunks))
     rows = measure(spec)
     table = _check(rows)
     measured = {(row.variant, row.rank): row.measured_bytes for row in rows}
@@ -54,7 +56,9 @@ def test_predicted_within_tolerance_for_every_schedule_and_slice_count(micro):
     # under 1F1B orders) is predicted within the tolerance too.
     for schedule in SCHEDULES:
         for rank in (0, 1):
-            change = [peaks[(f"{schedule} S=16", rank)] - peaks[(f"{schedule} S=1", rank)]
+            name = f"{schedule} S={{}}" + (" V=2" if schedule == "token-interleaved"
+                                           and chunks > 1 else "")
+            change = [peaks[(name.format(16), rank)] - peaks[(name.format(1), rank)]
                       for peaks in (measured, predicted)]
             assert change[0] != 0 and abs(change[1] / change[0] - 1) <= TOLERANCE, table
     if micro == 4:  # the order decides what is in flight

@@ -33,7 +33,7 @@ from megatron_terapipe.benchmark.models import (
     virtual_pipeline,
 )
 from megatron_terapipe.benchmark.p2p import calibrate_p2p
-from megatron_terapipe.benchmark.spec import SAME_KERNEL, STOCK_INTERLEAVED, BenchSpec, Variant
+from megatron_terapipe.benchmark.spec import SAME_KERNEL, BenchSpec, Variant
 from megatron_terapipe.benchmark.stock_timeline import StockRecorder
 from megatron_terapipe.compat.allocator import allocator_note, keep_freed_memory, minor_page_faults
 from megatron_terapipe.timing import synchronized_clock
@@ -324,9 +324,8 @@ def _batches(spec: BenchSpec, seed: int) -> list:
 
 def _model_key(variant: Variant) -> tuple[str, int | None]:
     """(attention kernel, virtual stages): stock 1F1B on the same kernel and every token
-    variant run the very same model object."""
-    chunks = variant.virtual_pipeline if variant.kind == STOCK_INTERLEAVED else None
-    return variant.attention, chunks
+    variant without virtual stages run the very same model object."""
+    return variant.attention, variant.virtual_pipeline
 
 
 def _build_models(spec: BenchSpec) -> dict[tuple[str, int | None], BuiltModel]:

@@ -10,7 +10,7 @@ describes the token pipeline (stock's attention saves its own keys and values).
 from __future__ import annotations
 
 import argparse
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from megatron_terapipe.benchmark.spec import BenchSpec, Variant, stock_1f1b, token_variant
@@ -52,11 +52,17 @@ def memory_spec(model: argparse.Namespace, num_microbatches: int,
 
 
 def default_variants(schedules: list[str], slice_counts: list[int],
-                     split_backward: bool = False) -> list[Variant]:
+                     split_backward: bool = False, chunks: int = 1) -> list[Variant]:
+    """Stock 1F1B, then each order with each S; token-interleaved on `chunks` model chunks
+    per rank (its point: with one chunk it is another 1F1B order)."""
     variants = [stock_1f1b()]
     for schedule in schedules:
-        variants += [token_variant(schedule, count, split_backward=split_backward)
-                     for count in slice_counts]
+        for count in slice_counts:
+            variant = token_variant(schedule, count, split_backward=split_backward)
+            if schedule == "token-interleaved" and chunks > 1:
+                variant = replace(variant, name=f"{variant.name} V={chunks}",
+                                  virtual_pipeline=chunks)
+            variants.append(variant)
     return variants
 
 
@@ -81,10 +87,11 @@ def rows_from(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> list[Memor
         slices = tuple(runs[0]["token_slices"]) or (spec.model.seq_length,)
         predicted: list[float | None] = [None] * len(runs)
         if not variant.is_stock:
+            chunks = variant.virtual_pipeline or 1
             schedule = build_schedule(variant.schedule, spec.pipeline_parallel, micro,
-                                      len(slices), memory.num_chunks,
-                                      split_backward=variant.split_backward)
-            predicted = memory.rank_peaks(schedule, [slices] * micro, [batch] * micro)
+                                      len(slices), chunks, split_backward=variant.split_backward)
+            predicted = replace(memory, num_chunks=chunks).rank_peaks(
+                schedule, [slices] * micro, [batch] * micro)
         for rank, (run, guess) in enumerate(zip(runs, predicted)):
             rows.append(MemoryRow(variant.name, rank, int(run["peak_activation_bytes"] or 0),
                                   guess, slices))
