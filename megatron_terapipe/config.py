@@ -6,9 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from megatron_terapipe.schedules.generators import TOKEN_SCHEDULES
 from megatron_terapipe.token_slices import equal_token_slices, validate_token_slices
-
-TOKEN_SCHEDULES = ("terapipe", "token-1f1b", "token-interleaved")
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """The DP's objective equals the exhaustive optimum on small random latency tables.
 
 The exhaustive search shares no code with the DP: it lists every composition of the units for
-every batch-slice size, keeps each size's Pareto front of (Σ t, max t, budget), and tries every
+every batch-slice size, keeps each size's Pareto front of (Σ t, max t), and tries every
 batch partition against every combination of front points.
 """
 
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from megatron_terapipe.slicing.dp import Budget, NoFeasiblePlan, solve, step_objective
+from megatron_terapipe.slicing.dp import NoFeasiblePlan, solve, step_objective
 
 
 def compositions(n: int):
@@ -40,56 +40,51 @@ def partitions(n: int, largest: int | None = None):
             yield (p,) + rest
 
 
-def slicing_stats(table, b, comp, budget):
-    times, used, context = [], 0, 0
+def slicing_stats(table, b, comp):
+    times, context = [], 0
     for length in comp:
         times.append(float(table[b, length, context]))
-        if budget is not None:
-            used += int((budget.first if context == 0 else budget.rest)[b, context + length])
         context += length
-    return sum(times), max(times), used
+    return sum(times), max(times)
 
 
 def pareto(points):
     points = sorted(set(points))
     front = []
     for p in points:
-        if not any(q[0] <= p[0] and q[1] <= p[1] and q[2] <= p[2] for q in front):
+        if not any(q[0] <= p[0] and q[1] <= p[1] for q in front):
             front.append(p)
     return front
 
 
-def exhaustive(table, stages, mode, batch, fixed=None, budget=None):
+def exhaustive(table, stages, mode, batch, fixed=None):
     units = table.shape[1] - 1
-    limit = np.inf if budget is None else budget.limit
     stats = {
-        b: [slicing_stats(table, b, comp, budget) for comp in compositions(units)]
+        b: [slicing_stats(table, b, comp) for comp in compositions(units)]
         for b in range(1, table.shape[0])
     }
     best = np.inf
 
-    def consider(total, worst, used):
+    def consider(total, worst):
         nonlocal best
-        if used <= limit and np.isfinite(total):
+        if np.isfinite(total):
             best = min(best, total + (stages - 1) * worst)
 
     if mode == "free":
         fronts = {b: pareto(s) for b, s in stats.items()}
         for parts in partitions(batch):
             for combo in itertools.product(*(fronts[b] for b in parts)):
-                consider(sum(c[0] for c in combo), max(c[1] for c in combo),
-                         sum(c[2] for c in combo))
+                consider(sum(c[0] for c in combo), max(c[1] for c in combo))
     elif mode == "uniform":
         for b in range(1, batch + 1):
             if batch % b == 0:
-                for total, worst, used in stats[b]:
-                    consider(batch // b * total, worst, used)
+                for total, worst in stats[b]:
+                    consider(batch // b * total, worst)
     else:  # fixed: every copy of a size runs the same slicing
         sizes = sorted(set(fixed))
         for combo in itertools.product(*(stats[b] for b in sizes)):
             count = [fixed.count(b) for b in sizes]
-            consider(sum(n * c[0] for n, c in zip(count, combo)), max(c[1] for c in combo),
-                     sum(c[2] for c in combo))
+            consider(sum(n * c[0] for n, c in zip(count, combo)), max(c[1] for c in combo))
     return best
 
 
@@ -157,21 +152,6 @@ def test_dp_matches_exhaustive_fixed_microbatches(seed):
     fixed = tuple(int(x) for x in rng.integers(1, 3, size=int(rng.integers(1, 5))))
     want = exhaustive(table, stages, "fixed", None, fixed=fixed)
     assert solve(table, stages, batch_mode="fixed", batch_slices=fixed).objective == want
-
-
-@pytest.mark.parametrize("seed", range(16))
-@pytest.mark.parametrize("mode", ["free", "uniform"])
-def test_dp_with_budget_matches_exhaustive(seed, mode):
-    rng = np.random.default_rng(1000 + seed)
-    units, batch = int(rng.integers(1, 8)), int(rng.integers(1, 4))
-    stages = int(rng.integers(1, 20))
-    table = random_table(rng, units, batch, inf_fraction=0.1)
-    budget = Budget(rng.integers(0, 4, size=(batch + 1, units + 1)),
-                    rng.integers(0, 4, size=(batch + 1, units + 1)), int(rng.integers(0, 12)))
-    want = exhaustive(table, stages, mode, batch, budget=budget)
-    for method in ("bisect", "ascending"):
-        got = dp_objective(table, stages, batch_mode=mode, budget=budget, method=method)
-        assert got == want
 
 
 def test_infeasible_table_raises():

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 from megatron_terapipe.compat import sdpa_ops
 
-BACKEND_NAMES = ("flash", "efficient", "cudnn", "math")
+BACKEND_NAMES = ("flash", "efficient", "math")
 
 _FORCED: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "terapipe_prefix_attention_backend", default=None

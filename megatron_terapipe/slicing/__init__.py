@@ -11,7 +11,7 @@ from megatron_terapipe.slicing.cost_models import (
     StageCostModel,
     build_latency_table,
 )
-from megatron_terapipe.slicing.dp import Budget, DPSolution, NoFeasiblePlan, solve, step_objective
+from megatron_terapipe.slicing.dp import DPSolution, NoFeasiblePlan, solve, step_objective
 from megatron_terapipe.slicing.latency_table import (
     LatencyTableCostModel,
     validate_latency_table,
@@ -44,7 +44,6 @@ __all__ = [
     "DEVICE_PRESETS",
     "ActivationMemoryModel",
     "AnalyticCostModel",
-    "Budget",
     "DPSolution",
     "DevicePreset",
     "LatencyTableCostModel",

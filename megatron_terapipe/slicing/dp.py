@@ -18,33 +18,20 @@ reaches the same optimum with far fewer DPs by skipping candidates that cannot i
     and every candidate in there is dominated by m, which that same DP already scored.
 Runs of candidates are split at their middle, most promising first.
 
-Additive budget (optional). A slice ending at unit i can also consume an integer amount of a
-budget. The DP then carries the budget used as a second index, f_b[i, q], and every solution
-must stay within Q. Budgets add up over batch slices; copies of one size share one slicing.
-The planner's memory cap does not use it: peak memory is not additive over slices (it is a
-walk of the schedule's order, slicing/memory.py), so the cap filters candidates instead.
+Constraints are per slice only (`allowed`, inf entries). The planner's memory cap is not one of
+them: peak memory is not additive over slices (it is a walk of the schedule's order,
+slicing/memory.py), so the cap filters the DP's candidates instead.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 BATCH_MODES = ("free", "uniform", "fixed")
-
-
-@dataclass
-class Budget:
-    """Integer budget use of a slice by batch size and end unit: `first[b, i]` for the slice
-    [0, i), `rest[b, i]` for a slice [j, i) with j > 0; the total must stay ≤ `limit`."""
-
-    first: np.ndarray
-    rest: np.ndarray
-    limit: int
 
 
 @dataclass
@@ -62,7 +49,7 @@ class DPSolution:
 
 
 class NoFeasiblePlan(ValueError):
-    """Every slicing breaks a constraint (a mask, a budget, or inf entries)."""
+    """Every slicing breaks a constraint (a mask or inf entries)."""
 
 
 def step_objective(
@@ -82,19 +69,6 @@ def step_objective(
     return total + (num_stages - 1) * worst, total, worst
 
 
-def _minplus(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """c[q] = min_{q1+q2=q} a[q1] + b[q2], with the q2 that achieves it (first on ties)."""
-    n = a.size
-    out = np.full(n, np.inf)
-    arg = np.zeros(n, dtype=np.int64)
-    for q2 in np.flatnonzero(np.isfinite(b)):
-        cand = a[: n - q2] + b[q2]
-        better = cand < out[q2:]
-        out[q2:][better] = cand[better]
-        arg[q2:][better] = q2
-    return out, arg
-
-
 class _Problem:
     """The end-indexed tables of the batch sizes a batch mode can use, plus the batch combiner."""
 
@@ -105,7 +79,6 @@ class _Problem:
         batch: int | None,
         batch_slices: Sequence[int] | None,
         allowed: np.ndarray | None,
-        budget: Budget | None = None,
     ) -> None:
         if table.ndim != 3 or table.shape[1] != table.shape[2] or table.shape[1] < 2:
             raise ValueError(f"latency table must have shape [B+1, U+1, U+1], got {table.shape}")
@@ -151,53 +124,26 @@ class _Problem:
         self.E[:, ok] = sub[:, length[ok], start.repeat(units + 1, 0)[ok]]
         if (self.E < 0).any():
             raise ValueError("latency table holds negative entries")
-        self.budgeted = budget is not None
-        self.limit = 0 if budget is None else int(budget.limit)
-        if budget is not None:
-            self.first = np.asarray(budget.first, dtype=np.int64)[rows]
-            self.rest = np.asarray(budget.rest, dtype=np.int64)[rows]
         self._masked = self._f = None
 
     # -- token DP ----------------------------------------------------------------------------
     def token_dp(self, bound: float) -> np.ndarray:
-        """f[r, q]: least Σ t over slicings of batch size sizes[r] with every t ≤ bound and
-        budget use exactly q (q = 0 only, without a budget)."""
+        """f[r]: least Σ t over slicings of batch size sizes[r] with every t ≤ bound."""
         masked = np.where(self.E <= bound, self.E, np.inf)
-        rows, units, limit = masked.shape[0], self.units, self.limit
-        if not self.budgeted:
-            # [end, start, row], contiguous: each step reads one block; the raw ufunc reduce
-            # skips numpy's Python-level wrapper, which dominates at these sizes.
-            by_end = np.ascontiguousarray(masked.transpose(1, 2, 0))
-            f = np.full((units + 1, rows), np.inf)
-            f[0] = 0.0
-            reduce, add = np.minimum.reduce, np.add
-            for i in range(1, units + 1):
-                reduce(add(f[:i], by_end[i, :i]), axis=0, out=f[i])
-            self._masked, self._f = masked, f
-            return f[units][:, None]
-        f = np.full((units + 1, rows, limit + 1), np.inf)
-        r = np.arange(rows)[:, None]
-        q = np.arange(limit + 1)[None, :]
+        rows, units = masked.shape[0], self.units
+        # [end, start, row], contiguous: each step reads one block; the raw ufunc reduce skips
+        # numpy's Python-level wrapper, which dominates at these sizes.
+        by_end = np.ascontiguousarray(masked.transpose(1, 2, 0))
+        f = np.full((units + 1, rows), np.inf)
+        f[0] = 0.0
+        reduce, add = np.minimum.reduce, np.add
         for i in range(1, units + 1):
-            # The first slice [0, i): its own cost at its own budget use.
-            at = self.first[:, i]
-            fits = at <= limit
-            f[i, r[fits, 0], at[fits]] = masked[fits, i, 0]
-            # Only starts whose slice is allowed under the bound: few when the bound is tight.
-            col = masked[:, i, 1:i]
-            starts = np.flatnonzero(np.isfinite(col).any(axis=0))
-            if starts.size:
-                best = np.min(f[1 + starts] + col[:, starts].T[:, :, None], axis=0)  # [rows, Q+1]
-                src = q - self.rest[:, i][:, None]
-                shifted = np.where(
-                    src >= 0, np.take_along_axis(best, np.maximum(src, 0), axis=1), np.inf
-                )
-                np.minimum(f[i], shifted, out=f[i])
+            reduce(add(f[:i], by_end[i, :i]), axis=0, out=f[i])
         self._masked, self._f = masked, f
         return f[units]
 
     def minimax(self) -> np.ndarray:
-        """Per batch size, the least possible max t of a slicing, budget ignored."""
+        """Per batch size, the least possible max t of a slicing."""
         rows, units = self.E.shape[0], self.units
         m = np.full((units + 1, rows), np.inf)
         m[0] = -np.inf
@@ -205,36 +151,20 @@ class _Problem:
             np.min(np.maximum(m[:i], self.E[:, i, :i].T), axis=0, out=m[i])
         return m[units]
 
-    def path(self, r: int, q: int = 0) -> tuple[tuple[int, ...], float]:
-        """Slicing of row r (budget use q) from the last token_dp, and its max t."""
-        masked, i, lengths, worst = self._masked[r], self.units, [], 0.0
-        budgeted = self._f.ndim == 3
+    def path(self, r: int) -> tuple[tuple[int, ...], float]:
+        """Slicing of row r from the last token_dp, and its max t."""
+        masked, f, i, lengths, worst = self._masked[r], self._f[:, r], self.units, [], 0.0
         while i > 0:
-            if not budgeted:
-                f = self._f[:, r]
-                j = int(np.argmin(f[:i] + masked[i, :i]))
-            else:
-                target = self._f[i, r, q]
-                j = 0
-                if not (self.first[r, i] == q and masked[i, 0] == target):
-                    before = q - int(self.rest[r, i])
-                    j = 1 + int(np.argmin(self._f[1:i, r, before] + masked[i, 1:i]))
-                    q = before
+            j = int(np.argmin(f[:i] + masked[i, :i]))
             lengths.append(i - j)
             worst = max(worst, float(masked[i, j]))
             i = j
         return tuple(reversed(lengths)), worst
 
     # -- batch DP ----------------------------------------------------------------------------
-    def combine(self, f_end: np.ndarray) -> tuple[float, tuple[int, ...], tuple[int, ...]]:
-        """Best Σ over batch partitions the mode allows, given each size's best Σ per budget
-        use; returns it, the parts, and the budget use of each part's slicing."""
-        if f_end.shape[1] == 1:
-            total, parts = self._combine_plain(f_end[:, 0])
-            return total, parts, (0,) * len(parts)
-        return self._combine_budget(f_end)
-
-    def _combine_plain(self, f_end: np.ndarray) -> tuple[float, tuple[int, ...]]:
+    def combine(self, f_end: np.ndarray) -> tuple[float, tuple[int, ...]]:
+        """Best Σ over the batch partitions the mode allows, given each size's best Σ; returns
+        it and the parts."""
         cost = dict(zip(self.sizes, f_end.tolist()))
         if self.mode == "fixed":
             return sum(cost[b] for b in self.fixed), self.fixed
@@ -253,111 +183,17 @@ class _Problem:
             a -= choice[a]
         return g[self.total], tuple(sorted(parts, reverse=True))
 
-    def _combine_budget(self, f_end: np.ndarray) -> tuple[float, tuple[int, ...], tuple]:
-        row = {b: r for r, b in enumerate(self.sizes)}
-        if self.mode == "uniform":
-            best: tuple = (np.inf, (), ())
-            for b in reversed(self.sizes):
-                q = int(np.argmin(f_end[row[b]]))
-                value = self.total // b * float(f_end[row[b], q])
-                if value < best[0]:
-                    best = (value, (b,) * (self.total // b), (q,) * (self.total // b))
-            return best
-        if self.mode == "fixed":
-            # Copies of a size share one slicing (the budget already counts every copy).
-            counts = Counter(self.fixed)
-            acc = np.full(self.limit + 1, np.inf)
-            acc[0] = 0.0
-            args = []
-            for b, n in counts.items():
-                acc, arg = _minplus(acc, n * f_end[row[b]])
-                args.append((b, arg))
-            q = int(np.argmin(acc))
-            total, uses = float(acc[q]), {}
-            for b, arg in reversed(args):
-                uses[b] = int(arg[q])
-                q -= uses[b]
-            return total, self.fixed, tuple(uses[b] for b in self.fixed)
-        # free: each batch slice its own slicing and its own share of the budget.
-        g = [np.full(self.limit + 1, np.inf) for _ in range(self.total + 1)]
-        g[0][0] = 0.0
-        choice: list[list] = [[None] * (self.limit + 1) for _ in range(self.total + 1)]
-        for a in range(1, self.total + 1):
-            for b in reversed(self.sizes):
-                if b > a:
-                    continue
-                cand, arg = _minplus(g[a - b], f_end[row[b]])
-                better = cand < g[a]
-                g[a] = np.where(better, cand, g[a])
-                for q in np.flatnonzero(better):
-                    choice[a][q] = (b, int(arg[q]))
-        q = int(np.argmin(g[self.total]))
-        total = float(g[self.total][q])
-        if not np.isfinite(total):
-            return np.inf, (), ()
-        pairs, a = [], self.total
-        while a > 0:
-            b, used = choice[a][q]
-            pairs.append((b, used))
-            a, q = a - b, q - used
-        pairs.sort(reverse=True)
-        return total, tuple(b for b, _ in pairs), tuple(u for _, u in pairs)
-
-    def feasible(self, bound: float) -> bool:
-        """Whether some plan has every t ≤ bound and stays within the budget.
-
-        Without the Σ t objective this is a least-budget path, one index cheaper than token_dp.
-        """
-        if not self.budgeted:
-            return bool(np.isfinite(self.combine(self.token_dp(bound))[0]))
-        units, rows = self.units, len(self.sizes)
-        allowed = self.E <= bound
-        use = np.full((units + 1, rows), np.inf)
-        use[0] = 0.0
-        for i in range(1, units + 1):
-            first = np.where(allowed[:, i, 0], self.first[:, i], np.inf)
-            rest = np.where(allowed[:, i, 1:i], use[1:i].T, np.inf).min(axis=1, initial=np.inf)
-            use[i] = np.minimum(first, rest + self.rest[:, i])
-        least = dict(zip(self.sizes, use[units].tolist()))
-        if self.mode == "fixed":
-            need = sum(least[b] for b in set(self.fixed))
-        elif self.mode == "uniform":
-            need = min(least.values())
-        else:
-            acc = [0.0] + [np.inf] * self.total
-            for a in range(1, self.total + 1):
-                acc[a] = min(acc[a - b] + least[b] for b in self.sizes if b <= a)
-            need = acc[self.total]
-        return need <= self.limit
-
-    def min_bound(self, values: np.ndarray | None = None) -> float:
-        """Least v with a feasible plan (minimax DP; with a budget, bisection over `values`)."""
+    def min_bound(self) -> float:
+        """Least v with a feasible plan (minimax DP over token, then batch slices)."""
         mm = dict(zip(self.sizes, self.minimax().tolist()))
         if self.mode == "fixed":
-            lowest = max(mm[b] for b in self.fixed)
-        elif self.mode == "uniform":
-            lowest = min(mm.values())
-        else:
-            h = [-np.inf] + [np.inf] * self.total
-            for a in range(1, self.total + 1):
-                h[a] = min(max(h[a - b], mm[b]) for b in self.sizes if b <= a)
-            lowest = h[self.total]
-        if not self.budgeted or not np.isfinite(lowest):
-            return lowest
-        if values is None:
-            finite = self.E[np.isfinite(self.E)]
-            values = np.unique(finite)
-        values = values[values >= lowest]
-        if not values.size or not self.feasible(float(values[-1])):
-            return np.inf
-        lo, hi = 0, values.size - 1
-        while lo < hi:
-            mid = (lo + hi) // 2
-            if self.feasible(float(values[mid])):
-                hi = mid
-            else:
-                lo = mid + 1
-        return float(values[lo])
+            return max(mm[b] for b in self.fixed)
+        if self.mode == "uniform":
+            return min(mm.values())
+        h = [-np.inf] + [np.inf] * self.total
+        for a in range(1, self.total + 1):
+            h[a] = min(max(h[a - b], mm[b]) for b in self.sizes if b <= a)
+        return h[self.total]
 
 
 def solve(
@@ -368,7 +204,6 @@ def solve(
     batch: int | None = None,
     batch_slices: Sequence[int] | None = None,
     allowed: np.ndarray | None = None,
-    budget: Budget | None = None,
     method: str = "bisect",
     keep_explored: bool = False,
 ) -> DPSolution:
@@ -377,37 +212,36 @@ def solve(
     batch_mode: 'free' splits `batch` (default: the table's B) into any batch slices (TeraPipe);
     'uniform' only into equal ones (what Megatron's equal micro-batches can run); 'fixed' takes
     `batch_slices` as given (copies of one size share one slicing). `allowed` (bool,
-    table-shaped) forbids entries; `budget` adds an additive constraint (see module doc).
+    table-shaped) forbids entries.
     `keep_explored` records every (batch size, slicing) the search solved, for re-scoring.
     """
     if num_stages < 1:
         raise ValueError(f"num_stages must be >= 1, got {num_stages}")
     if method not in ("bisect", "ascending"):
         raise ValueError(f"method={method!r}; valid: bisect, ascending")
-    prob = _Problem(np.asarray(table), batch_mode, batch, batch_slices, allowed, budget)
+    prob = _Problem(np.asarray(table), batch_mode, batch, batch_slices, allowed)
     weight = float(num_stages - 1)
     finite = prob.E[np.isfinite(prob.E)]
     values = np.unique(finite)
-    lowest = prob.min_bound(values)
+    lowest = prob.min_bound()
     if not np.isfinite(lowest):
-        raise NoFeasiblePlan("no slicing satisfies the constraints (entries inf, masked, or "
-                             "over the budget)")
+        raise NoFeasiblePlan("no slicing satisfies the constraints (entries inf or masked)")
     values = values[values >= lowest]
     state: dict = {"best": None, "evals": 0, "explored": []}
 
     def evaluate(bound: float) -> tuple[float, float]:
         """G(bound) and the true max of the solution found; records it if it is the best."""
         f_end = prob.token_dp(bound)
-        total, parts, uses = prob.combine(f_end)
+        total, parts = prob.combine(f_end)
         state["evals"] += 1
         if not np.isfinite(total):
             return np.inf, np.inf
-        found = {key: prob.path(prob.sizes.index(key[0]), key[1]) for key in set(zip(parts, uses))}
-        slicings = [found[key] for key in zip(parts, uses)]
+        found = {b: prob.path(prob.sizes.index(b)) for b in set(parts)}
+        slicings = [found[b] for b in parts]
         worst = max(w for _, w in slicings)
         objective = total + weight * worst
         if keep_explored:
-            state["explored"].extend((b, found[b, u][0]) for b, u in found)
+            state["explored"].extend((b, found[b][0]) for b in found)
         best = state["best"]
         if best is None or objective < best.objective:
             state["best"] = DPSolution(
@@ -456,7 +290,6 @@ def solve(
 
 def slicings_at_bounds(
     table: np.ndarray, batch_size: int, count: int = 16, allowed: np.ndarray | None = None,
-    budget: Budget | None = None,
 ) -> list[tuple[int, ...]]:
     """Least-Σ slicings of one batch size under `count` bounds spread over the useful range.
 
@@ -464,22 +297,22 @@ def slicings_at_bounds(
     nothing, so they get these as extra candidates: from the finest useful slicing (least
     possible max) to the unconstrained one.
     """
-    prob = _Problem(np.asarray(table), "fixed", None, (batch_size,), allowed, budget)
+    prob = _Problem(np.asarray(table), "fixed", None, (batch_size,), allowed)
     finite = prob.E[np.isfinite(prob.E)]
     values = np.unique(finite)
-    lowest = prob.min_bound(values)
+    lowest = prob.min_bound()
     if not np.isfinite(lowest):
         raise NoFeasiblePlan("no slicing satisfies the constraints")
-    _, _, uses = prob.combine(prob.token_dp(np.inf))
-    _, highest = prob.path(0, uses[0])
+    prob.token_dp(np.inf)
+    _, highest = prob.path(0)
     values = values[(values >= lowest) & (values <= highest)]
     picks = np.unique(np.linspace(0, values.size - 1, min(count, values.size)).round().astype(int))
     found = []
     for v in values[picks]:
-        total, _, uses = prob.combine(prob.token_dp(float(v)))
+        total, _ = prob.combine(prob.token_dp(float(v)))
         if not np.isfinite(total):
             continue
-        slicing, _ = prob.path(0, uses[0])
+        slicing, _ = prob.path(0)
         if slicing not in found:
             found.append(slicing)
     return found
