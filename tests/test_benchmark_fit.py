@@ -64,15 +64,35 @@ def test_table_lists_every_row():
     assert "terapipe S=8" in text and "10.0%/20.0%" in text and "+10.0%" in text
 
 
-def test_aligned_plot_writes_a_png(tmp_path):
-    """Panels of different lengths share one time axis spanning the longest (not clipped)."""
-    from megatron_terapipe.simulate import Timeline, TimelineEvent, plot_timelines
+def _panel_limits(timelines, tmp_path):
+    """The x-limits of each Gantt panel `plot_timelines` drew (and that it wrote a PNG)."""
+    from megatron_terapipe.simulate import plot_timelines
 
-    short = Timeline([TimelineEvent(0, "F", 0, 0, 0, 0.0, 1.0)], num_stages=1, label="short")
-    long = Timeline([TimelineEvent(0, "B", 0, 0, 0, 0.0, 3.0)], num_stages=1, label="long")
     path = tmp_path / "t.png"
-    plot_timelines([long, short], str(path), "title")
+    figure = plot_timelines(timelines, str(path), "title")
     assert path.stat().st_size > 1000
+    return [tuple(ax.get_xlim()) for ax in figure.axes[: len(timelines)]]
+
+
+def _one_event_timeline(kind, end, label):
+    from megatron_terapipe.simulate import Timeline, TimelineEvent
+
+    return Timeline([TimelineEvent(0, kind, 0, 0, 0, 0.0, end)], num_stages=1, label=label)
+
+
+def test_aligned_plot_spans_the_longest_timeline_in_every_panel(tmp_path):
+    """Panels of comparable lengths (within 4x) share one time axis spanning the longest, so the
+    shorter one is drawn to scale beside it, not stretched; the order of panels does not matter."""
+    short, long = _one_event_timeline("F", 1.0, "short"), _one_event_timeline("B", 3.0, "long")
+    assert _panel_limits([long, short], tmp_path) == [(0.0, 3.0), (0.0, 3.0)]
+    assert _panel_limits([short, long], tmp_path) == [(0.0, 3.0), (0.0, 3.0)]
+
+
+def test_plot_of_very_different_lengths_gives_each_panel_its_own_axis(tmp_path):
+    """Past 4x a shared axis would squash the short timeline into a sliver: each panel then
+    spans its own timeline."""
+    short, long = _one_event_timeline("F", 1.0, "short"), _one_event_timeline("B", 5.0, "long")
+    assert _panel_limits([long, short], tmp_path) == [(0.0, 5.0), (0.0, 1.0)]
 
 
 def test_split_backwards_fit_as_whole_backwards():

@@ -96,17 +96,26 @@ def test_token_pipeline_observer_counts_buffers_and_accumulators_until_release()
 
 def test_token_pipeline_observer_counts_weight_gradients_queued_for_w():
     """A split B's queued GEMM operands (input, output gradient) count until W runs them; the
-    main_grad they accumulate into is a parameter's buffer, not an activation."""
+    main_grad they accumulate into is a parameter's buffer, not an activation. The queued call
+    is the kernel megatron-core gets on the CPU, and what W adds to main_grad is checked against
+    autograd's own weight gradient of the same linear layer."""
     from megatron_terapipe.benchmark import memory
+    from megatron_terapipe.compat.cpu import _CpuWeightGradAccumulation
     from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads
 
-    x, g, main_grad = torch.randn(N, 4), torch.randn(N, 2), torch.zeros(2, 4)
+    x, g = torch.randn(N, 4), torch.randn(N, 2)
+    before = torch.randn(2, 4)
+    main_grad = before.clone()
+    weight = torch.zeros(2, 4, requires_grad=True)
+    torch.nn.functional.linear(x, weight).backward(g)  # the reference: weight.grad
     tracker = ActivationMemoryTracker()
     with memory.observe_token_pipeline(tracker):
         queue = DeferredWeightGrads()
-        queue.add(lambda a, b, m: m.addmm_(b.t(), a), (x, g, main_grad))
+        queue.add(_CpuWeightGradAccumulation.wgrad_gemm_accum_fp32, (x, g, main_grad))
         assert tracker.live_bytes == (N * 4 + N * 2) * FLOAT
+        torch.testing.assert_close(main_grad, before, rtol=0, atol=0)  # deferred: not yet run
         queue.run()
         assert tracker.live_bytes == 0
-    torch.testing.assert_close(main_grad, g.t() @ x)
+        queue.run()  # the queue is empty now: nothing is added twice
+    torch.testing.assert_close(main_grad, before + weight.grad)
     assert tracker.peak_bytes == (N * 4 + N * 2) * FLOAT

@@ -7,8 +7,12 @@ without it, and a headless training node must never need a display.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from megatron_terapipe.simulate.timeline import Timeline
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 _ROW_HEIGHT = 0.8
 _MIN_LABEL_PX = 26.0  # narrower bars get no text: it would spill onto neighbours
@@ -26,11 +30,13 @@ def _share_x(timelines: Sequence[Timeline]) -> bool:
     return len(units) == 1 and bool(spans) and max(spans) <= 4 * min(spans)
 
 
-def plot_timelines(timelines: Sequence[Timeline], path: str, title: str = "") -> None:
-    """One Gantt subplot per timeline (stage 0 on top), coloured by micro-batch.
+def plot_timelines(timelines: Sequence[Timeline], path: str, title: str = "") -> Figure:
+    """One Gantt subplot per timeline (stage 0 on top), coloured by micro-batch, saved to `path`.
 
     Forwards are light and hatched, backwards solid, communication waits thin grey bars; bars wide
-    enough carry "m.t" (micro-batch.slice, plus "cV" for chunk V).
+    enough carry "m.t" (micro-batch.slice, plus "cV" for chunk V). Returns the figure (closed,
+    its subplots first in `figure.axes`) so that callers and tests can read what was drawn, such
+    as each panel's time axis, without decoding the PNG.
     """
     if not timelines:
         raise ValueError("plot_timelines needs at least one timeline")
@@ -76,6 +82,7 @@ def plot_timelines(timelines: Sequence[Timeline], path: str, title: str = "") ->
     fig.tight_layout(rect=(0, 0, 0.88, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return fig
 
 
 def _num_microbatches(timeline: Timeline) -> int:
