@@ -345,8 +345,9 @@ def _explicit_slices_memory_errors(
     shown = slices if isinstance(slices, int) else ",".join(map(str, slices))
     return [
         f"--token-pipeline-slices={shown} needs {peak / GIB:.3f} GiB of activations per stage "
-        f"(the planner's memory model), over --token-pipeline-memory-cap={cap:g}; use more "
-        "slices, or --token-pipeline-slices auto to plan within the cap"
+        f"(the planner's memory model), over --token-pipeline-memory-cap={cap:g}; choose "
+        "other slices (under terapipe a thin last slice costs the most), or "
+        "--token-pipeline-slices auto to plan within the cap"
     ]
 
 

@@ -75,3 +75,19 @@ def test_lifetimes_match_replay(make, P, M, S, split):
         assert got == _replay_lifetimes(schedule, rank)
     if split:
         assert any(e.leaves_weight_grad for r in range(P) for e in lifetimes(schedule, r))
+
+
+def test_lifetimes_close_each_micro_batch_on_its_own_slice_count():
+    """TeraPipe's batch slices cut their own way: micro-batch 1 has one slice where 0 has
+    three, so its buffer closes at its first backward (with the schedule's count it never
+    would)."""
+    from megatron_terapipe.schedules.generators import schedule_from_orders
+    from megatron_terapipe.schedules.ir import Compute
+
+    order = [Compute(FORWARD, 0, 0), Compute(FORWARD, 0, 1), Compute(FORWARD, 0, 2),
+             Compute(FORWARD, 1, 0), Compute(BACKWARD, 1, 0), Compute(BACKWARD, 0, 2),
+             Compute(BACKWARD, 0, 1), Compute(BACKWARD, 0, 0)]
+    schedule = schedule_from_orders("terapipe", 1, 2, 3, 1, [order])
+    closes = [e.compute.format() for e in lifetimes(schedule, 0, [3, 1]) if e.closes_buffer]
+    assert closes == ["B1.0", "B0.0"]
+    assert [e.compute.format() for e in lifetimes(schedule, 0) if e.closes_buffer] == ["B0.0"]

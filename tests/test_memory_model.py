@@ -69,6 +69,7 @@ def test_predicted_within_tolerance_for_every_schedule_and_slice_count(micro):
     (["--bf16", "--swiglu", "--normalization", "RMSNorm"], False),
     (["--group-query-attention", "--num-query-groups", "2", "--position-embedding-type", "rope",
       "--micro-batch-size", "2", "--hidden-dropout", "0.1"], False),
+    (["--attention-dropout", "0.1", "--bf16"], False),
     (["--recompute-granularity", "full", "--recompute-method", "uniform",
       "--recompute-num-layers", "1"], False),
     ([], True),

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -201,7 +199,6 @@ def test_memory_cap_plan_fits_and_beats_every_fitting_equal_slicing_for_1f1b_ord
     the first is in flight): no exactness claim, but the plan fits and is at least as good
     as any equal slicing that fits (those are among its candidates)."""
     model, rows, kw = _cap_case("token-1f1b", microbatches=4)
-    peaks = sorted({peak for peak, _, _ in rows})
     equal = sorted((peak, objective) for peak, objective, slices in rows
                    if len(set(slices)) == 1)
     assert len({peak for peak, _ in equal}) > 2
@@ -213,10 +210,29 @@ def test_memory_cap_plan_fits_and_beats_every_fitting_equal_slicing_for_1f1b_ord
         assert plan.objective <= min(fitting) + 1e-12
 
 
+def test_memory_cap_tries_other_batch_splits_and_the_step_objective():
+    """TeraPipe's batch DP splits a batch of 2 its own way; when that plan is over the cap,
+    splitting the batch in two sequences may fit with almost the same step time, and the
+    capped search must find at least that (the DP optimum of the (1, 1) split)."""
+    model, memory = gpt()
+    kw = dict(seq_length=2048, num_stages=48, batch=2, granularity=8, memory=memory)
+    free = make_plan(model, **kw)
+    cap = free.extra["activation_memory_gib"] * 0.999
+    table = build_latency_table(model, 2, 2048, 8)
+    split = solve(table, 48, batch_mode="fixed", batch_slices=(1, 1))
+    slices = tuple(u * 8 for u in split.token_units[0])
+    split_peak = memory.peak_bytes("terapipe", (1, 1), (slices, slices), 48) / GIB
+    assert split_peak <= cap < free.extra["activation_memory_gib"]
+    plan = make_plan(model, memory_cap_gib=cap, **kw)
+    assert plan.extra["activation_memory_gib"] <= round(cap, 4) + 1e-4
+    assert plan.objective <= split.objective * (1 + 1e-12)
+
+
 def test_memory_cap_no_plan_fits_names_the_smallest():
     model, rows, kw = _cap_case("terapipe")
     smallest = min(peak for peak, _, _ in rows) / GIB
-    pattern = rf"no plan fits: smallest needs {smallest:.3f} GiB \(cap {smallest / 2:g} GiB\)"
+    pattern = (rf"no plan fits: smallest needs {smallest:.3f} GiB \(cap {smallest / 2:g} GiB\) "
+               r"of activations per stage, of the \d+ slicings the planner tried")
     with pytest.raises(ValueError, match=pattern):
         make_plan(model, memory_cap_gib=smallest / 2, **kw)
 

@@ -166,21 +166,25 @@ def test_peak_activations(name, P, M, S, V, expected):
     assert result.peak_activation_bytes is None
 
 
-def test_peak_activation_bytes_are_the_memory_model_walk_of_the_simulated_schedule():
-    from megatron_terapipe.slicing.memory import ActivationMemoryModel
+def test_peak_activation_bytes_come_from_the_memory_model_for_the_simulated_run():
+    """The simulator hands its memory model the schedule it simulated, the slices of every
+    micro-batch and the costs' batch, and reports the per-rank answer."""
+    calls = []
 
-    memory = ActivationMemoryModel(num_layers=4, hidden_size=64, num_attention_heads=4,
-                                   pipeline_model_parallel_size=2, vocab_size=128)
+    class Recorder:
+        def rank_peaks(self, schedule, token_slices, batch_sizes):
+            calls.append((schedule, token_slices, batch_sizes))
+            return [float(10 * rank + 1) for rank in range(schedule.num_stages)]
+
     slices = [4, 3, 1]
-    costs = dataclasses.replace(UNIFORM, memory=memory, batch=2)
-    peaks = {}
-    for name in ("terapipe", "token-1f1b"):
-        schedule = build_schedule(name, 2, 2, 3)
-        result = simulate(schedule, slices, costs)
-        assert result.peak_activation_bytes == memory.rank_peaks(schedule, [slices] * 2, [2, 2])
-        peaks[name] = result.peak_activation_bytes
-    # 1F1B releases the first micro-batch before the second's last slice: less on rank 0.
-    assert peaks["token-1f1b"][0] < peaks["terapipe"][0]
+    schedule = build_schedule("token-1f1b", 2, 2, 3)
+    result = simulate(schedule, slices, dataclasses.replace(UNIFORM, memory=Recorder(),
+                                                            batch=2))
+    assert result.peak_activation_bytes == [1.0, 11.0]
+    (seen, token_slices, batch_sizes), = calls
+    assert seen is schedule and batch_sizes == [2, 2]
+    assert [tuple(s) for s in token_slices] == [(4, 3, 1), (4, 3, 1)]
+    assert simulate(schedule, slices, UNIFORM).peak_activation_bytes is None
 
 
 def test_token_1f1b_holds_less_than_terapipe():

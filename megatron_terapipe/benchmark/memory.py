@@ -134,11 +134,15 @@ def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
 
     That is one K/V buffer per (chunk, layer, micro-batch), held from the micro-batch's first
     slice until its last slice is released, the buffer's fp32 dK/dV accumulators, held from
-    the first backward that writes them, and with split backwards the inputs and output
-    gradients a B queues for its W. They are registered by storage like saved tensors, so a
+    the first backward that writes them, with split backwards the inputs and output
+    gradients a B queues for its W, and with attention dropout each attention block's
+    dropout mask (kept in the autograd context's state, not saved through autograd), from the
+    block's forward to its backward. They are registered by storage like saved tensors, so a
     storage both saved by autograd and held by the context counts once. Benchmark-only: five
-    methods of TokenSliceContext / PrefixKV / DeferredWeightGrads are wrapped for the duration.
+    methods of TokenSliceContext / PrefixKV / DeferredWeightGrads and the prefix attention's
+    two block functions are wrapped for the duration.
     """
+    from megatron_terapipe.model import prefix_attention
     from megatron_terapipe.model.slice_context import PrefixKV, TokenSliceContext
     from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads
 
@@ -147,6 +151,20 @@ def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
     original_accumulate = PrefixKV.accumulate_grad
     original_add = DeferredWeightGrads.add
     original_run = DeferredWeightGrads.run
+    original_block_forward = prefix_attention.block_forward
+    original_block_backward = prefix_attention.block_backward
+
+    def block_forward(*args: Any, **kwargs: Any) -> Any:
+        out, lse, state = original_block_forward(*args, **kwargs)
+        kept = state.extra.get("kept") if isinstance(getattr(state, "extra", None), dict) else None
+        if kept is not None:
+            tracker.hold(state, (kept,))
+        return out, lse, state
+
+    def block_backward(backend: Any, state: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original_block_backward(backend, state, *args, **kwargs)
+        tracker.drop(state)
+        return result
 
     def prefix_kv(self, layer: Any, unit: Any, key: Any, value: Any) -> Any:
         buffer = original_prefix_kv(self, layer, unit, key, value)
@@ -180,9 +198,13 @@ def observe_token_pipeline(tracker: ActivationMemoryTracker) -> Iterator[None]:
     PrefixKV.accumulate_grad = accumulate_grad
     DeferredWeightGrads.add = add
     DeferredWeightGrads.run = run
+    prefix_attention.block_forward = block_forward
+    prefix_attention.block_backward = block_backward
     try:
         yield
     finally:
+        prefix_attention.block_forward = original_block_forward
+        prefix_attention.block_backward = original_block_backward
         TokenSliceContext.prefix_kv = original_prefix_kv
         TokenSliceContext.release = original_release
         PrefixKV.accumulate_grad = original_accumulate

@@ -15,7 +15,7 @@ Two things are live on a rank:
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, WEIGHT_GRAD, Compute, Schedule
@@ -38,8 +38,11 @@ class Lifetime:
     leaves_weight_grad: bool = False
 
 
-def lifetimes(schedule: Schedule, rank: int) -> Iterator[Lifetime]:
-    """The rank's computes in order, each with the lifetimes it opens or closes."""
+def lifetimes(schedule: Schedule, rank: int,
+              slice_counts: Sequence[int] | None = None) -> Iterator[Lifetime]:
+    """The rank's computes in order, each with the lifetimes it opens or closes.
+    `slice_counts[m]`: micro-batch m's token slices where they differ (TeraPipe's batch slices
+    each cut their own way); default the schedule's count for every micro-batch."""
     computes = schedule.computes(rank)
     split = {c.unit for c in computes if c.kind == WEIGHT_GRAD}
     backwards: dict[tuple[int, int], int] = {}
@@ -52,7 +55,9 @@ def lifetimes(schedule: Schedule, rank: int) -> Iterator[Lifetime]:
         elif c.kind == BACKWARD:
             first = backwards.get(key, 0) == 0
             backwards[key] = backwards.get(key, 0) + 1
-            closes = backwards[key] == schedule.num_token_slices
+            count = (schedule.num_token_slices if slice_counts is None
+                     else slice_counts[c.microbatch])
+            closes = backwards[key] == count
             if closes:
                 del backwards[key]
             yield Lifetime(c, closes_buffer=closes, first_backward=first,

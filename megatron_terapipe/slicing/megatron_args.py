@@ -238,7 +238,9 @@ def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | No
     if cap is not None and peak > cap * GIB:
         raise ValueError(
             f"{SLICES_FLAG} {list(slices)} needs {peak / GIB:.3f} GiB of activations per stage, "
-            f"over --token-pipeline-memory-cap={cap:g} GiB; use more slices or 'auto'"
+            f"over --token-pipeline-memory-cap={cap:g} GiB; choose other slices (under "
+            "terapipe a thin last slice costs the most; under 1F1B orders fewer in flight "
+            "cost less) or 'auto', which plans within the cap"
         )
     objective, t_max = predict_step_time(cost, tuple(slices), stages, batch_slices)
     extra: dict[str, Any] = {"schedule": common["schedule"], "score": "formula",

@@ -10,7 +10,8 @@ GPT layer and the token pipeline's attention save for backward, tensor by tensor
 - the attention half of a layer: the input norm's input and statistics, the QKV GEMM's input,
   the attention kernel's query, output and log-sum-exp (its keys and values are views of the
   K/V buffer below; the output projection's input is the kernel's output storage), the hidden
-  dropout mask when dropout is on, the rotary frequencies with RoPE;
+  dropout mask when dropout is on, RoPE's cos and sin tables, and with attention dropout the
+  kernel's mask over every key column the slice attends;
 - the MLP half: the pre-MLP norm's, fc1's input, the activation's saved tensors and fc2's input;
 - the first stage's embedding (token ids, its dropout mask) and the last stage's final norm,
   output GEMM input and fp32 logits of the loss.
@@ -69,6 +70,7 @@ class ActivationMemoryModel:
     bytes_per_element: int = 2
     rotary: bool = False
     hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
     mask_bytes: int | None = None
     recompute_method: str | None = None
     recompute_num_layers: int = 1
@@ -89,14 +91,18 @@ class ActivationMemoryModel:
             groups = None
         dtype = 2 if getattr(args, "bf16", False) or getattr(args, "fp16", False) else FP32
         full = getattr(args, "recompute_granularity", None) == "full"
+        swiglu = bool(getattr(args, "swiglu", False))
+        ffn = getattr(args, "ffn_hidden_size", None)
+        if ffn is None:  # Megatron-LM's default, applied after argument checks
+            ffn = (int(8 * args.hidden_size / 3 / 64) * 64 if swiglu else 4 * args.hidden_size)
         return cls(
             num_layers=args.num_layers,
             hidden_size=args.hidden_size,
             num_attention_heads=heads,
             num_query_groups=groups,
             kv_channels=getattr(args, "kv_channels", None),
-            ffn_hidden_size=getattr(args, "ffn_hidden_size", None),
-            gated_linear_unit=bool(getattr(args, "swiglu", False)),
+            ffn_hidden_size=ffn,
+            gated_linear_unit=swiglu,
             normalization=getattr(args, "normalization", None) or "LayerNorm",
             vocab_size=int(getattr(args, "padded_vocab_size", None)
                            or getattr(args, "vocab_size", None) or 0),
@@ -107,6 +113,7 @@ class ActivationMemoryModel:
             bytes_per_element=dtype,
             rotary=getattr(args, "position_embedding_type", "learned_absolute") == "rope",
             hidden_dropout=float(getattr(args, "hidden_dropout", 0.0) or 0.0),
+            attention_dropout=float(getattr(args, "attention_dropout", 0.0) or 0.0),
             recompute_method=getattr(args, "recompute_method", None) if full else None,
             recompute_num_layers=getattr(args, "recompute_num_layers", None) or 1,
         )
@@ -150,15 +157,13 @@ class ActivationMemoryModel:
         return self.hidden_size * mask * self._sharded
 
     def attention_bytes_per_token(self) -> float:
-        """The attention half of one layer (K/V buffer apart)."""
+        """The attention half of one layer per token of each sequence (K/V buffer, RoPE
+        tables and attention-dropout masks apart: see `layer_bytes`)."""
         t, e = self.tensor_model_parallel_size, self.bytes_per_element
         heads = self.num_attention_heads / t
         query = heads * self._head_dim * e
-        # RoPE: the rotation's cos and sin, for the query and for the key
-        rotary = 4.0 * self._head_dim * FP32 if self.rotary else 0.0
         # norm, QKV input (the norm's output), query, kernel output, log-sum-exp (fp32)
-        return (self._norm() + self._hidden() + 2.0 * query + heads * FP32 + rotary
-                + self._dropout())
+        return self._norm() + self._hidden() + 2.0 * query + heads * FP32 + self._dropout()
 
     def mlp_bytes_per_token(self) -> float:
         """The MLP half of one layer."""
@@ -169,7 +174,22 @@ class ActivationMemoryModel:
         return self._norm() + self._hidden() + activation + self._dropout()
 
     def layer_bytes_per_token(self) -> float:
+        """Both halves of one layer, per token of each sequence."""
         return self.attention_bytes_per_token() + self.mlp_bytes_per_token()
+
+    def layer_bytes(self, batch: int, length: int, context: int) -> tuple[float, float]:
+        """(attention half, MLP half) one layer holds for a slice of `length` tokens after
+        `context` earlier ones, in each of `batch` sequences. Beyond the per-token bytes: RoPE's
+        cos and sin tables for the query and the key ([l, 1, 1, d] each, shared by the
+        batch), and with attention dropout the math kernel's bool mask over the slice's rows
+        and every key column it attends (context + length), per head."""
+        attention = batch * length * self.attention_bytes_per_token()
+        if self.rotary:
+            attention += 4.0 * length * self._head_dim * self.bytes_per_element
+        if self.attention_dropout > 0.0:
+            heads = self.num_attention_heads / self.tensor_model_parallel_size
+            attention += batch * heads * length * (context + length)
+        return attention, batch * length * self.mlp_bytes_per_token()
 
     def kv_bytes_per_token(self) -> float:
         """One layer's K/V buffer row: keys and values of the query groups on this rank."""
@@ -220,20 +240,23 @@ class ActivationMemoryModel:
             return self.layers_per_chunk
         return min(self.recompute_num_layers, self.layers_per_chunk)
 
-    def unit_bytes_per_token(self, rank: int, chunk: int) -> float:
-        """What one token of a unit holds on (rank, chunk) between its forward and backward."""
+    def unit_bytes(self, rank: int, chunk: int, batch: int, length: int, context: int
+                   ) -> float:
+        """What a unit (a slice of `length` tokens after `context`, `batch` sequences) holds
+        on (rank, chunk) between its forward and its backward."""
         layers = self.layers_per_chunk
         recomputed = self._recomputed()
         if self.recompute_method == "uniform":
             kept = math.ceil(layers / self.recompute_num_layers) * self._hidden()
         else:
             kept = recomputed * self._hidden()
-        total = kept + (layers - recomputed) * self.layer_bytes_per_token()
+        per_token = kept
         if rank == 0 and chunk == 0:
-            total += self.first_stage_bytes_per_token()
+            per_token += self.first_stage_bytes_per_token()
         if self._is_last(rank, chunk):
-            total += self.last_stage_bytes_per_token()
-        return total
+            per_token += self.last_stage_bytes_per_token()
+        return batch * length * per_token + (layers - recomputed) * sum(
+            self.layer_bytes(batch, length, context))
 
     def _is_last(self, rank: int, chunk: int) -> bool:
         return rank == self.pipeline_model_parallel_size - 1 and chunk == self.num_chunks - 1
@@ -272,20 +295,20 @@ class ActivationMemoryModel:
     def _walk(self, schedule: Schedule, rank: int, token_slices: Sequence[Sequence[int]],
               batch_sizes: Sequence[int]) -> float:
         layers = self.layers_per_chunk
-        attention, mlp = self.attention_bytes_per_token(), self.mlp_bytes_per_token()
-        layer = attention + mlp
         kv, kv_grad = self.kv_bytes_per_token(), self.kv_grad_bytes_per_token()
         rebuilds = self._recompute_groups()
         held = peak = 0.0
         accumulating: set[tuple[int, int]] = set()
         waiting: dict[tuple[int, int, int], float] = {}  # a split B's operands until its W
-        for event in lifetimes(schedule, rank):
+        counts = [len(s) for s in token_slices]
+        for event in lifetimes(schedule, rank, counts):
             c = event.compute
             key = (c.microbatch, c.chunk)
             slices = token_slices[c.microbatch]
             b, seq = batch_sizes[c.microbatch], sum(slices)
-            tokens = b * slices[c.token_slice]
-            unit = tokens * self.unit_bytes_per_token(rank, c.chunk)
+            length, context = slices[c.token_slice], sum(slices[: c.token_slice])
+            tokens = b * length
+            unit = self.unit_bytes(rank, c.chunk, b, length, context)
             last = self._is_last(rank, c.chunk)
             if c.kind == FORWARD:
                 if event.opens_buffer:
@@ -294,6 +317,7 @@ class ActivationMemoryModel:
                 peak = max(peak, held)
             elif c.kind == BACKWARD:
                 before = held
+                attention, mlp = self.layer_bytes(b, length, context)
                 if last:
                     held -= tokens * self.last_stage_bytes_per_token()
                 # The first backward that sends gradient to earlier rows makes the buffer's
@@ -301,13 +325,13 @@ class ActivationMemoryModel:
                 grows = c.token_slice > 0 and key not in accumulating
                 for index in range(layers):
                     if rebuilds[index]:  # a checkpoint group rebuilt, then walked
-                        held += tokens * layer * rebuilds[index]
+                        held += (attention + mlp) * rebuilds[index]
                         peak = max(peak, held)
-                    held -= tokens * mlp
+                    held -= mlp
                     if grows:
                         held += b * seq * kv_grad
                     peak = max(peak, held)
-                    held -= tokens * attention
+                    held -= attention
                 # Whatever the layers did not free goes too: the embedding's, the checkpoints'.
                 held = before - unit + (b * seq * kv_grad * layers if grows else 0.0)
                 if grows:
@@ -332,18 +356,29 @@ class ActivationMemoryModel:
         token_slices_per_batch_slice: Sequence[Sequence[int]],
         num_stages: int,
         split_backward: bool = False,
+        schedules: dict | None = None,
     ) -> float:
-        """The highest rank's peak when `schedule` runs one micro-batch per batch slice."""
+        """The highest rank's peak when `schedule` runs one micro-batch per batch slice.
+        `schedules` caches the IR by its shape across calls (a planner scores many slicings
+        of one shape; the IR depends on their count only)."""
         from megatron_terapipe.schedules.generators import build_schedule
 
         counts = {len(s) for s in token_slices_per_batch_slice}
         if len(counts) > 1:
             # Batch slices with their own slice counts (TeraPipe's batch DP): all forwards then
-            # all backwards, the terapipe order, is the only schedule that runs them.
+            # all backwards, the unsplit terapipe order on one chunk, is what runs them.
+            if schedule != "terapipe" or split_backward or self.num_chunks != 1:
+                raise ValueError(
+                    f"batch slices with different token-slice counts run only under the "
+                    f"unsplit terapipe order on one chunk, not {schedule!r} (split backward "
+                    f"{split_backward}, {self.num_chunks} chunks)")
             return self._terapipe_peak(batch_slices, token_slices_per_batch_slice, num_stages)
-        ir = build_schedule(schedule, num_stages, len(batch_slices), counts.pop(),
-                            self.num_chunks, split_backward=split_backward)
-        return max(self.rank_peaks(ir, token_slices_per_batch_slice, batch_slices))
+        shape = (schedule, num_stages, len(batch_slices), counts.pop(), self.num_chunks,
+                 split_backward)
+        cache = {} if schedules is None else schedules
+        if shape not in cache:
+            cache[shape] = build_schedule(*shape[:5], split_backward=split_backward)
+        return max(self.rank_peaks(cache[shape], token_slices_per_batch_slice, batch_slices))
 
     def _terapipe_peak(self, batch_slices: Sequence[int],
                        slices: Sequence[Sequence[int]], num_stages: int) -> float:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -141,16 +142,21 @@ def make_plan(
     fixed = (batch,) * num_microbatches if batch_mode == "fixed" else None
     cap = _cap_bytes(memory, memory_cap_gib)
     peaks: dict[tuple, float] = {}
+    schedules: dict = {}  # the IR by shape, across the candidates' peaks
 
     def peak_of(batch_slices: tuple[int, ...], per_slice: tuple[tuple[int, ...], ...]) -> float:
         key = (batch_slices, per_slice)
         if key not in peaks:
             peaks[key] = memory.peak_bytes(schedule, batch_slices, per_slice, num_stages,
-                                           split_backward=split_backward)
+                                           split_backward=split_backward, schedules=schedules)
         return peaks[key]
 
     def fits(batch_slices: tuple[int, ...], slices: tuple[int, ...]) -> bool:
         return cap is None or peak_of(batch_slices, (slices,) * len(batch_slices)) <= cap
+
+    def no_fit(tried: list[tuple[tuple[int, ...], tuple[int, ...]]]) -> ValueError:
+        smallest = min(peak_of(split, (c,) * len(split)) for split, c in tried)
+        return ValueError(_no_fit(smallest, memory_cap_gib, len(set(tried))))
 
     extra: dict[str, Any] = {
         "granularity": g,
@@ -176,30 +182,42 @@ def make_plan(
         dp_peak = peak_of(batch_slices, per_slice) if cap is not None else 0.0
         over_cap = cap is not None and dp_peak > cap
         if score == "simulator" or over_cap:
-            b = batch_slices[0]
-            candidates = [tuple(u * g for u in s) for size, s in sol.explored if size == b]
-            candidates += [tuple(u * g for u in s) for s in dp.slicings_at_bounds(table, b)]
             equal = _strategy_candidates("equal", seq_length, g, None, cost_model, flops_model)
-            candidates += equal
-            candidates += _strategy_candidates("equal-flops", seq_length, g, None, cost_model,
-                                               flops_model, quiet=True)
-            if over_cap:
-                candidates += _capped_optima(table, g, b, batch_slices, fits)
-            formula = formula_scorer(table, g, num_stages, batch_slices)
-            scorer = (formula if score == "formula" else
-                      _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
-                              num_chunks, split_backward, flops_model))
-            token_slices, step = _best(
-                candidates, batch_slices, fits, scorer, formula,
-                simulator_candidates if score == "simulator" else None,
-                always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL],
-                no_fit=lambda: _no_fit(min(peak_of(batch_slices, (c,) * len(batch_slices))
-                                           for c in candidates), memory_cap_gib))
+            shared = equal + _strategy_candidates("equal-flops", seq_length, g, None,
+                                                  cost_model, flops_model, quiet=True)
+            splits = [batch_slices]
+            if over_cap and batch_mode != "fixed":
+                # Another batch split may fit where the DP's does not.
+                splits += [split for split in ((d,) * (batch // d) for d in divisors(batch))
+                           if split != batch_slices]
+            best, tried = None, []
+            for split in splits:
+                b = split[0]
+                candidates = [tuple(u * g for u in s) for size, s in sol.explored if size == b]
+                candidates += [tuple(u * g for u in s) for s in dp.slicings_at_bounds(table, b)]
+                candidates += shared
+                if over_cap:
+                    candidates += _capped_optima(table, g, split, fits, num_stages, method)
+                tried += [(split, c) for c in candidates]
+                formula = formula_scorer(table, g, num_stages, split)
+                scorer = (formula if score == "formula" else
+                          _scorer(score, cost_model, table, g, num_stages, split, schedule,
+                                  num_chunks, split_backward, flops_model))
+                found = _best(candidates, split, fits, scorer, formula,
+                              simulator_candidates if score == "simulator" else None,
+                              always=[e for e in equal if len(e) <= ALWAYS_SIMULATED_EQUAL])
+                if found is not None and (best is None or found[1] < best[2]):
+                    best = (split, found[0], found[1])
+            if best is None:
+                raise no_fit(tried)
+            batch_slices, token_slices, step = best
             per_slice = (token_slices,) * len(batch_slices)
             dp_slices = tuple(u * g for u in sol.token_units[0])
-            objective = formula(token_slices)
+            objective = formula_scorer(table, g, num_stages, batch_slices)(token_slices)
             simulated = step if score == "simulator" else math.nan
-            if token_slices != dp_slices:
+            if over_cap:
+                extra.pop("token_slices_per_batch_slice", None)
+            if token_slices != dp_slices or batch_slices != sol.batch_slices:
                 # Another plan than the DP's optimum of the objective was kept (by the
                 # simulator, or by the cap): the optimum stays beside it.
                 extra.update(dp_token_slices=list(dp_slices), dp_objective=sol.objective)
@@ -215,12 +233,12 @@ def make_plan(
                                           flops_model)
         scorer = _scorer(score, cost_model, table, g, num_stages, batch_slices, schedule,
                          num_chunks, split_backward, flops_model)
-        token_slices, step = _best(
-            candidates, batch_slices, fits, scorer,
-            formula_scorer(table, g, num_stages, batch_slices),
-            simulator_candidates if score == "simulator" else None,
-            no_fit=lambda: _no_fit(min(peak_of(batch_slices, (c,) * len(batch_slices))
-                                       for c in candidates), memory_cap_gib))
+        found = _best(candidates, batch_slices, fits, scorer,
+                      formula_scorer(table, g, num_stages, batch_slices),
+                      simulator_candidates if score == "simulator" else None)
+        if found is None:
+            raise no_fit([(batch_slices, c) for c in candidates])
+        token_slices, step = found
         per_slice = (token_slices,) * len(batch_slices)
         t_max = _t_max(table, g, batch_slices, token_slices)
         objective = formula_scorer(table, g, num_stages, batch_slices)(token_slices)
@@ -282,6 +300,7 @@ def _table(cost_model: Any, batch: int, seq_length: int, g: int, include_p2p: bo
 
 
 def _cap_bytes(memory: ActivationMemoryModel | None, cap_gib: float | None) -> float | None:
+    """The cap in bytes, checked: a cap needs the model that prices plans against it."""
     if cap_gib is None:
         return None
     if memory is None:
@@ -291,10 +310,12 @@ def _cap_bytes(memory: ActivationMemoryModel | None, cap_gib: float | None) -> f
     return cap_gib * GIB
 
 
-def _capped_optima(table: np.ndarray, g: int, b: int, batch_slices: tuple[int, ...],
-                   fits: Any) -> list[tuple[int, ...]]:
-    """The DP's optima (batch size `b`) with the last slice at least k units, for the least
-    k that fits, and with the first slice at most k units, for the largest k that fits."""
+def _capped_optima(table: np.ndarray, g: int, batch_slices: tuple[int, ...],
+                   fits: Callable[[tuple[int, ...], tuple[int, ...]], bool], num_stages: int,
+                   method: str) -> list[tuple[int, ...]]:
+    """The DP's optima (for `batch_slices`, on the step's objective) with the last slice at
+    least k units, for the least k that fits, and with the first slice at most k units, for
+    the largest k that fits."""
     units = table.shape[1] - 1
     lengths = np.arange(units + 1)[None, :, None]
     contexts = np.arange(units + 1)[None, None, :]
@@ -302,7 +323,8 @@ def _capped_optima(table: np.ndarray, g: int, b: int, batch_slices: tuple[int, .
 
     def optimum(allowed: np.ndarray) -> tuple[int, ...] | None:
         try:
-            sol = dp.solve(table, 1, batch_mode="fixed", batch_slices=(b,), allowed=allowed)
+            sol = dp.solve(table, num_stages, batch_mode="fixed", batch_slices=batch_slices,
+                           allowed=allowed, method=method)
         except dp.NoFeasiblePlan:
             return None
         return tuple(u * g for u in sol.token_units[0])
@@ -333,11 +355,12 @@ def _capped_optima(table: np.ndarray, g: int, b: int, batch_slices: tuple[int, .
     return found
 
 
-def _no_fit(smallest: float, cap_gib: float) -> str:
+def _no_fit(smallest: float, cap_gib: float, tried: int) -> str:
     return (
         f"no plan fits: smallest needs {smallest / GIB:.3f} GiB (cap {cap_gib:g} GiB) of "
-        "activations per stage; raise the memory cap, the tensor-model-parallel size or the "
-        "number of pipeline stages, or lower the batch"
+        f"activations per stage, of the {tried} slicings the planner tried; raise the memory "
+        "cap, the tensor-model-parallel size or the number of pipeline stages, or lower the "
+        "batch"
     )
 
 
@@ -374,25 +397,36 @@ def _scorer(score: str, cost_model: Any, table: np.ndarray, g: int, num_stages: 
                             flops_model=flops_model)
 
 
-def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...], fits: Any,
-          scorer: Any, prefilter: Any = None, shortlist: int | None = None,
-          always: list[tuple[int, ...]] = (), no_fit: Any = None,
-          ) -> tuple[tuple[int, ...], float]:
-    """Best candidate under `scorer`; with `shortlist`, only that many, chosen by `prefilter`,
-    plus the `always` candidates."""
-    pool = [s for s in dict.fromkeys(candidates) if fits(batch_slices, s)]  # unique, in order
-    if shortlist is not None and len(pool) > shortlist:
-        pool = sorted(pool, key=prefilter)[:shortlist]
-        pool += [s for s in dict.fromkeys(always) if s not in pool and fits(batch_slices, s)]
+def _best(candidates: list[tuple[int, ...]], batch_slices: tuple[int, ...],
+          fits: Callable[[tuple[int, ...], tuple[int, ...]], bool],
+          scorer: Callable[[tuple[int, ...]], float],
+          prefilter: Callable[[tuple[int, ...]], float] | None = None,
+          shortlist: int | None = None, always: list[tuple[int, ...]] = (),
+          ) -> tuple[tuple[int, ...], float] | None:
+    """Best fitting candidate under `scorer` (None: none fits); with `shortlist`, only that
+    many fitting ones, in `prefilter` order, plus the `always` candidates. Memory is checked
+    lazily, in score order, since a peak costs a walk of the schedule."""
+    unique = list(dict.fromkeys(candidates))  # in order
+    if shortlist is None:
+        scored = sorted((scorer(s), index, s) for index, s in enumerate(unique))
+        for value, _, slices in scored:
+            if fits(batch_slices, slices):
+                return slices, value
+        return None
+    ordered = sorted(unique, key=prefilter) if len(unique) > shortlist else unique
+    pool: list[tuple[int, ...]] = []
+    for slices in ordered:
+        if len(pool) >= shortlist:
+            break
+        if fits(batch_slices, slices):
+            pool.append(slices)
+    pool += [s for s in dict.fromkeys(always) if s not in pool and fits(batch_slices, s)]
     best: tuple[float, tuple[int, ...]] | None = None
     for slices in pool:
         value = scorer(slices)
         if best is None or value < best[0]:
             best = (value, slices)
-    if best is None:
-        raise ValueError(no_fit() if no_fit is not None else
-                         "no candidate slicing fits the memory cap")
-    return best[1], best[0]
+    return None if best is None else (best[1], best[0])
 
 
 def _t_max(table: np.ndarray, g: int, batch_slices: tuple[int, ...],
