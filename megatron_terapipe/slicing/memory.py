@@ -226,10 +226,12 @@ class ActivationMemoryModel:
     # -- layout --------------------------------------------------------------------------------
     @property
     def layers_per_chunk(self) -> int:
+        """Layers of one model chunk (the highest count where they do not divide evenly)."""
         return math.ceil(self.num_layers / (self.pipeline_model_parallel_size * self.num_chunks))
 
     @property
     def layers_per_stage(self) -> int:
+        """Layers of one pipeline rank, all its chunks together."""
         return self.layers_per_chunk * self.num_chunks
 
     def _recomputed(self) -> int:

@@ -13,9 +13,11 @@ The DP itself is in `dp.py`; this module decides what it is asked:
   would run (memory.py); the DP's optimum is kept when it fits. Otherwise the best fitting
   candidate under the score wins, among the DP's explored and bound-swept slicings, the equal
   ones and the DP's optima with the last slice at least k units or the first at most k (k
-  bisected): terapipe's peak depends on its last slice only (the accumulators of the first
-  backward against what that slice frees), which makes the plan exact there; 1F1B orders also
-  hold the first slices of later micro-batches.
+  bisected), for the DP's batch split and every uniform one. Without attention dropout
+  terapipe's peak depends on its last slice only (the accumulators of the first backward
+  against what that slice frees), which makes the plan exact there for each split; 1F1B orders
+  also hold the first slices of later micro-batches, and attention-dropout masks grow with each
+  slice's context, so there the plan only beats every fitting equal slicing.
 - strategy: 'dp' (TeraPipe's Algorithm 1), 'equal' or 'equal-flops' (Seq1F1B); the last two take
   `num_slices` or, when it is None, the best count under the score.
 - score: 'formula' (TeraPipe's Σ t + (K−1)·max t) or 'simulator' (the schedule simulator's
