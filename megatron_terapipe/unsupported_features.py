@@ -29,6 +29,9 @@ class Setting:
     # the megatron-core release that introduced the attribute, when it is newer than the
     # oldest supported one (absent attributes are simply off on older releases)
     since: str | None = None
+    # a condition on the whole namespace or config that must hold too (a combination of
+    # settings is what cannot be honoured)
+    only_if: Callable[[Any], bool] | None = None
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,34 @@ def _position_type(value: Any) -> bool:
     return value in ("relative", "mrope")
 
 
+_AUX_LOSS_TYPES = ("aux_loss", "seq_aux_loss", "global_aux_loss")
+
+
+def _load_balancing_types(obj: Any) -> list:
+    types = getattr(obj, "moe_router_load_balancing_type", None)
+    return list(types) if isinstance(types, (list, tuple)) else [types]
+
+
+def _routes_by(*kinds: str) -> Callable[[Any], bool]:
+    def is_on(value: Any) -> bool:
+        values = list(value) if isinstance(value, (list, tuple)) else [value]
+        return any(v in kinds for v in values)
+
+    return is_on
+
+
+def _moe_microbatch_terms(obj: Any) -> bool:
+    """An MoE model whose router forms a z-loss or a load-balancing loss over its call's tokens."""
+    if getattr(obj, "num_moe_experts", None) is None and getattr(obj, "num_experts", None) is None:
+        return False
+    if getattr(obj, "moe_z_loss_coeff", None) is not None:
+        return True
+    types = _load_balancing_types(obj)
+    coeffs = getattr(obj, "moe_aux_loss_coeff", 0.0)
+    coeffs = list(coeffs) if isinstance(coeffs, (list, tuple)) else [coeffs] * len(types)
+    return any(t in _AUX_LOSS_TYPES and (c or 0) > 0 for t, c in zip(types, coeffs))
+
+
 def _same(*settings: Setting) -> dict[str, tuple[Setting, ...]]:
     return {"on_args": settings, "on_config": settings}
 
@@ -87,11 +118,84 @@ UNSUPPORTED_FEATURES: tuple[UnsupportedFeature, ...] = (
         **_same(Setting("hybrid_context_parallel")),
     ),
     UnsupportedFeature(
-        "MoE",
-        "--num-experts",
-        "routing capacity, token dropping and the load-balancing loss depend on the whole sequence",
-        on_args=(Setting("num_experts"),),
-        on_config=(Setting("num_moe_experts"),),
+        "MoE token dropping (expert capacity)",
+        "--moe-expert-capacity-factor / --moe-pad-expert-input-to-capacity",
+        "an expert's capacity is a fraction of the tokens of one router call and the tokens "
+        "dropped are the lowest-scored of that call, so a slice keeps or drops other tokens than "
+        "the whole sequence would; use dropless routing (no capacity factor)",
+        **_same(
+            Setting("moe_expert_capacity_factor", _not_none),
+            Setting("moe_pad_expert_input_to_capacity"),
+        ),
+    ),
+    UnsupportedFeature(
+        "MoE rank-level token dropping",
+        "--moe-expert-rank-capacity-factor",
+        "the capacity is a fraction of one router call's tokens, per slice instead of per sequence",
+        **_same(Setting("moe_expert_rank_capacity_factor", _not_none, since="0.19.0")),
+    ),
+    UnsupportedFeature(
+        "legacy MoE token dropping",
+        "--moe-token-dropping",
+        "it drops tokens by capacity over one router call",
+        **_same(Setting("moe_token_dropping")),
+    ),
+    UnsupportedFeature(
+        "Sinkhorn / quantile-balancing MoE routing",
+        "--moe-router-load-balancing-type sinkhorn / quantile_balancing",
+        "the experts a token gets depend on every token of the router call (Sinkhorn normalises "
+        "the scores over them, quantile balancing takes per-expert quantiles of them), so a "
+        "slice routes differently than the whole sequence; use aux_loss, seq_aux_loss, "
+        "global_aux_loss or none (with or without --moe-router-enable-expert-bias)",
+        **_same(
+            Setting("moe_router_load_balancing_type", _routes_by("sinkhorn", "quantile_balancing"))
+        ),
+    ),
+    UnsupportedFeature(
+        "random MoE router inputs",
+        "--moe-input-jitter-eps / --moe-router-force-load-balancing",
+        "the noise (or the random logits) is drawn per router call, so slices draw other "
+        "numbers than the whole sequence does",
+        **_same(
+            Setting("moe_input_jitter_eps", _not_none),
+            Setting("moe_router_force_load_balancing"),
+        ),
+    ),
+    UnsupportedFeature(
+        "MoE routing replay",
+        "--moe-enable-routing-replay",
+        "it records and replays the routing of each router call, which is one per slice here",
+        **_same(Setting("moe_enable_routing_replay")),
+    ),
+    UnsupportedFeature(
+        "MoE flex token dispatcher (DeepEP / HybridEP)",
+        "--moe-token-dispatcher-type flex",
+        "its kernels need CUDA and have not been checked against stock under token slicing; use "
+        "the alltoall or allgather dispatcher",
+        **_same(Setting("moe_token_dispatcher_type", _routes_by("flex"))),
+    ),
+    UnsupportedFeature(
+        "MoE paged stash",
+        "--moe-paged-stash",
+        "megatron-core's schedules reset the stash once per step of whole micro-batches; the "
+        "token schedules do not",
+        **_same(Setting("moe_paged_stash", since="0.19.0")),
+    ),
+    UnsupportedFeature(
+        "MoE load-balancing or z-loss with the router recomputed",
+        "--recompute-granularity full / --recompute-modules moe / --moe-layer-recompute",
+        "the token pipeline forms these losses once the micro-batch's last slice has run its "
+        "forward, but a recomputed router runs its forward again inside each slice's backward, "
+        "last slice first; recompute other modules, or turn the losses off",
+        **_same(
+            Setting("recompute_granularity", lambda v: v == "full", only_if=_moe_microbatch_terms),
+            Setting(
+                "recompute_modules",
+                lambda v: bool(v) and "moe" in v,
+                only_if=_moe_microbatch_terms,
+            ),
+            Setting("moe_layer_recompute", only_if=_moe_microbatch_terms),
+        ),
     ),
     UnsupportedFeature(
         "MoE expert-parallel communication overlap",
@@ -264,7 +368,7 @@ def _enabled(obj: Any, settings: tuple[Setting, ...]) -> list[str]:
     found = []
     for setting in settings:
         value = getattr(obj, setting.attr, None)
-        if setting.is_on(value):
+        if setting.is_on(value) and (setting.only_if is None or setting.only_if(obj)):
             found.append(f"{setting.attr}={value!r}")
     return found
 

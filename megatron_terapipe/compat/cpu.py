@@ -52,6 +52,51 @@ class _CpuWeightGradAccumulation:
     wgrad_gemm_accum_fp16 = wgrad_gemm_accum_fp32
 
 
+class _CpuEvent:
+    """An event on the CPU's stream: everything before it has run by the time it is asked."""
+
+    def record(self, stream: Any = None) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def wait(self, stream: Any = None) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+class _CpuStream:
+    """The CPU's one stream under CUDA's stream API: waits are no-ops, events are done."""
+
+    def wait_stream(self, stream: Any) -> None:
+        pass
+
+    def wait_event(self, event: Any) -> None:
+        pass
+
+    def record_event(self, event: Any = None) -> Any:
+        return event if event is not None else _CpuEvent()
+
+    def synchronize(self) -> None:
+        pass
+
+    def query(self) -> bool:
+        return True
+
+
+_CPU_STREAM = _CpuStream()
+
+
+def _to_host(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """megatron-core's maybe_move_tensor_to_cpu for tensors already on the host."""
+    if torch.is_tensor(tensor) and as_numpy:
+        return tensor.numpy()
+    return tensor
+
+
 def _cpu_device_for(device: Any) -> Any:
     if isinstance(device, str) and device.startswith("cuda"):
         return "cpu"
@@ -241,9 +286,15 @@ def enable_cpu(force: bool = False) -> bool:
     )
     _patch(cuda, "empty_cache", lambda: None, "torch.cuda.empty_cache -> no-op")
     # megatron-core 0.19.0's DDP bucket groups wait on torch.cuda.current_stream() for CUDA-graph
-    # weight gradients in every start_grad_sync; the CPU's stream has the same no-op waits.
-    _patch(cuda, "current_stream", lambda *a, **k: torch.cpu.current_stream(),
-           "torch.cuda.current_stream -> torch.cpu.current_stream")
+    # weight gradients in every start_grad_sync. MoE's alltoall dispatcher and shared experts
+    # make side streams, enter them around copies, record events on them and synchronize on
+    # those. The CPU runs everything in order on one stream, so every stream is that one
+    # (equal streams also make the dispatcher skip record_stream, which CPU tensors lack).
+    _patch(cuda, "current_stream", lambda *a, **k: _CPU_STREAM,
+           "torch.cuda.current_stream -> the CPU's one stream")
+    _patch(cuda, "Stream", lambda *a, **k: _CPU_STREAM, "torch.cuda.Stream -> the CPU's one stream")
+    _patch(cuda, "stream", lambda *a, **k: contextlib.nullcontext(),
+           "torch.cuda.stream(...) -> no-op context")
     _patch(cuda, "max_memory_allocated", lambda *a, **k: 0, "torch.cuda.max_memory_allocated -> 0")
     _patch(cuda, "memory_allocated", lambda *a, **k: 0, "torch.cuda.memory_allocated -> 0")
     _patch(cuda, "reset_peak_memory_stats", lambda *a, **k: None, "reset_peak_memory_stats")
@@ -310,6 +361,20 @@ def enable_cpu(force: bool = False) -> bool:
                "fused_weight_gradient_mlp_cuda -> CPU addmm_ into main_grad")
         _patch(tp_layers, "_grad_accum_fusion_available", True,
                "gradient-accumulation fusion available (CPU addmm_)")
+
+    # MoE's alltoall dispatcher moves its split sizes "to the CPU as numpy" only when they are
+    # on a GPU; on the CPU they stayed tensors, which all_to_all_single does not take as sizes.
+    from megatron.core.transformer.moe import moe_utils, token_dispatcher
+
+    for module in (moe_utils, token_dispatcher):
+        if hasattr(module, "maybe_move_tensor_to_cpu"):
+            _patch(module, "maybe_move_tensor_to_cpu", _to_host,
+                   f"{module.__name__}.maybe_move_tensor_to_cpu: numpy for CPU tensors too")
+    # megatron-core 0.16's router gating GEMM tests `te_general_gemm is not None`, a name bound
+    # only when Transformer Engine imports; without it the name is missing, not None.
+    if "RouterGatingLinearFunction" in vars(moe_utils) and "te_general_gemm" not in vars(moe_utils):
+        _patch(moe_utils, "te_general_gemm", None,
+               "moe_utils.te_general_gemm -> None (no Transformer Engine: torch's GEMM)")
 
     tracker_class = _make_cpu_rng_tracker_class(mcore_random.CudaRNGStatesTracker)
     _patch(mcore_random, "CudaRNGStatesTracker", tracker_class, "CPU RNG states tracker")

@@ -87,3 +87,118 @@ def forward_autocast(config: Any) -> Any:
 
         return torch.autocast("cuda", dtype=config.autocast_dtype)
     return contextlib.nullcontext()
+
+
+# -- 0.17+: the MoE aux-loss scale may come from config.moe_grad_scale_func --------------------
+def set_moe_aux_loss_scale(config: Any, num_microbatches: int, cp_size: int, device: Any) -> None:
+    """Set `MoEAuxLossAutoScaler`'s scale as megatron-core's forward step does for an MoE model.
+
+    The aux and z-losses backpropagate through that class with the scale stock sets after every
+    forward step: the model's loss scale (from `moe_grad_scale_func` where the release has it,
+    else `grad_scale_func`), divided by the number of micro-batches unless the loss is summed
+    per token. Nothing is set for a dense model, as in stock.
+    """
+    if getattr(config, "num_moe_experts", None) is None:
+        return
+    import torch
+    from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+
+    moe_loss_scale = getattr(_schedules, "_get_moe_loss_scale", None)
+    if moe_loss_scale is not None:
+        loss_scale = moe_loss_scale(config, device)
+    elif config.grad_scale_func is not None:
+        loss_scale = config.grad_scale_func(torch.ones(1, device=device))
+    else:
+        loss_scale = torch.ones(1, device=device)
+    if config.calculate_per_token_loss:
+        MoEAuxLossAutoScaler.set_loss_scale(loss_scale)
+    else:
+        MoEAuxLossAutoScaler.set_loss_scale(loss_scale * cp_size / num_microbatches)
+
+
+# -- 0.17+: the MoE aux-loss tracker became MoEMetricsTracker (report() syncs, logs, clears) --
+class _ScalarCapture:
+    """A TensorBoard-writer stand-in: keeps what megatron-core would write, by tag."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, float] = {}
+
+    def add_scalar(self, name: str, value: Any, iteration: int) -> None:
+        self.scalars[name] = float(value)
+
+
+def moe_logged_metrics(num_layers: int, loss_scale: float, iteration: int = 0) -> dict[str, float]:
+    """What megatron-core's MoE tracker logs for the step just run, then clear it as stock does.
+
+    The tracker's own reporting path (reduction across pipeline, tensor and data-parallel ranks,
+    the per-layer values and their mean over MoE layers) writes into a capturing writer, so the
+    numbers are those a Megatron-LM run writes to TensorBoard: tags `<name>` and
+    `moe/<name>_layer_<i>`. Collective: every rank of the model calls it.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    writer = _ScalarCapture()
+    tracker_module = None
+    with contextlib.suppress(ImportError):
+        from megatron.core.transformer.moe import moe_logging as tracker_module
+    get_tracker = getattr(tracker_module, "get_moe_metrics_tracker", None)
+    if get_tracker is not None:  # 0.17+: report() reduces, writes and clears
+        get_tracker().report(
+            loss_scale=loss_scale,
+            iteration=iteration,
+            writer=writer,
+            per_layer_logging=True,
+            num_layers=num_layers,
+        )
+    else:
+        moe_utils.track_moe_metrics(
+            loss_scale=loss_scale,
+            iteration=iteration,
+            writer=writer,
+            per_layer_logging=True,
+            num_layers=num_layers,
+        )
+        moe_utils.clear_aux_losses_tracker()
+    return writer.scalars
+
+
+def reset_moe_metrics() -> None:
+    """Forget every MoE metric entry, as a fresh process has none (entries are sized by the
+    model's layer count when first recorded, so a model with more layers cannot reuse them)."""
+    tracker_module = None
+    with contextlib.suppress(ImportError):
+        from megatron.core.transformer.moe import moe_logging as tracker_module
+    destroy = getattr(tracker_module, "destroy_moe_metrics_tracker", None)
+    if destroy is not None:  # 0.17+
+        destroy()
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.get_moe_layer_wise_logging_tracker().clear()
+
+
+def moe_rank_local_metrics() -> set[str]:
+    """The MoE metrics megatron-core logs as each rank recorded them (no reduction over the
+    ranks that share a micro-batch's tokens or the data-parallel ranks): megatron-core 0.16's
+    z-loss. Their logged value is a per-rank mean, which depends on how tokens are laid out."""
+    tracker_module = None
+    with contextlib.suppress(ImportError):
+        from megatron.core.transformer.moe import moe_logging as tracker_module
+    get_tracker = getattr(tracker_module, "get_moe_metrics_tracker", None)
+    if get_tracker is not None:  # 0.17+
+        entries = {
+            name: (e.reduce_group, e.avg_group, e.needs_dp_avg)
+            for name, e in get_tracker().metrics.items()
+        }
+    else:
+        from megatron.core.transformer.moe import moe_utils
+
+        entries = {
+            name: (e.get("reduce_group"), e.get("avg_group"), e.get("reduce_group") is not None)
+            for name, e in moe_utils.get_moe_layer_wise_logging_tracker().items()
+        }
+    return {
+        name
+        for name, (reduce_group, avg_group, dp_avg) in entries.items()
+        if reduce_group is None and avg_group is None and not dp_avg
+    }

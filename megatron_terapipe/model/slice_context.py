@@ -12,9 +12,9 @@ that chunk; every bookkeeping call is O(1) in the number of slices and micro-bat
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -96,6 +96,9 @@ class TokenSliceContext:
         self._buffers: dict[tuple[int, int], dict[int, PrefixKV]] = {}
         # (chunk, micro-batch) -> slices released so far
         self._released: dict[tuple[int, int], int] = {}
+        # (chunk, micro-batch) -> {id(module): state} of modules whose terms span the whole
+        # micro-batch (the MoE router's load-balancing and z-losses); dropped with the buffers
+        self._microbatch_state: dict[tuple[int, int], dict[int, Any]] = {}
         # Set while a split backward runs: its weight-gradient GEMMs queue here
         # (`weight_grad_deferral`), for the unit's W action.
         self.deferred_weight_grads: DeferredWeightGrads | None = None
@@ -134,6 +137,18 @@ class TokenSliceContext:
             group[id(layer)] = buffer
         return buffer
 
+    def microbatch_state(self, module: object, unit: CurrentSlice, make: Callable[[], Any]) -> Any:
+        """The state `module` keeps for the unit's (chunk, micro-batch); `make()` on first use.
+
+        For terms stock megatron-core computes over a whole micro-batch's tokens: each slice adds
+        its rows, and the state lives until every slice of the micro-batch is released.
+        """
+        group = self._microbatch_state.setdefault((unit.chunk, unit.microbatch), {})
+        state = group.get(id(module))
+        if state is None:
+            state = group[id(module)] = make()
+        return state
+
     def buffers(self, chunk: int, microbatch: int) -> list[PrefixKV]:
         """The buffers (one per attention module) of a micro-batch on a chunk, while held."""
         return list(self._buffers.get((chunk, microbatch), {}).values())
@@ -148,6 +163,7 @@ class TokenSliceContext:
             return
         self._released.pop(key, None)
         self._buffers.pop(key, None)
+        self._microbatch_state.pop(key, None)
 
     def held_bytes(self) -> int:
         """Bytes held now by the context's K/V buffers and their gradient accumulators."""

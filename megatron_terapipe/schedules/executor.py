@@ -37,7 +37,11 @@ from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.pipeline_parallel.schedules import deallocate_output_tensor
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
-from megatron_terapipe.compat.megatron_core import backward_step, forward_autocast
+from megatron_terapipe.compat.megatron_core import (
+    backward_step,
+    forward_autocast,
+    set_moe_aux_loss_scale,
+)
 from megatron_terapipe.config import TokenPipelineConfig
 from megatron_terapipe.model.batch_slicing import slice_batch
 from megatron_terapipe.model.positions import install_rope_offset_hooks
@@ -285,6 +289,8 @@ class _Step:
             self.to_send[(FORWARD, m, t, v)] = output
         if timers is not None:
             timers("forward-compute").stop()
+        # As stock's forward step, on every stage: the scale the MoE aux losses backpropagate with.
+        set_moe_aux_loss_scale(self.config, self.num_microbatches, self.cp_size, self.device)
         if self.forward_only:
             if t == len(self.token_slices) - 1:
                 for s in range(len(self.token_slices)):

@@ -15,6 +15,7 @@ Errors are norm-relative per tensor: ‖actual − expected‖ / ‖expected‖ 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -44,6 +45,7 @@ def reference_case(case: RunCase, world_size: int) -> RunCase:
         case,
         tensor_parallel=1,
         pipeline_parallel=1,
+        expert_parallel=1,
         virtual_pipeline=None,
         sequence_parallel=False,
         num_microbatches=case.num_microbatches * dp,
@@ -75,6 +77,10 @@ class Reference:
     losses: list[list[dict[str, torch.Tensor]]]
     grads: list[dict[str, torch.Tensor]]
     weights: list[dict[str, torch.Tensor]]
+    # Per step, what megatron-core's MoE tracker logs (aux and z-losses); None for dense models.
+    moe_metrics: list[dict[str, float]] | None = None
+    # Per step, each MoE router's expert bias (aux-loss-free balancing) by global layer number.
+    expert_bias: list[dict[int, torch.Tensor]] | None = None
     # Step-1 gradients from plain autograd on the same model and data, without megatron's
     # schedule or DDP: an independent check of the reference itself.
     autograd_grads: dict[str, torch.Tensor] | None = None
@@ -87,6 +93,8 @@ class Reference:
             losses=result["losses"],
             grads=[global_tensors(step) for step in result["grads"]],
             weights=[global_tensors(step) for step in result["weights"]],
+            moe_metrics=result.get("moe_metrics"),
+            expert_bias=result.get("expert_bias"),
             autograd_grads=autograd_grads,
         )
 
@@ -135,7 +143,10 @@ def plain_autograd_grads(case: RunCase, init_state: dict) -> dict[str, torch.Ten
 def _reference_body(rank: int, world_size: int, cases: list[RunCase]) -> list[dict[str, Any]]:
     results = run_cases(rank, world_size, [(case, None) for case in cases])
     for case, result in zip(cases, results):
-        if not case.forward_only:
+        # megatron-core's MoE aux losses reach autograd through a scale only its schedules set;
+        # the hand-written loop below is the dense models' independent check.
+        moe = "num_moe_experts" in case.model.config_overrides
+        if not case.forward_only and not moe:
             result["autograd_grads"] = plain_autograd_grads(case, result["initial"])
     return results
 
@@ -243,6 +254,51 @@ def _compare_losses(
     return problems
 
 
+def _compare_moe_metrics(
+    step: int,
+    rank_results: list[dict[str, Any]],
+    reference: Reference,
+    rtol: float,
+    tokens_split: bool,
+) -> list[str]:
+    """Every rank's logged MoE metrics (tag -> value) against the reference's, relative.
+
+    A metric megatron-core logs unreduced (each rank's own mean: 0.16's z-loss) is a property
+    of the layout when tensor or data parallelism splits the tokens, so it is compared only
+    where no rank shares a micro-batch's tokens with another.
+    """
+    if reference.moe_metrics is None:
+        return []
+    want = reference.moe_metrics[step]
+    problems = []
+    for rank, result in enumerate(rank_results):
+        got = result.get("moe_metrics", [None] * (step + 1))[step]
+        if got is None or set(got) != set(want):
+            problems.append(
+                f"step {step} rank {rank}: MoE metrics {sorted(got or [])} != {sorted(want)}"
+            )
+            continue
+        local = set(result.get("moe_rank_local", [])) if tokens_split else set()
+        for tag, value in want.items():
+            if tag.removeprefix("moe/").rsplit("_layer_", 1)[0] in local:
+                continue
+            if not abs(got[tag] - value) <= rtol * abs(value) + 1e-12:
+                problems.append(
+                    f"step {step} rank {rank} MoE metric {tag}: {got[tag]!r} vs {value!r}"
+                )
+    if reference.expert_bias is None:
+        return problems
+    for rank, result in enumerate(rank_results):
+        for layer, bias in result["expert_bias"][step].items():
+            expected = reference.expert_bias[step][layer]
+            if not torch.allclose(bias, expected, rtol=0, atol=rtol):
+                problems.append(
+                    f"step {step} rank {rank} layer {layer} expert bias: {bias.tolist()} vs "
+                    f"{expected.tolist()}"
+                )
+    return problems
+
+
 def check_run(
     case: RunCase,
     rank_results: list[dict[str, Any]],
@@ -276,6 +332,9 @@ def check_run(
             problems.append(
                 f"step {step}: losses reported for DP ranks {sorted(reporters)} of {dp}"
             )
+        problems += _compare_moe_metrics(
+            step, rank_results, reference, rtol, tokens_split=world_size > case.pipeline_parallel
+        )
         for rank, result in enumerate(rank_results):
             where = f"step {step} rank {rank} {result['rank_info']}"
             if not case.distributed_optimizer and not case.forward_only:
@@ -295,15 +354,19 @@ def check_run(
 
 
 def run_parallel(
-    runs: list[tuple[RunCase, dict | None]], world_size: int, timeout_s: float = 240.0
+    runs: list[tuple[RunCase, dict | None]],
+    world_size: int,
+    timeout_s: float = 240.0,
+    body: Callable = run_cases,
 ) -> list[list[dict[str, Any]]]:
     """Run several (case, initial global weights) on `world_size` ranks in one spawn.
 
-    Returns, per case, the list of per-rank results.
+    Returns, per case, the list of per-rank results. `body` is `run_cases` or a stand-in with
+    its signature (a mutation test's, which changes one thing before running the cases).
     """
     from megatron_terapipe.compat import run_distributed
 
-    per_rank = run_distributed(run_cases, world_size, runs, timeout_s=timeout_s)
+    per_rank = run_distributed(body, world_size, runs, timeout_s=timeout_s)
     return [[per_rank[r][i] for r in range(world_size)] for i in range(len(runs))]
 
 
@@ -325,3 +388,31 @@ def run_and_check(
         name: check_run(case, result, refs[name], rtol)
         for (name, case), result in zip(cases.items(), results)
     }
+
+
+def max_abs_differences(
+    case: RunCase, rank_results: list[dict[str, Any]], reference: Reference
+) -> dict[str, float]:
+    """The largest absolute difference of losses, gradients and logged MoE metrics, for tables.
+
+    `check_run` decides; this only reports how far from the reference a passing run is.
+    """
+    out = {"loss": 0.0, "grad": 0.0, "moe_metric": 0.0}
+    for step in range(case.steps):
+        for result in rank_results:
+            losses = result["losses"][step]
+            if losses is not None:
+                d = result["rank_info"]["dp"]
+                want = reference.losses[step][d * case.num_microbatches:][: len(losses)]
+                for got, exp in zip(losses, want):
+                    for key in exp:
+                        diff = (got[key].float() - exp[key].float()).abs().max().item()
+                        out["loss"] = max(out["loss"], diff)
+            for place, value in result["grads"][step]:
+                target = reference.grads[step][place.key][place.index]
+                out["grad"] = max(out["grad"], (value - target).abs().max().item())
+            if reference.moe_metrics is not None:
+                for tag, value in reference.moe_metrics[step].items():
+                    got = result["moe_metrics"][step][tag]
+                    out["moe_metric"] = max(out["moe_metric"], abs(got - value))
+    return out

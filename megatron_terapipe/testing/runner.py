@@ -38,6 +38,8 @@ class RunCase:
     model: TinyGPT = TinyGPT()
     tensor_parallel: int = 1
     pipeline_parallel: int = 1
+    # MoE experts split across this many ranks (carved out of data parallelism, as megatron's)
+    expert_parallel: int = 1
     virtual_pipeline: int | None = None
     sequence_parallel: bool = False
     num_microbatches: int = 2  # per data-parallel rank
@@ -80,7 +82,10 @@ def _forward_backward_func(case: RunCase):
 def _layer_spec(case: RunCase):
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
-    spec = get_gpt_layer_local_spec()
+    # An MoE model (num_moe_experts in the config) gets megatron-core's MoE layer spec, whose
+    # experts are SequentialMLP (no grouped GEMM on the CPU).
+    num_experts = case.model.config_overrides.get("num_moe_experts")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
     if case.token_pipeline is None:
         return spec
     from megatron_terapipe import token_pipeline_layer_spec
@@ -105,6 +110,7 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
         tensor_model_parallel_size=case.tensor_parallel,
         pipeline_model_parallel_size=case.pipeline_parallel,
         virtual_pipeline_model_parallel_size=case.virtual_pipeline,
+        expert_model_parallel_size=case.expert_parallel,
     )
     tensor_parallel.model_parallel_cuda_manual_seed(case.init_seed)
     torch.manual_seed(case.init_seed)
@@ -115,6 +121,7 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
         virtual_pipeline=case.virtual_pipeline,
         sequence_parallel=case.sequence_parallel,
         calculate_per_token_loss=case.calculate_per_token_loss,
+        expert_model_parallel_size=case.expert_parallel,
     )
     chunks = build_gpt_chunks(case.model, config, _layer_spec(case))
     initial = None
@@ -197,6 +204,27 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
             else None
         )
         result["grads"].append(local_grads(model))
+        if config.num_moe_experts is not None and not case.forward_only:
+            from megatron_terapipe.compat.megatron_core import (
+                moe_logged_metrics,
+                moe_rank_local_metrics,
+            )
+
+            result["moe_rank_local"] = sorted(moe_rank_local_metrics())
+            # what a Megatron-LM run logs for the step (aux and z-losses; every rank takes part)
+            result.setdefault("moe_metrics", []).append(
+                moe_logged_metrics(config.num_layers, 1.0 / case.num_microbatches, step)
+            )
+            # aux-loss-free balancing: each router's bias after the step (updated from the
+            # step's token counts in finalize_model_grads), by global layer number
+            result.setdefault("expert_bias", []).append(
+                {
+                    module.layer_number: module.expert_bias.detach().float().clone()
+                    for chunk in model
+                    for module in chunk.modules()
+                    if getattr(module, "expert_bias", None) is not None
+                }
+            )
         if optimizer is not None:
             optimizer.step()
             result["weights"].append(local_weights(model))
@@ -225,4 +253,8 @@ def run_cases(
             results.append(run_case(rank, world_size, case, init_state))
         finally:
             parallel_state.destroy_model_parallel()
+            if "num_moe_experts" in case.model.config_overrides:
+                from megatron_terapipe.compat.megatron_core import reset_moe_metrics
+
+                reset_moe_metrics()
     return results

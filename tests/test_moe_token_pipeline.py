@@ -1,0 +1,163 @@
+"""MoE GPT layers under the token schedules are the stock megatron-core training step.
+
+Every case runs megatron-core's MoE layer spec (SequentialMLP experts) under a token schedule
+and is compared with the single-process, unpipelined stock run of the same model and data
+(`testing.equivalence`); stock 1F1B / EP cases in the same batches show that reference is what
+stock megatron-core's schedules produce. fp32, within 1e-5 norm-relative per tensor: losses,
+every gradient (router, experts, shared experts), the aux and z-losses megatron-core's tracker
+logs (every tag, per layer), and the expert biases of aux-loss-free balancing.
+
+The load-balancing losses and the z-loss are not per token: stock forms them over the whole
+micro-batch. `test_per_slice_aux_losses_are_caught` runs the same cases with stock's router
+under slicing (the losses formed per slice) and requires the comparison to fail.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from megatron_terapipe.testing.equivalence import (
+    ReferenceCache,
+    check_run,
+    run_and_check,
+    run_parallel,
+)
+from megatron_terapipe.testing.moe import aux_losses, moe_gpt, per_slice_router_cases
+from megatron_terapipe.testing.runner import RunCase
+
+UNEVEN = [3, 13, 16]
+AUX_Z = moe_gpt(**aux_losses("aux_loss"))
+SEQ_Z = moe_gpt(**aux_losses("seq_aux_loss"))
+BOTH = moe_gpt(
+    moe_router_load_balancing_type=["aux_loss", "seq_aux_loss"],
+    moe_aux_loss_coeff=[0.1, 0.05],
+    moe_z_loss_coeff=1e-2,
+)
+
+
+def tp(schedule: str = "terapipe", **slices) -> dict:
+    return {"schedule": schedule, **(slices or {"token_slices": UNEVEN})}
+
+
+SINGLE_RANK = {
+    "dropless": RunCase(model=moe_gpt(), token_pipeline=tp()),
+    "aux-loss+z": RunCase(model=AUX_Z, micro_batch_size=2, token_pipeline=tp(num_token_slices=4)),
+    "seq-aux-loss+z": RunCase(model=SEQ_Z, micro_batch_size=2, token_pipeline=tp()),
+    "global-aux-loss-M3": RunCase(
+        model=moe_gpt(**aux_losses("global_aux_loss", z=None)),
+        num_microbatches=3,
+        token_pipeline=tp(),
+    ),
+    "aux+seq-aux+z": RunCase(model=BOTH, token_pipeline=tp(token_slices=[1, 30, 1])),
+    "per-token-loss-aux+z": RunCase(
+        model=AUX_Z, calculate_per_token_loss=True, token_pipeline=tp()
+    ),
+    "sigmoid-expert-bias-two-steps": RunCase(
+        model=moe_gpt(moe_router_score_function="sigmoid", moe_router_enable_expert_bias=True),
+        steps=2,
+        optimizer=True,
+        optimizer_name="sgd",
+        token_pipeline=tp(),
+    ),
+    "shared-experts+aux": RunCase(
+        model=moe_gpt(moe_shared_expert_intermediate_size=16, **aux_losses("aux_loss")),
+        token_pipeline=tp(num_token_slices=4),
+    ),
+    "allgather-aux+z": RunCase(
+        model=moe_gpt(moe_token_dispatcher_type="allgather", **aux_losses("aux_loss")),
+        token_pipeline=tp(),
+    ),
+}
+
+AUX_Z_4L = moe_gpt(num_layers=4, **aux_losses("aux_loss"))
+TWO_RANKS = {
+    "stock-pp2-1f1b-aux+z": RunCase(model=AUX_Z, pipeline_parallel=2, num_microbatches=3),
+    "pp2-token-1f1b-M3-aux+z": RunCase(
+        model=AUX_Z, pipeline_parallel=2, num_microbatches=3, token_pipeline=tp("token-1f1b")
+    ),
+    "pp2-terapipe-M1-seq-aux+z": RunCase(
+        model=SEQ_Z, pipeline_parallel=2, num_microbatches=1, micro_batch_size=2,
+        token_pipeline=tp(),
+    ),
+    "pp2-vp2-interleaved-aux+z": RunCase(
+        model=AUX_Z_4L,
+        pipeline_parallel=2,
+        virtual_pipeline=2,
+        num_microbatches=2,
+        token_pipeline=tp("token-interleaved", num_token_slices=4),
+    ),
+    "stock-ep2-alltoall-aux+z": RunCase(model=AUX_Z, expert_parallel=2),
+    "ep2-alltoall-aux+z": RunCase(model=AUX_Z, expert_parallel=2, token_pipeline=tp()),
+    "ep2-allgather-shared-dropless": RunCase(
+        model=moe_gpt(
+            moe_token_dispatcher_type="allgather", moe_shared_expert_intermediate_size=16
+        ),
+        expert_parallel=2,
+        token_pipeline=tp("token-1f1b"),
+    ),
+    "tp2-sp-alltoall-aux+z": RunCase(
+        model=AUX_Z, tensor_parallel=2, sequence_parallel=True, num_microbatches=1,
+        token_pipeline=tp(token_slices=[2, 6, 24]),
+    ),
+    "tp2-sp-allgather-seq-aux+z": RunCase(
+        model=moe_gpt(moe_token_dispatcher_type="allgather", **aux_losses("seq_aux_loss")),
+        tensor_parallel=2, sequence_parallel=True, num_microbatches=1, micro_batch_size=2,
+        token_pipeline=tp(token_slices=[4, 12, 16]),
+    ),
+}
+
+FOUR_RANKS = {
+    # alltoall with expert TP = 2 all-gathers uneven token counts, which gloo cannot
+    "tp2-sp-ep2-allgather-aux+z": RunCase(
+        model=moe_gpt(moe_token_dispatcher_type="allgather", **aux_losses("aux_loss")),
+        tensor_parallel=2, sequence_parallel=True, expert_parallel=2,
+        num_microbatches=1, token_pipeline=tp(token_slices=[4, 12, 16]),
+    ),
+    "pp2-ep2-token-1f1b-aux+z": RunCase(
+        model=AUX_Z, pipeline_parallel=2, expert_parallel=2, num_microbatches=3,
+        token_pipeline=tp("token-1f1b"),
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def references() -> ReferenceCache:
+    return ReferenceCache()
+
+
+@pytest.fixture(scope="module")
+def problems(references):
+    """Run every case once (one spawn per world size) and keep each case's problems."""
+    found: dict[str, list[str]] = {}
+    for world_size, cases in ((1, SINGLE_RANK), (2, TWO_RANKS), (4, FOUR_RANKS)):
+        found.update(run_and_check(cases, world_size, references))
+    return found
+
+
+@pytest.mark.parametrize("name", [*SINGLE_RANK, *TWO_RANKS, *FOUR_RANKS])
+def test_moe_matches_stock(problems, name):
+    assert not problems[name], "\n".join(problems[name][:10])
+
+
+# Each kind of micro-batch term, formed per slice by stock's router: each must be caught.
+PER_SLICE = {
+    name: SINGLE_RANK[name]
+    for name in ("aux-loss+z", "seq-aux-loss+z", "global-aux-loss-M3", "per-token-loss-aux+z")
+}
+PER_SLICE["z-loss-only"] = RunCase(model=moe_gpt(moe_z_loss_coeff=1e-2), token_pipeline=tp())
+
+
+def test_per_slice_aux_losses_are_caught(references):
+    """The comparison fails, in the logged losses and the gradients, when the router's
+    micro-batch terms are formed per slice (stock's TopKRouter under token slicing)."""
+    references.prefetch([(case, 1) for case in PER_SLICE.values()])
+    refs = {name: references.get(case, 1) for name, case in PER_SLICE.items()}
+    results = run_parallel(
+        [(case, refs[name].initial) for name, case in PER_SLICE.items()],
+        1,
+        body=per_slice_router_cases,
+    )
+    for (name, case), result in zip(PER_SLICE.items(), results):
+        found = check_run(case, result, refs[name])
+        assert any("MoE metric" in p for p in found), (name, found[:3])
+        assert any(" grad " in p and "router" in p for p in found), (name, found[:3])
