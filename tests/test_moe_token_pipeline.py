@@ -161,3 +161,52 @@ def test_per_slice_aux_losses_are_caught(references):
         found = check_run(case, result, refs[name])
         assert any("MoE metric" in p for p in found), (name, found[:3])
         assert any(" grad " in p and "router" in p for p in found), (name, found[:3])
+
+
+def test_router_recompute_refused_only_with_microbatch_terms():
+    """Recomputing the router runs its forward again inside each slice's backward, after the
+    micro-batch's losses were formed: refused by name with aux or z-losses, accepted without."""
+    from types import SimpleNamespace
+
+    from megatron_terapipe.unsupported_features import config_problems
+
+    aux = dict(num_moe_experts=4, moe_router_load_balancing_type="aux_loss", moe_aux_loss_coeff=0.1)
+    for recompute in (
+        dict(recompute_granularity="full"),
+        dict(recompute_granularity="selective", recompute_modules=["moe"]),
+        dict(moe_layer_recompute=True),
+    ):
+        found = config_problems(SimpleNamespace(**aux, **recompute))
+        assert any("router recomputed" in p for p in found), (recompute, found)
+        z_only = SimpleNamespace(num_moe_experts=4, moe_z_loss_coeff=1e-3, **recompute)
+        assert any("router recomputed" in p for p in config_problems(z_only))
+        dropless = SimpleNamespace(num_moe_experts=4, moe_aux_loss_coeff=0.0, **recompute)
+        assert config_problems(dropless) == []
+        assert config_problems(SimpleNamespace(**recompute)) == []  # dense
+
+
+def test_layer_spec_swaps_the_router_of_moe_layers_only():
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    from megatron_terapipe import token_pipeline_layer_spec
+    from megatron_terapipe.model.layer_spec import _swap_router
+    from megatron_terapipe.model.moe import TokenSliceTopKRouter
+
+    def router_of(spec):
+        mlp = spec.submodules.mlp
+        submodules = getattr(mlp, "submodules", None) or mlp.keywords["submodules"]
+        return submodules
+
+    stock = get_gpt_layer_local_spec(num_experts=4, moe_grouped_gemm=False)
+    token = token_pipeline_layer_spec(stock)
+    assert router_of(token).router is TokenSliceTopKRouter
+    assert router_of(stock).router is TopKRouter  # the caller's spec is left as it was
+    token_pipeline_layer_spec(get_gpt_layer_local_spec())  # dense: nothing to swap
+
+    class OtherRouter(TopKRouter):
+        pass
+
+    router_of(stock).router = OtherRouter
+    with pytest.raises(ValueError, match="OtherRouter"):
+        _swap_router(stock.submodules.mlp)

@@ -53,7 +53,8 @@ def test_config_resolves_and_rejects():
 
 def test_unsupported_features_are_named():
     config = SimpleNamespace(
-        context_parallel_size=2, num_moe_experts=8, mtp_num_layers=None, sequence_parallel=False
+        context_parallel_size=2, moe_expert_capacity_factor=1.0, mtp_num_layers=None,
+        sequence_parallel=False,
     )
     with pytest.raises(ValueError) as info:
         check_token_pipeline_support(config)

@@ -407,6 +407,13 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     for flag, value in positive.items():
         if value is not None and value < 1:
             errors.append(f"{flag}={value} must be >= 1")
+    if args.num_experts is not None:
+        # The token pipeline runs MoE layers exactly (megatron_terapipe.model.moe), but this
+        # trainer builds dense GPTs only: refused rather than silently trained dense.
+        errors.append(
+            f"--num-experts={args.num_experts}: this trainer builds dense GPT models only; train "
+            "MoE through Megatron-LM's pretrain_gpt.py with the token-pipeline patch"
+        )
     if args.eval_iters < 0:
         errors.append(f"--eval-iters={args.eval_iters} must be >= 0")
     if args.num_workers < 0:
