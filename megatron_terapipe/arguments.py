@@ -316,8 +316,15 @@ def token_pipeline_errors(args: Any) -> list[str]:
     cap = getattr(args, "token_pipeline_memory_cap", None)
     if cap is not None and not cap > 0:
         errors.append(f"--token-pipeline-memory-cap={cap} must be > 0 (GiB)")
-    elif cap is not None and not errors and isinstance(slices, (int, tuple)):
-        errors.extend(_explicit_slices_memory_errors(args, slices, cap, multiple_of, schedule))
+    elif cap is not None and not errors:
+        from megatron_terapipe.slicing.memory import memory_model_problem
+
+        problem = memory_model_problem(args)
+        if problem is not None:
+            errors.append(f"--token-pipeline-memory-cap cannot be checked: {problem}")
+        elif isinstance(slices, (int, tuple)):
+            errors.extend(_explicit_slices_memory_errors(args, slices, cap, multiple_of,
+                                                         schedule))
     return errors
 
 

@@ -262,3 +262,20 @@ def test_plan_from_args_scores_split_backwards_as_the_split_schedule():
     auto = plan_from_args(megatron_args(**dict(base, token_pipeline_slices="auto"),
                                         token_pipeline_split_backward=True))
     assert auto.extra["score"] == "simulator" and auto.extra["split_backward"] is True
+
+
+def test_memory_model_prices_only_dense_layers():
+    """MoE layers are not in the memory model: no number is printed for them, and a cap that
+    could not be checked is refused by name (at argument time too)."""
+    from megatron_terapipe.arguments import token_pipeline_errors
+
+    args = megatron_args(num_experts=8)
+    plan = plan_from_args(args)
+    assert "activation_memory_gib" not in plan.extra
+    args.token_pipeline_memory_cap = 1.0
+    with pytest.raises(ValueError, match="--token-pipeline-memory-cap cannot be checked: "
+                                         "--num-experts=8"):
+        plan_from_args(args)
+    args.token_pipeline = True
+    assert any("--token-pipeline-memory-cap cannot be checked: --num-experts=8" in e
+               for e in token_pipeline_errors(args)), token_pipeline_errors(args)

@@ -16,7 +16,7 @@ from typing import Any
 
 from megatron_terapipe.slicing.cost_models import AnalyticCostModel
 from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
-from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel
+from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel, memory_model_problem
 from megatron_terapipe.slicing.plan import SlicingPlan, format_plan
 from megatron_terapipe.slicing.planner import (
     check_granularity,
@@ -145,7 +145,10 @@ def plan_from_args(
     micro = num_microbatches or num_microbatches_from_args(args)
     cap = getattr(args, "token_pipeline_memory_cap", None)
     cost = cost_model if cost_model is not None else cost_model_from_args(args)
-    memory = ActivationMemoryModel.from_args(args)
+    problem = memory_model_problem(args)
+    if problem is not None and cap is not None:
+        raise ValueError(f"--token-pipeline-memory-cap cannot be checked: {problem}")
+    memory = None if problem is not None else ActivationMemoryModel.from_args(args)
     split_backward = bool(getattr(args, "token_pipeline_split_backward", False))
     score, note = _score_for(schedule, split_backward)
     common = dict(seq_length=seq, num_stages=stages, batch=mbs, batch_mode="fixed",
@@ -232,9 +235,10 @@ def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | No
     """A user-chosen slicing with its predicted time; it must fit the memory cap too."""
     stages, mbs, micro = common["num_stages"], common["batch"], common["num_microbatches"]
     batch_slices = (mbs,) * micro
-    memory: ActivationMemoryModel = common["memory"]
-    peak = memory.peak_bytes(common["schedule"], batch_slices, (tuple(slices),) * micro, stages,
-                             split_backward=common["split_backward"])
+    memory: ActivationMemoryModel | None = common["memory"]
+    peak = math.nan if memory is None else memory.peak_bytes(
+        common["schedule"], batch_slices, (tuple(slices),) * micro, stages,
+        split_backward=common["split_backward"])
     if cap is not None and peak > cap * GIB:
         raise ValueError(
             f"{SLICES_FLAG} {list(slices)} needs {peak / GIB:.3f} GiB of activations per stage, "
@@ -244,7 +248,9 @@ def _fixed_plan(cost: Any, slices: Sequence[int], strategy: str, cap: float | No
         )
     objective, t_max = predict_step_time(cost, tuple(slices), stages, batch_slices)
     extra: dict[str, Any] = {"schedule": common["schedule"], "score": "formula",
-                             "activation_memory_gib": round(peak / GIB, 4), "num_stages": stages}
+                             "num_stages": stages}
+    if memory is not None:
+        extra["activation_memory_gib"] = round(peak / GIB, 4)
     simulated = math.nan
     if common["score"] == "simulator":
         scorer = simulator_scorer(cost, common["schedule"], stages, micro, mbs,

@@ -47,6 +47,15 @@ NORMS = ("LayerNorm", "RMSNorm")
 RECOMPUTE_METHODS = ("uniform", "block")
 
 
+def memory_model_problem(args: Any) -> str | None:
+    """Why the model cannot price these arguments' layers (None: it can): it enumerates dense
+    GPT layers, so a number it printed for others would not be true."""
+    if getattr(args, "num_experts", None):
+        return (f"--num-experts={args.num_experts}: the planner's memory model describes dense "
+                "GPT layers, not MoE ones")
+    return None
+
+
 @dataclass(frozen=True)
 class ActivationMemoryModel:
     """Dims and layout of the model. `num_layers` is the whole model's, split evenly over
