@@ -238,8 +238,9 @@ BAD_CASES = {
          "transformer_engine"], 2,
         ["--token-pipeline-split-backward", "--transformer-impl local"],
     ),
-    "MoE (this trainer builds dense models)": (
-        ["--token-pipeline", "--num-experts", "4"], 2, ["--num-experts=4", "dense GPT models only"],
+    "token pipeline with MoE token dropping": (
+        ["--token-pipeline", "--num-experts", "4", "--moe-expert-capacity-factor", "1.0"], 2,
+        ["--moe-expert-capacity-factor", "token dropping"],
     ),
     "token pipeline with multi-token prediction": (
         ["--token-pipeline", "--mtp-num-layers", "1"], 2, ["--mtp-num-layers"],

@@ -103,9 +103,27 @@ def build_parser() -> argparse.ArgumentParser:
         "flash (torch SDPA, the kernel the token pipeline runs), auto (local; SDPA under "
         "--token-pipeline).",
     )
-    # Accepted so that Megatron-LM command lines carrying them fail with a clear message.
-    g.add_argument("--num-experts", type=int, default=None)
+    # Accepted so that Megatron-LM command lines carrying it fail with a clear message.
     g.add_argument("--mtp-num-layers", type=int, default=None)
+
+    # MoE, with Megatron-LM's names and defaults (megatron-core's MoE layer spec).
+    g = parser.add_argument_group("mixture of experts")
+    g.add_argument("--num-experts", type=int, default=None)
+    g.add_argument("--moe-router-topk", type=int, default=2)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None)
+    g.add_argument("--moe-shared-expert-intermediate-size", type=int, default=None)
+    g.add_argument("--moe-router-load-balancing-type", default="aux_loss",
+                   choices=["aux_loss", "seq_aux_loss", "global_aux_loss", "sinkhorn", "none"])
+    g.add_argument("--moe-aux-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=None)
+    g.add_argument("--moe-router-score-function", default="softmax",
+                   choices=["softmax", "sigmoid"])
+    g.add_argument("--moe-router-enable-expert-bias", action="store_true")
+    g.add_argument("--moe-token-dispatcher-type", default="allgather",
+                   choices=["allgather", "alltoall", "flex"])
+    g.add_argument("--moe-expert-capacity-factor", type=float, default=None)
+    g.add_argument("--moe-pad-expert-input-to-capacity", action="store_true")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1)
 
     g = parser.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -407,13 +425,8 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
     for flag, value in positive.items():
         if value is not None and value < 1:
             errors.append(f"{flag}={value} must be >= 1")
-    if args.num_experts is not None:
-        # The token pipeline runs MoE layers exactly (megatron_terapipe.model.moe), but this
-        # trainer builds dense GPTs only: refused rather than silently trained dense.
-        errors.append(
-            f"--num-experts={args.num_experts}: this trainer builds dense GPT models only; train "
-            "MoE through Megatron-LM's pretrain_gpt.py with the token-pipeline patch"
-        )
+    if args.expert_model_parallel_size > 1 and args.num_experts is None:
+        errors.append("--expert-model-parallel-size > 1 needs --num-experts")
     if args.eval_iters < 0:
         errors.append(f"--eval-iters={args.eval_iters} must be >= 0")
     if args.num_workers < 0:

@@ -83,6 +83,22 @@ def transformer_config_from_args(args: Namespace):
         kwargs.update(overlap_p2p_comm=False, batch_p2p_comm=True)
     if args.recompute_granularity == "full" and args.recompute_num_layers is None:
         kwargs["recompute_num_layers"] = 1
+    if getattr(args, "num_experts", None) is not None:
+        kwargs.update(
+            num_moe_experts=args.num_experts,
+            moe_router_topk=args.moe_router_topk,
+            moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
+            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
+            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
+            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
+            moe_z_loss_coeff=args.moe_z_loss_coeff,
+            moe_router_score_function=args.moe_router_score_function,
+            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
+            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
+            moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
+            expert_model_parallel_size=args.expert_model_parallel_size,
+        )
     return TransformerConfig(**kwargs)
 
 
@@ -103,9 +119,13 @@ def base_layer_spec(args: Namespace):
         get_gpt_layer_with_transformer_engine_spec,
     )
 
+    num_experts = getattr(args, "num_experts", None)
     if use_transformer_engine(args):
-        return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=args.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=num_experts)
+    # MoE experts as SequentialMLP: grouped GEMM needs kernels the local path does not have
+    return get_gpt_layer_local_spec(
+        num_experts=num_experts, moe_grouped_gemm=False, normalization=args.normalization
+    )
 
 
 def attention_kernel(args: Namespace) -> str:
