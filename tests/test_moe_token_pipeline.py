@@ -70,6 +70,8 @@ SINGLE_RANK = {
 }
 
 AUX_Z_4L = moe_gpt(num_layers=4, **aux_losses("aux_loss"))
+# The global aux loss averages token counts over the step's micro-batches in forward order.
+GLOBAL_4L = moe_gpt(num_layers=4, **aux_losses("global_aux_loss", z=None))
 TWO_RANKS = {
     "stock-pp2-1f1b-aux+z": RunCase(model=AUX_Z, pipeline_parallel=2, num_microbatches=3),
     "pp2-token-1f1b-M3-aux+z": RunCase(
@@ -85,6 +87,16 @@ TWO_RANKS = {
         virtual_pipeline=2,
         num_microbatches=2,
         token_pipeline=tp("token-interleaved", num_token_slices=4),
+    ),
+    "pp2-vp2-interleaved-global-aux-M4": RunCase(
+        model=GLOBAL_4L,
+        pipeline_parallel=2,
+        virtual_pipeline=2,
+        num_microbatches=4,
+        token_pipeline=tp("token-interleaved", num_token_slices=4),
+    ),
+    "pp2-token-1f1b-global-aux-M3": RunCase(
+        model=GLOBAL_4L, pipeline_parallel=2, num_microbatches=3, token_pipeline=tp("token-1f1b")
     ),
     "stock-ep2-alltoall-aux+z": RunCase(model=AUX_Z, expert_parallel=2),
     "ep2-alltoall-aux+z": RunCase(model=AUX_Z, expert_parallel=2, token_pipeline=tp()),
