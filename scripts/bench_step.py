@@ -16,12 +16,15 @@ For each M, one pair of gloo ranks (1 thread each) runs every variant round-robi
   analytic model's count, on the planner's granule grid), the peer method's slicing;
 - per order, an `auto` row: the slices `--token-pipeline-slices auto` chooses for these very
   arguments (the product's planner and default cost model, profiled at start-up on rank 0).
-Reported: median step time over the timed rounds, the min-max of the rounds the verdict judges
-(a spiked round set aside by the quiet-host gauge's rule, and counted), the ratio to the
-baseline, and a verdict (faster / slower / tie when those ranges overlap); for each auto row
-the planner's predicted step time next to the measured one, its distance to the best equal-S
-row of the same order (goal: within 5 %) and to the equal-flops row of its own S. Model and
-layout flags are pretrain_gpt.py's.
+Reported: median step time over the timed rounds; the speedup over the baseline, taken per
+round (the variants' rounds are interleaved, so round i of both ran under the same load), as
+its median with a 90 % confidence interval (a spiked round set aside and counted), and a
+verdict (faster / slower, or a tie when the interval holds 1); for each auto row the planner's
+predicted step time next to the measured one, its distance to the best equal-S row of the same
+order (goal: within 5 %) and to the equal-flops row of its own S. Goals are judged by the
+quiet-host gauge (benchmark/host_noise.py): met or NOT met when the interval is on one side of
+the bound, not decided when the bound is inside it or the host is noisy. Model and layout flags
+are pretrain_gpt.py's. `--rejudge FILE` prints a saved run's tables again with the current gauge.
 """
 
 from __future__ import annotations
@@ -45,9 +48,10 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
 )
 from megatron_terapipe.benchmark.contention import contention_note  # noqa: E402
 from megatron_terapipe.benchmark.host_noise import (  # noqa: E402
+    Judgement,
+    judge_ratio,
     noise_note,
     round_spread,
-    undecided_reason,
 )
 from megatron_terapipe.benchmark.spec import (  # noqa: E402
     BenchSpec,
@@ -82,13 +86,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_split_backward_arg(parser)
     add_contention_probe_arg(parser)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=5, help="timed rounds (median)")
+    parser.add_argument("--iterations", type=int, default=8,
+                        help="timed rounds (median; at least 5 for the goals' 90 %% interval, "
+                        "8 leave a spiked round out of it)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--output", help="save the results (JSON) here")
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="JSON results: to FILE, or printed instead of the table when no "
                         "FILE is given")
     parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--rejudge", metavar="FILE",
+                        help="run nothing: print the tables of a run saved with --json FILE, "
+                        "its goals judged again from the saved rounds")
     args = parse_with_configs(parser, argv)
     if args.json not in (None, "-") and not args.output:
         args.output, args.json = args.json, None  # --json FILE: the table, and JSON to FILE
@@ -152,51 +161,52 @@ ROW_KEYS = ("schedule", "kind", "order", "split_backward", "attention", "attenti
             "baseline", "slicing_strategy", "num_token_slices", "token_slices", "planned_by",
             "planner_predicted_step_time", "planner_error", "plan_cost_model",
             "plan_profile_seconds", "step_time",
-            "step_time_min", "step_time_max", "step_times", "judged_min", "judged_max",
-            "rounds_set_aside", "speedup", "verdict",
+            "step_time_min", "step_time_max", "step_times", "speedup", "speedup_low",
+            "speedup_high", "speedup_confidence", "rounds_set_aside", "verdict",
             "bubble_measured", "compute_s", "comm_wait_s", "idle_s", "inflation",
             "peak_activation_mib", "page_faults", "weight_grad_share", "max_loss_diff")
 
 
 def summarise(rows: list[dict], num_microbatches: int) -> dict:
-    """The rows (baseline first) and the best token variant against the baseline."""
+    """The rows (baseline first) and the best token variant against the baseline; the goal is
+    judged on the per-round speedup of that row (`host_noise.judge_ratio`)."""
     out = sorted(({k: r.get(k) for k in ROW_KEYS} for r in rows), key=lambda r: not r["baseline"])
     baseline = out[0]
     token = [r for r in out if r["kind"] == "token"]
     best = min(token, key=lambda r: r["step_time"]) if token else None
     kernel = [r for r in out if r["attention"] != baseline["attention"]]
     target = TARGETS.get(num_microbatches)
-    reference = {baseline["schedule"]: baseline["step_times"] or []}
-    undecided = undecided_reason(reference)
-    quiet = undecided is None
+    base_times = baseline["step_times"] or []
+    goal = (judge_ratio(base_times, best["step_times"] or [], target, at_least=True)
+            if best and target else None)
     return {
         "num_microbatches": num_microbatches,
         "baseline": baseline["schedule"],
         "rows": out,
         "best": best["schedule"] if best else None,
         "best_speedup": best["speedup"] if best else None,
-        # the rounds its verdict judged (spikes set aside)
-        "best_range_s": _judged(best) if best else None,
+        "best_interval": [best["speedup_low"], best["speedup_high"]] if best else None,
         "best_rounds_set_aside": best["rounds_set_aside"] if best else None,
         "best_verdict": best["verdict"] if best else None,
         "target": target,
-        # None (not decided) on a noisy host: the goal is closer than the rounds' spread.
-        "target_met": (best["speedup"] >= target and best["verdict"] == "faster")
-        if best and target and quiet else None,
-        "baseline_spread": round_spread(baseline["step_times"] or []),
-        "host_quiet": quiet,
-        "undecided_reason": undecided,
-        "host_note": noise_note(reference),
+        # None (not decided): the bound is inside the interval, or the host is noisy
+        "goal": goal.to_dict() if goal else None,
+        "target_met": goal.met if goal else None,
+        "undecided_reason": goal.reason if goal else None,
+        "host_quiet": not goal.host_noisy if goal else None,
+        "baseline_spread": round_spread(base_times),
+        "host_note": noise_note({baseline["schedule"]: base_times}),
         "kernel_difference": {r["schedule"]: r["step_time"] / baseline["step_time"]
                               for r in kernel},
-        "auto": auto_summary(token, quiet),
+        "auto": auto_summary(token),
     }
 
 
-def auto_summary(token_rows: list[dict], quiet: bool = True) -> list[dict]:
+def auto_summary(token_rows: list[dict]) -> list[dict]:
     """Per order with an auto row: its slices, predicted and measured step time, its distance
-    to the fastest equal-S row of the same order (medians; judged only on a quiet host), and
-    to Seq1F1B's equal-flops split of the same S when the run has that row (the peer)."""
+    to the fastest equal-S row of the same order (per-round ratio, judged against the 5 %
+    tolerance by the quiet-host gauge), and to Seq1F1B's equal-flops split of the same S when
+    the run has that row (the peer)."""
     from megatron_terapipe.benchmark.compare import equal_flops_peer, verdict
 
     out = []
@@ -205,7 +215,9 @@ def auto_summary(token_rows: list[dict], quiet: bool = True) -> list[dict]:
                  and not r.get("slicing_strategy")
                  and r["split_backward"] == auto["split_backward"]]
         best = min(equal, key=lambda r: r["step_time"]) if equal else None
-        gap = auto["step_time"] / best["step_time"] - 1.0 if best else None
+        within: Judgement | None = (
+            judge_ratio(auto["step_times"] or [], best["step_times"] or [],
+                        1.0 + AUTO_TOLERANCE, at_least=False) if best else None)
         peer = equal_flops_peer(token_rows, auto)
         out.append({
             "schedule": auto["schedule"],
@@ -217,8 +229,12 @@ def auto_summary(token_rows: list[dict], quiet: bool = True) -> list[dict]:
             "prediction_error": auto["planner_error"],
             "best_equal": best["schedule"] if best else None,
             "best_equal_step_time": best["step_time"] if best else None,
-            "vs_best_equal": gap,
-            "within_tolerance": gap <= AUTO_TOLERANCE if gap is not None and quiet else None,
+            "vs_best_equal": (within.interval.median - 1.0
+                              if within is not None and within.interval else None),
+            "vs_best_equal_interval": ([within.interval.low - 1.0, within.interval.high - 1.0]
+                                       if within is not None and within.interval else None),
+            "within_tolerance": within.met if within is not None else None,
+            "within_tolerance_reason": within.reason if within is not None else None,
             "equal_flops": peer["schedule"] if peer else None,
             "equal_flops_slices": peer["token_slices"] if peer else None,
             "equal_flops_step_time": peer["step_time"] if peer else None,
@@ -239,10 +255,15 @@ def format_auto(entry: dict) -> str:
     if entry["prediction_error"] is not None:
         line += f" ({100 * entry['prediction_error']:+.1f} %)"
     if entry["best_equal"] is not None:
+        decided = {True: "yes", False: "no",
+                   None: f"not decided: {entry.get('within_tolerance_reason')}"}
+        interval = entry.get("vs_best_equal_interval")
+        spread = ("" if not interval else
+                  f" [{100 * interval[0]:+.1f}, {100 * interval[1]:+.1f}] %")
         line += (f"\n    auto vs best equal-S ({entry['best_equal']}, "
-                 f"{entry['best_equal_step_time']:.3f} s): {100 * entry['vs_best_equal']:+.1f} % "
-                 f"(within {100 * AUTO_TOLERANCE:.0f} %: "
-                 f"{ {True: 'yes', False: 'no', None: 'not decided'}[entry['within_tolerance']]})")
+                 f"{entry['best_equal_step_time']:.3f} s): {100 * entry['vs_best_equal']:+.1f} %"
+                 f"{spread} per round (within {100 * AUTO_TOLERANCE:.0f} %: "
+                 f"{decided[entry['within_tolerance']]})")
     if entry.get("equal_flops") is not None:
         line += (f"\n    auto vs Seq1F1B's equal-flops split of the same S "
                  f"({entry['equal_flops']}, slices {entry['equal_flops_slices']}, "
@@ -254,19 +275,12 @@ def format_auto(entry: dict) -> str:
     return line
 
 
-def _judged(row: dict) -> list[float]:
-    """[min, max] of the rounds the row's verdict judged; all rounds' for a row without them
-    (results saved before verdicts set spikes aside)."""
-    if row.get("judged_min") is None:
-        return [row["step_time_min"], row["step_time_max"]]
-    return [row["judged_min"], row["judged_max"]]
-
-
-def judged_range(row: dict) -> str:
-    """The min-max of the rounds the row's verdict judged, with the spiked rounds set aside
-    counted (so a range narrower than the rounds' is never silent)."""
-    low, high = _judged(row)
-    text = f"{low:.3f}-{high:.3f}"
+def speedup_interval(row: dict) -> str:
+    """The per-round speedup's interval the row's verdict judged, with the spiked rounds set
+    aside counted (so an interval narrower than the rounds' is never silent)."""
+    if row.get("speedup_low") is None:
+        return "-"
+    text = f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x"
     aside = row.get("rounds_set_aside") or 0
     return text + (f" ({aside} of {len(row['step_times'] or [])} set aside)" if aside else "")
 
@@ -283,27 +297,31 @@ def format_summary(summary: dict) -> str:
     lines = [f"M = {summary['num_microbatches']} (ratios against {summary['baseline']}, the "
              "same attention kernel as the token pipeline)",
              f"  {'schedule':34s} {'attention':9s} {'step s (median)':>15s} "
-             f"{'judged min-max s':>31s} {'vs same-kernel stock':>24s}"]
+             f"{'vs same-kernel stock':>24s} {'per-round 90 % interval':>28s}"]
     for r in summary["rows"]:
         lines.append(f"  {r['schedule']:34s} {r['attention']:9s} {r['step_time']:15.3f} "
-                     f"{judged_range(r):>31s} {_ratio(r):>24s}")
+                     f"{_ratio(r):>24s} {speedup_interval(r):>28s}")
     if summary["best"] is not None:
-        low, high = summary["best_range_s"]
+        low, high = summary["best_interval"]
         verdict = {"faster": "faster", "slower": "SLOWER than the baseline",
-                   "tie": "a tie (within the spread of the rounds)"}[summary["best_verdict"]]
+                   "tie": "a tie (the interval holds 1)"}[summary["best_verdict"]]
         target = summary["target"]
         decided = {True: "met", False: "NOT met",
                    None: f"not decided ({summary.get('undecided_reason')})"}
         goal = "" if target is None else f"; goal >= {target}x: {decided[summary['target_met']]}"
         aside = summary.get("best_rounds_set_aside") or 0
-        judged = f"{low:.3f}-{high:.3f} s" + (f", {aside} spiked round(s) set aside" if aside
-                                               else "")
+        judged = (f"per-round speedup interval {low:.2f}-{high:.2f}x"
+                  + (f", {aside} spiked round(s) set aside" if aside else ""))
         lines.append(f"  best: {summary['best']} ({judged}): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")
     for entry in summary["auto"]:
         lines.append(format_auto(entry))
     if summary.get("host_note"):
         lines.append(f"  {summary['host_note']}")
+    load = summary.get("load_average_1m")
+    if load:
+        lines.append(f"  load average (1 min) before / after the run: {load['before']:.2f} / "
+                     f"{load['after']:.2f}")
     if summary.get("contention"):
         lines.append(f"  {contention_note(summary['contention'], summary['num_microbatches'])}")
     for note in summary["config"]["notes"]:
@@ -319,10 +337,31 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def rejudge(path: str) -> int:
+    """Print a saved run's tables with its verdicts and goals judged again from its rounds."""
+    from megatron_terapipe.benchmark.compare import judged_fields
+
+    with open(path, encoding="utf-8") as handle:
+        saved = json.load(handle)["results"]
+    for old in saved:
+        base = next(r for r in old["rows"] if r["baseline"])
+        rows = [{**r, **judged_fields(r["step_times"], base["step_times"], r["baseline"])}
+                for r in old["rows"]]
+        summary = summarise(rows, old["num_microbatches"])
+        for key in ("config", "load_average_1m", "cpu_allocator", "gradient_accumulation_fusion",
+                    "contention"):
+            summary[key] = old.get(key)
+        summary["config"] = summary["config"] or {"notes": []}
+        print(format_summary(summary), flush=True)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from megatron_terapipe.benchmark.compare import run_comparison
 
     args = parse_args(argv)
+    if args.rejudge:
+        return rejudge(args.rejudge)
     summaries = []
     for count in args.microbatch_counts:
         spec = spec_for(args, count)

@@ -7,9 +7,10 @@ activation memory per stage, the simulator's predicted step time (costs fitted o
 and its error, an analytic-model prediction, and the largest loss difference to the baseline.
 
 The baseline of every ratio is stock megatron-core 1F1B running the same attention kernel as the
-token pipeline (same weights, same data). A row whose rounds overlap the baseline's is a tie,
-judged on the rounds the quiet-host gauge keeps (host_noise: a spiked round is set aside, and
-counted in the row, so one spike does not turn every result into a tie).
+token pipeline (same weights, same data). The verdict is the quiet-host gauge's (host_noise):
+the speedup is taken per round (baseline round i over the row's round i, timed in the same
+rotation), a spiked round's ratio is set aside and counted, and a row is faster or slower only
+when the median speedup's confidence interval excludes 1, else a tie.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 
 from megatron_terapipe.benchmark.contention import contention_factors
 from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit, weight_grad_share
-from megatron_terapipe.benchmark.host_noise import MAX_OUTLIER_SHARE, kept_rounds, outliers
+from megatron_terapipe.benchmark.host_noise import ratio_interval
 from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
 from megatron_terapipe.benchmark.predict import (
     measured_timeline,
@@ -92,8 +93,6 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
     strategies = {v.name: v.strategy for v in spec.variants}
     rows = []
     for m in measured:
-        judged = (verdict_detail(m.step_times, baseline.step_times)
-                  if baseline is not None and not m.is_baseline else None)
         timeline = measured_timeline(m)
         sim = simulated[m.name]
         rep = replayed[m.name]
@@ -120,10 +119,10 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "step_time_max": max(m.step_times, default=math.nan),
             "step_times": m.step_times,
             "tokens_per_s": tokens / m.step_time,
-            "speedup": (baseline.step_time / m.step_time) if baseline is not None else math.nan,
-            "verdict": "baseline" if m.is_baseline else (judged["verdict"] if judged else ""),
-            # the rounds the verdict compared (spikes set aside) and how many were set aside
-            **_judged_fields(m.step_times, judged),
+            # the median of the per-round speedups (what the verdict's interval brackets)
+            # the median per-round speedup, its interval, the verdict on it, spikes set aside
+            **judged_fields(m.step_times, baseline.step_times if baseline else None,
+                            m.is_baseline),
             "bubble_measured": bubble,
             "bubble_simulated": list(sim.bubble_fraction),
             "bubble_error": max(abs(a - b) for a, b in zip(bubble, sim.bubble_fraction)),
@@ -186,49 +185,46 @@ def _planner_fields(m: Measured) -> dict[str, Any]:
     }
 
 
-def judged_rounds(step_times: Sequence[float]) -> tuple[list[float], int]:
-    """The rounds a verdict compares and how many were set aside: the quiet-host gauge's spike
-    rule (`host_noise.outliers`), unless it would set aside more than MAX_OUTLIER_SHARE of
-    them - then the host is noisy rather than spiking, every round is kept, and their wide
-    range makes ties instead of hiding the noise."""
-    dropped = outliers(step_times)
-    if len(dropped) > MAX_OUTLIER_SHARE * len(step_times):
-        return list(step_times), 0
-    return kept_rounds(step_times), len(dropped)
-
-
 def verdict_detail(step_times: Sequence[float], baseline_times: Sequence[float]
                    ) -> dict[str, Any]:
-    """`verdict` with what it was judged on: each side's kept range and set-aside count."""
+    """`verdict` with what it was judged on: the per-round speedup's interval, its coverage
+    and how many spiked rounds were set aside."""
     if not step_times or not baseline_times:
-        return {"verdict": "", "range": None, "set_aside": 0, "baseline_range": None,
-                "baseline_set_aside": 0}
-    row, row_aside = judged_rounds(step_times)
-    base, base_aside = judged_rounds(baseline_times)
-    if max(row) < min(base):
+        return {"verdict": "", "speedup": None, "interval": None, "confidence": None,
+                "set_aside": 0}
+    interval, aside, _ = ratio_interval(baseline_times, step_times)
+    if interval.low > 1.0:
         result = "faster"
-    elif min(row) > max(base):
+    elif interval.high < 1.0:
         result = "slower"
     else:
         result = "tie"
-    return {"verdict": result, "range": [min(row), max(row)], "set_aside": row_aside,
-            "baseline_range": [min(base), max(base)], "baseline_set_aside": base_aside}
+    return {"verdict": result, "speedup": interval.median,
+            "interval": [interval.low, interval.high],
+            "confidence": interval.confidence, "set_aside": aside}
 
 
 def verdict(step_times: Sequence[float], baseline_times: Sequence[float]) -> str:
-    """faster / slower than the baseline when the ranges of the two sides' rounds do not
-    overlap, else tie (a difference within the spread of the rounds is not a result). The
-    ranges are of the rounds `judged_rounds` keeps: one spiked round of either side would
-    otherwise stretch its range over the other's and make every row a tie."""
+    """faster / slower than the baseline when the median per-round speedup's confidence
+    interval lies above / below 1, else tie (a difference within the rounds' noise is not a
+    result). Per round, because both sides' round i ran under the same host load; without
+    the spiked rounds, which would otherwise stretch the interval over 1."""
     return verdict_detail(step_times, baseline_times)["verdict"]
 
 
-def _judged_fields(step_times: Sequence[float], judged: dict[str, Any] | None
-                   ) -> dict[str, Any]:
-    if judged is None or judged["range"] is None:  # the baseline: its own kept rounds
-        kept, aside = judged_rounds(step_times) if step_times else ([math.nan], 0)
-        return {"judged_min": min(kept), "judged_max": max(kept), "rounds_set_aside": aside}
-    return {"judged_min": judged["range"][0], "judged_max": judged["range"][1],
+def judged_fields(step_times: Sequence[float], baseline_times: Sequence[float] | None,
+                  is_baseline: bool = False) -> dict[str, Any]:
+    """A row's speedup over the baseline (the median of the per-round ratios), the interval
+    its verdict judged, the verdict and the spiked rounds set aside; what `analyse` writes
+    and what a saved run is judged again with."""
+    if is_baseline or not baseline_times:
+        return {"speedup": 1.0 if is_baseline else math.nan,
+                "verdict": "baseline" if is_baseline else "", "speedup_low": None,
+                "speedup_high": None, "speedup_confidence": None, "rounds_set_aside": 0}
+    judged = verdict_detail(step_times, baseline_times)
+    low, high = judged["interval"] or (None, None)
+    return {"speedup": judged["speedup"], "verdict": judged["verdict"], "speedup_low": low,
+            "speedup_high": high, "speedup_confidence": judged["confidence"],
             "rounds_set_aside": judged["set_aside"]}
 
 

@@ -78,7 +78,7 @@ class BenchSpec:
     pipeline_parallel: int = 2
     num_microbatches: int = 1
     micro_batch_size: int = 1
-    warmup: int = 1
+    warmup: int = 1  # untimed rounds of every variant, after round 0 (losses, memory, planning)
     iterations: int = 3
     data_seed: int = 0
     init_seed: int = 1234
