@@ -11,8 +11,9 @@ the token pipeline (terapipe and token-1f1b orders; equal slices, each followed 
 computation-wise split of the same S - `equal-flops`, the peer method's slicing -, `auto`
 slices - what `--token-pipeline-slices auto` chooses, the product's planner - and DP-planned
 slices from costs fitted to the warm-up round; planned rows show the planner's predicted step
-time). Prints one table, the time breakdown per stage and a summary: verdicts judge the rounds
-the quiet-host gauge keeps, and every row with a spiked round set aside is named
+time). Prints one table, the time breakdown per stage and a summary: verdicts judge the
+per-round speedup's interval (the quiet-host gauge's rule), and every row with a spiked round
+set aside is named
 (docs/benchmarks.md defines every column). Model and layout flags are pretrain_gpt.py's.
 """
 
