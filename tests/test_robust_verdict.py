@@ -104,3 +104,12 @@ def test_compare_schedules_names_the_rows_with_rounds_set_aside():
     (line,) = compare.set_aside_lines(rows)
     assert "token-1f1b S=4 1 of 6" in line and "S=8" not in line
     assert compare.set_aside_lines(rows[::2]) == []
+
+
+def test_no_verdict_on_a_noisy_host():
+    """Every round faster, but the per-round speedups spread 35 %: the host is too noisy to
+    judge a goal on, and a verdict drawn there would be the load's, not the schedule's."""
+    noisy_base = [2.0, 2.6, 1.9, 2.4, 2.1, 2.7]
+    assert min(noisy_base) > 1.05
+    assert verdict([1.0, 1.0, 1.0, 1.0, 1.05, 1.0], noisy_base) == "tie"
+    assert verdict([1.0, 1.0, 1.0, 1.0, 1.05, 1.0], [2.0, 2.02, 1.98, 2.0, 2.1, 2.01]) == "faster"

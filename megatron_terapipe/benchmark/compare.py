@@ -192,8 +192,10 @@ def verdict_detail(step_times: Sequence[float], baseline_times: Sequence[float]
     if not step_times or not baseline_times:
         return {"verdict": "", "speedup": None, "interval": None, "confidence": None,
                 "set_aside": 0}
-    interval, aside, _ = ratio_interval(baseline_times, step_times)
-    if interval.low > 1.0:
+    interval, aside, noisy = ratio_interval(baseline_times, step_times)
+    if noisy:  # the rounds say nothing either way
+        result = "tie"
+    elif interval.low > 1.0:
         result = "faster"
     elif interval.high < 1.0:
         result = "slower"
@@ -206,9 +208,10 @@ def verdict_detail(step_times: Sequence[float], baseline_times: Sequence[float]
 
 def verdict(step_times: Sequence[float], baseline_times: Sequence[float]) -> str:
     """faster / slower than the baseline when the median per-round speedup's confidence
-    interval lies above / below 1, else tie (a difference within the rounds' noise is not a
-    result). Per round, because both sides' round i ran under the same host load; without
-    the spiked rounds, which would otherwise stretch the interval over 1."""
+    interval lies above / below 1, else tie: a difference within the rounds' noise is not a
+    result, nor is any on a host too noisy to judge a goal on. Per round, because both sides'
+    round i ran under the same host load; without the spiked rounds, which would otherwise
+    stretch the interval over 1."""
     return verdict_detail(step_times, baseline_times)["verdict"]
 
 
