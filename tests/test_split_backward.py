@@ -125,7 +125,7 @@ def test_overlapped_ddp_without_no_sync_for_a_chunk_is_rejected():
     from starting the reduction before W; a chunk without one is named."""
     from types import SimpleNamespace
 
-    from megatron_terapipe.schedules.executor import _unsynced_overlap
+    from megatron_terapipe.schedules.grad_sync import unsynced_overlap
 
     class Ddp(torch.nn.Module):
         ddp_config = SimpleNamespace(overlap_grad_reduce=True)
@@ -138,10 +138,10 @@ def test_overlapped_ddp_without_no_sync_for_a_chunk_is_rejected():
 
     chunks = [Ddp(), Ddp()]
     single = SimpleNamespace(no_sync_func=chunks[0].no_sync)  # covers chunk 0 only
-    problems = _unsynced_overlap(single, chunks)
+    problems = unsynced_overlap(single, chunks)
     assert len(problems) == 1 and "model chunk(s) [1]" in problems[0]
-    assert _unsynced_overlap(SimpleNamespace(no_sync_func=[c.no_sync for c in chunks]),
-                             chunks) == []
-    assert "[0, 1]" in _unsynced_overlap(SimpleNamespace(no_sync_func=None), chunks)[0]
+    assert unsynced_overlap(SimpleNamespace(no_sync_func=[c.no_sync for c in chunks]),
+                            chunks) == []
+    assert "[0, 1]" in unsynced_overlap(SimpleNamespace(no_sync_func=None), chunks)[0]
     Ddp.ddp_config = SimpleNamespace(overlap_grad_reduce=False)
-    assert _unsynced_overlap(SimpleNamespace(no_sync_func=None), chunks) == []
+    assert unsynced_overlap(SimpleNamespace(no_sync_func=None), chunks) == []

@@ -228,8 +228,8 @@ def split_backward_orders(
 
     W right after B (after its send is posted, which `attach_communication` places there) moves
     the weight-gradient GEMMs off the path the gradient travels; what W holds past its B is one
-    slice's GEMM operands. A chunk's gradient sync then starts after the W of its last backward (the
-    executor's `_GradSync`), once `main_grad` is complete.
+    slice's GEMM operands. A chunk's gradient sync then starts after the W of its last backward
+    (`grad_sync.grad_sync_points`), once `main_grad` is complete.
     """
     if any(c.kind == WEIGHT_GRAD for order in orders for c in order):
         raise ValueError("split_backward_orders: the compute orders are already split")

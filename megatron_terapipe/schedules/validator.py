@@ -5,8 +5,8 @@ Checks, in the order they are reported:
 2. every (m, t, v) forward and backward runs exactly once per stage;
 3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v); a
    split backward's W(m,t,v) at most once, after B(m,t,v), in the chunk's backward order, and
-   none after the chunk's gradient sync point (its last backward, or that backward's W), where
-   `main_grad` is read;
+   none after the chunk's gradient sync point (`grad_sync.grad_sync_points`, the executor's
+   rule too: its last backward, or that backward's W), where `main_grad` is read;
 4. each compute's receive is posted before it and its send after it, each exactly once; every
    posted op is waited exactly once after it is posted, a receive before the compute that
    reads it, a forward's send before that unit's backward (megatron-core's backward_step wants
@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import Counter
 
 from megatron_terapipe.schedules.communication import recv_for, send_for
+from megatron_terapipe.schedules.grad_sync import grad_sync_points
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
     COMPUTE_KINDS,
@@ -175,13 +176,12 @@ def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[st
     problems = []
     backward_at: dict[tuple[int, int, int], int] = {}
     weight_grad_at: dict[tuple[int, int, int], int] = {}
-    last_unit: dict[int, tuple[int, int, int]] = {}
     for index, action in enumerate(s.stages[rank]):
         if isinstance(action, Compute) and action.kind == BACKWARD:
             backward_at.setdefault(action.unit, index)
-            last_unit[action.chunk] = action.unit
         elif isinstance(action, Compute) and action.kind == WEIGHT_GRAD:
             weight_grad_at.setdefault(action.unit, index)
+    sync_points = grad_sync_points(s.stages[rank])
     seen: set[tuple[int, int, int]] = set()
     for index, action in enumerate(s.stages[rank]):
         if not (isinstance(action, Compute) and action.kind == WEIGHT_GRAD):
@@ -197,8 +197,7 @@ def _weight_grad_problems(s: Schedule, rank: int, forward_only: bool) -> list[st
         if backward is None or backward > index:
             problems.append(f"stage {rank} action {index}: {name} runs before its backward")
             continue
-        last = last_unit[action.chunk]
-        sync_point = weight_grad_at.get(last, backward_at[last])
+        sync_point = sync_points[action.chunk].complete
         if index > sync_point:
             problems.append(
                 f"stage {rank} action {index}: {name} runs after chunk {action.chunk}'s gradient "

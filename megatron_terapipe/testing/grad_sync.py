@@ -35,7 +35,7 @@ def grad_sync_events(
         token_pipeline_layer_spec,
     )
     from megatron_terapipe.model.slice_context import get_slice_context
-    from megatron_terapipe.schedules import executor
+    from megatron_terapipe.schedules import step_loop
     from megatron_terapipe.testing.gpt import (
         TinyGPT,
         build_gpt_chunks,
@@ -51,8 +51,8 @@ def grad_sync_events(
     chunk_of_group: dict[int, int] = {}
 
     original_dispatch = _ParamAndGradBucketGroup.start_grad_sync
-    original_backward = executor.backward_step
-    original_weight_grad = executor._Step.weight_grad
+    original_backward = step_loop.backward_step
+    original_weight_grad = step_loop.StepRunner.weight_grad
 
     def dispatch(self, *args, **kwargs):
         if self.grad_reduce_handle is None and id(self) in chunk_of_group:
@@ -88,8 +88,8 @@ def grad_sync_events(
         return wrapped
 
     _ParamAndGradBucketGroup.start_grad_sync = dispatch
-    executor.backward_step = backward
-    executor._Step.weight_grad = weight_grad
+    step_loop.backward_step = backward
+    step_loop.StepRunner.weight_grad = weight_grad
     results = []
     try:
         for overlap, align, split in modes:
@@ -151,6 +151,6 @@ def grad_sync_events(
                 parallel_state.destroy_model_parallel()
     finally:
         _ParamAndGradBucketGroup.start_grad_sync = original_dispatch
-        executor.backward_step = original_backward
-        executor._Step.weight_grad = original_weight_grad
+        step_loop.backward_step = original_backward
+        step_loop.StepRunner.weight_grad = original_weight_grad
     return results
