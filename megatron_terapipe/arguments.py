@@ -23,17 +23,23 @@ Flag semantics (Megatron-LM naming style):
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from megatron_terapipe.config import TOKEN_SCHEDULES, TokenPipelineConfig
+from megatron_terapipe.flag_values import (
+    DEFAULT_COST_MODEL,
+    cost_model_problem,
+    num_microbatches,
+    slice_multiple,
+)
+from megatron_terapipe.token_slices import granularity_problem, parse_token_slices
+from megatron_terapipe.unsupported_features import SPLIT_BACKWARD_LIMITS
 from megatron_terapipe.unsupported_features import args_errors as unsupported_args_errors
 
 GROUP_TITLE = "token pipeline (TeraPipe)"
 DEFAULT_SCHEDULE = "terapipe"
 DEFAULT_SLICES = "auto"
-DEFAULT_COST_MODEL = "profile"
 
 # Flags whose value only matters with --token-pipeline; giving one without it is a mistake.
 _DEPENDENT_FLAGS = {
@@ -59,25 +65,13 @@ class TokenPipelineArgumentError(ValueError):
 def parse_slices(text: Any) -> str | int | tuple[int, ...]:
     """The value of --token-pipeline-slices: 'auto', a count N, or a tuple of lengths.
 
-    Used as the argparse `type`, so a malformed value is an argparse error naming the flag.
+    Used as the argparse `type`, so a malformed value is an argparse error naming the flag;
+    the grammar is `token_slices.parse_token_slices`, which the planner reads values with too.
     """
-    if isinstance(text, (int, tuple)):
-        return text
-    value = str(text).strip().lower()
-    if value == "auto":
-        return "auto"
     try:
-        if "," in value:
-            lengths = tuple(int(part) for part in value.split(",") if part.strip())
-            if not lengths:
-                raise ValueError
-            return lengths
-        return int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not N, 'auto' or a comma-separated list of slice lengths "
-            "(e.g. 8, auto, 512,512,1024)"
-        ) from None
+        return parse_token_slices(text, flag=None)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_token_pipeline_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -183,22 +177,48 @@ def virtual_pipeline_size(args: Any) -> int:
     return 1
 
 
-def num_microbatches(args: Any) -> int | None:
-    """Micro-batches per step per data-parallel rank, when the namespace determines it."""
-    gbs = getattr(args, "global_batch_size", None)
-    mbs = getattr(args, "micro_batch_size", None)
-    dp = getattr(args, "data_parallel_size", None)
-    if not (gbs and mbs and dp) or gbs % (mbs * dp):
-        return None
-    return gbs // (mbs * dp)
+def layout_errors(args: Any) -> list[str]:
+    """Megatron layout rules every pipelined run needs, token pipeline or not: virtual stages
+    need two or more pipeline stages and a micro-batch count divisible by them, sequence
+    parallelism a sequence divisible by the tensor-parallel size.
+
+    The one check of these rules: `token_pipeline_errors` includes it (upstream Megatron-LM's
+    hook path has no check of its own for some), and our trainer calls it for every run and
+    tells `token_pipeline_errors` not to repeat it.
+    """
+    errors = []
+    pp = int(_get(args, "pipeline_model_parallel_size", 1))
+    vp = virtual_pipeline_size(args)
+    if vp > 1 and pp < 2:
+        errors.append(
+            f"virtual pipeline stages ({vp} per rank: --num-layers-per-virtual-pipeline-stage "
+            f"or --num-virtual-stages-per-pipeline-rank) need --pipeline-model-parallel-size "
+            f">= 2, got {pp}"
+        )
+    micro = num_microbatches(args)
+    if vp > 1 and pp > 1 and micro is not None and micro % pp:
+        errors.append(
+            f"virtual pipeline stages need the number of micro-batches per step "
+            f"(--global-batch-size / (--micro-batch-size x data-parallel size) = {micro}) "
+            f"divisible by --pipeline-model-parallel-size={pp}"
+        )
+    seq = getattr(args, "seq_length", None)
+    multiple_of = slice_multiple(args)
+    if seq is not None and seq % multiple_of:
+        errors.append(
+            f"--sequence-parallel needs --seq-length={seq} divisible by "
+            f"--tensor-model-parallel-size={multiple_of}"
+        )
+    return errors
 
 
-def token_pipeline_errors(args: Any) -> list[str]:
+def token_pipeline_errors(args: Any, *, include_layout: bool = True) -> list[str]:
     """Every problem with the token-pipeline flags of `args` (a Megatron namespace).
 
     Reads Megatron-LM attribute names with getattr, so it works on Megatron-LM's own namespace
-    and on ours. Checks are those that need no process group; the executor and planner repeat
-    the relevant ones at run time.
+    and on ours. Checks are those that need no process group. `include_layout=False`: the
+    caller has run `layout_errors` itself (our trainer, for every run), so they are not
+    reported twice.
     """
     errors: list[str] = []
     enabled = getattr(args, "token_pipeline", None)
@@ -214,14 +234,17 @@ def token_pipeline_errors(args: Any) -> list[str]:
 
     seq = getattr(args, "seq_length", None)
     tp = int(_get(args, "tensor_model_parallel_size", 1))
-    pp = int(_get(args, "pipeline_model_parallel_size", 1))
-    sp = bool(getattr(args, "sequence_parallel", False)) and tp > 1
-    multiple_of = tp if sp else 1
+    multiple_of = slice_multiple(args)
     vp = virtual_pipeline_size(args)
     schedule = getattr(args, "token_pipeline_schedule", None) or DEFAULT_SCHEDULE
 
     # Features token slicing cannot run exactly (one table with check_token_pipeline_support).
     errors.extend(unsupported_args_errors(args))
+    layout = layout_errors(args)
+    if include_layout:
+        errors.extend(layout)
+    if is_local_attention_backend(getattr(args, "attention_backend", None)):
+        errors.append(LOCAL_ATTENTION_BACKEND_ERROR)
 
     # Schedule vs virtual pipeline stages.
     if schedule == "token-1f1b" and vp > 1:
@@ -235,27 +258,14 @@ def token_pipeline_errors(args: Any) -> list[str]:
             "--token-pipeline-schedule=token-interleaved needs virtual pipeline stages; set "
             "--num-layers-per-virtual-pipeline-stage (or --num-virtual-stages-per-pipeline-rank)"
         )
-    if vp > 1:
-        if pp < 2:
-            errors.append(
-                f"virtual pipeline stages ({vp} per rank) need --pipeline-model-parallel-size "
-                f">= 2, got {pp}"
-            )
-        micro = num_microbatches(args)
-        if micro is not None and pp > 1 and micro % pp:
-            errors.append(
-                f"--token-pipeline with virtual pipeline stages needs the number of "
-                f"micro-batches (--global-batch-size / (--micro-batch-size x data-parallel "
-                f"size) = {micro}) divisible by --pipeline-model-parallel-size={pp}"
-            )
 
     # Slices.
     slices = getattr(args, "token_pipeline_slices", None)
-    if isinstance(slices, str):
+    if isinstance(slices, (str, list)):
         try:
-            slices = parse_slices(slices)
-        except argparse.ArgumentTypeError as exc:
-            errors.append(f"--token-pipeline-slices: {exc}")
+            slices = parse_token_slices(slices)
+        except ValueError as exc:
+            errors.append(str(exc))
             slices = None
     if seq is None:
         errors.append("--token-pipeline needs --seq-length")
@@ -263,10 +273,7 @@ def token_pipeline_errors(args: Any) -> list[str]:
         if slices < 1:
             errors.append(f"--token-pipeline-slices={slices}: the number of slices must be >= 1")
         elif seq % multiple_of:
-            errors.append(
-                f"--seq-length={seq} must be divisible by --tensor-model-parallel-size={tp} "
-                "under --sequence-parallel"
-            )
+            pass  # layout_errors names it
         elif slices > seq // multiple_of:
             errors.append(
                 f"--token-pipeline-slices={slices} is more slices than --seq-length={seq} "
@@ -293,18 +300,12 @@ def token_pipeline_errors(args: Any) -> list[str]:
 
     granularity = getattr(args, "token_pipeline_granularity", None)
     if granularity is not None and seq is not None:
-        if granularity < 1 or seq % granularity:
-            valid = [d for d in range(multiple_of, seq + 1, multiple_of) if seq % d == 0]
-            shown = ", ".join(map(str, valid[:12])) + (", ..." if len(valid) > 12 else "")
-            errors.append(
-                f"--token-pipeline-granularity={granularity} must divide --seq-length={seq}; "
-                f"valid values: {shown}"
-            )
-        elif granularity % multiple_of:
-            errors.append(
-                f"--token-pipeline-granularity={granularity} must be a multiple of "
-                f"--tensor-model-parallel-size={tp} under --sequence-parallel"
-            )
+        problem = granularity_problem(
+            granularity, seq, multiple_of, flag="--token-pipeline-granularity",
+            seq_flag="--seq-length", multiple_flag="--tensor-model-parallel-size",
+        )
+        if problem is not None:
+            errors.append(problem)
         elif isinstance(slices, tuple) and any(length % granularity for length in slices):
             errors.append(
                 f"--token-pipeline-slices={','.join(map(str, slices))}: every slice must be a "
@@ -312,11 +313,13 @@ def token_pipeline_errors(args: Any) -> list[str]:
             )
 
     errors.extend(_split_backward_errors(args))
-    errors.extend(_cost_model_errors(getattr(args, "token_pipeline_cost_model", None)))
+    problem = cost_model_problem(getattr(args, "token_pipeline_cost_model", None))
+    if problem is not None:
+        errors.append(problem)
     cap = getattr(args, "token_pipeline_memory_cap", None)
     if cap is not None and not cap > 0:
         errors.append(f"--token-pipeline-memory-cap={cap} must be > 0 (GiB)")
-    elif cap is not None and not errors:
+    elif cap is not None and not errors and not layout:
         from megatron_terapipe.slicing.memory import memory_model_problem
 
         problem = memory_model_problem(args)
@@ -377,45 +380,45 @@ def token_pipeline_warnings(args: Any) -> list[str]:
 
 def _split_backward_errors(args: Any) -> list[str]:
     """Setups in which megatron-core's linear layers cannot hand their weight gradients to a
-    later W action (see `model.weight_grad_deferral`)."""
+    later W action, by flag; the model check (`model.weight_grad_deferral`) gives the same
+    reasons (`unsupported_features.SPLIT_BACKWARD_LIMITS`) for what only a built model shows."""
     if not getattr(args, "token_pipeline_split_backward", False):
         return []
     flag = "--token-pipeline-split-backward"
+    why = SPLIT_BACKWARD_LIMITS
     errors = []
     if getattr(args, "gradient_accumulation_fusion", True) is False:
         errors.append(
-            f"{flag} needs gradient-accumulation fusion (the weight-gradient GEMM megatron-core "
-            "can defer); drop --no-gradient-accumulation-fusion"
+            f"{flag} needs gradient-accumulation fusion; drop --no-gradient-accumulation-fusion "
+            f"({why['gradient_accumulation_fusion']})"
         )
     if getattr(args, "sequence_parallel", False):
         errors.append(
-            f"{flag} does not support --sequence-parallel: megatron-core's weight-gradient GEMM "
-            "reads a shared all-gather buffer that the next layer overwrites"
+            f"{flag} does not support --sequence-parallel ({why['sequence_parallel']})"
         )
     if getattr(args, "use_megatron_fsdp", False):
-        errors.append(
-            f"{flag} does not support --use-megatron-fsdp: megatron-core computes an FSDP "
-            "parameter's weight gradient with its own matmul inside the backward"
-        )
+        errors.append(f"{flag} does not support --use-megatron-fsdp ({why['megatron_fsdp']})")
     if getattr(args, "transformer_impl", "local") == "transformer_engine":
         errors.append(
-            f"{flag} needs --transformer-impl local: Transformer Engine's linear layers compute "
-            "their weight gradients inside TE"
+            f"{flag} needs --transformer-impl local ({why['transformer_engine']})"
         )
     return errors
 
 
-def _cost_model_errors(spec: str | None) -> list[str]:
-    if spec is None or spec in ("analytic", "profile") or spec.startswith("analytic:"):
-        return []
-    if spec.endswith((".json", ".npz")):
-        if not os.path.isfile(spec):
-            return [f"--token-pipeline-cost-model={spec}: no such file"]
-        return []
-    return [
-        f"--token-pipeline-cost-model={spec!r}: expected analytic, analytic:<preset>, profile, "
-        "or the path of a .json profile or .npz latency table"
-    ]
+# Megatron-LM parses --attention-backend into megatron-core's AttnBackend enum; our trainer
+# keeps the string. The upstream hook's spec provider raises this too, for a config switched
+# to the local backend after the argument check.
+LOCAL_ATTENTION_BACKEND_ERROR = (
+    "--attention-backend local with --token-pipeline: it selects megatron-core's "
+    "DotProductAttention as core attention, which cannot attend to the keys/values of earlier "
+    "token slices; use --attention-backend auto (prefix-KV attention), or drop --token-pipeline"
+)
+
+
+def is_local_attention_backend(value: Any) -> bool:
+    """Whether an --attention-backend value (a string or megatron-core's AttnBackend) is the
+    local backend; both spell it "local"."""
+    return getattr(value, "name", value) == "local"
 
 
 def validate_token_pipeline_args(args: Any) -> Any:
@@ -440,8 +443,8 @@ def token_pipeline_config_from_args(args: Any, plan: Any = None) -> TokenPipelin
     if plan is not None:
         return TokenPipelineConfig(plan=plan, **common)
     slices = getattr(args, "token_pipeline_slices", None)
-    if isinstance(slices, str):
-        slices = parse_slices(slices)
+    if isinstance(slices, (str, list)):
+        slices = parse_token_slices(slices)
     if isinstance(slices, int):
         return TokenPipelineConfig(num_token_slices=slices, **common)
     if isinstance(slices, tuple):
@@ -461,4 +464,8 @@ __all__ = [
     "resolved_token_pipeline_args",
     "TokenPipelineArgumentError",
     "parse_slices",
+    "layout_errors",
+    "is_local_attention_backend",
+    "LOCAL_ATTENTION_BACKEND_ERROR",
+    "DEFAULT_COST_MODEL",
 ]

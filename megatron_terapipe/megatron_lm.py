@@ -34,12 +34,15 @@ from collections.abc import Callable
 from typing import Any
 
 from megatron_terapipe.arguments import (
+    LOCAL_ATTENTION_BACKEND_ERROR,
     TokenPipelineArgumentError,
     add_token_pipeline_args,
+    is_local_attention_backend,
     resolved_token_pipeline_args,
     token_pipeline_config_from_args,
     token_pipeline_errors,
 )
+from megatron_terapipe.flag_values import slice_multiple
 
 _CACHE: dict[str, Any] = {"key": None, "func": None}
 
@@ -89,9 +92,6 @@ def validate_args(args: Any) -> Any:
     if not hasattr(args, "token_pipeline"):
         return args  # a script that did not add our flags (pretrain_bert.py, ...)
     errors = token_pipeline_errors(args)
-    backend = getattr(args, "attention_backend", None)
-    if getattr(args, "token_pipeline", False) and _is_local_attention_backend(backend):
-        errors.append(_LOCAL_BACKEND_ERROR)
     if errors:
         raise TokenPipelineArgumentError(errors)
     resolved_token_pipeline_args(args)
@@ -104,20 +104,6 @@ def validate_args(args: Any) -> Any:
                 flush=True,
             )
     return args
-
-
-_LOCAL_BACKEND_ERROR = (
-    "--attention-backend local with --token-pipeline: it selects megatron-core's "
-    "DotProductAttention as core attention (core_v0.19.0's model builder puts it in place of "
-    "the layer spec's), which cannot attend to the keys/values of earlier token slices; use "
-    "--attention-backend auto (prefix-KV attention), or drop --token-pipeline"
-)
-
-
-def _is_local_attention_backend(value: Any) -> bool:
-    """Megatron-LM parses --attention-backend into megatron-core's AttnBackend enum; our
-    trainer keeps the string. Both spell the local backend "local"."""
-    return getattr(value, "name", value) == "local"
 
 
 def _dataloader_masks(args: Any) -> None:
@@ -194,10 +180,10 @@ def _token_pipeline_spec_provider(base: Any, args: Any) -> Callable:
     resolves it, with prefix-KV core attention."""
 
     def token_pipeline_layer_spec_provider(config, vp_stage=None):
-        if _is_local_attention_backend(getattr(config, "attention_backend", None)):
+        if is_local_attention_backend(getattr(config, "attention_backend", None)):
             # The builder would replace core attention after this spec is returned: the
             # slices would silently attend to themselves only.
-            raise ValueError(_LOCAL_BACKEND_ERROR)
+            raise ValueError(LOCAL_ATTENTION_BACKEND_ERROR)
         if base is None:
             from megatron.training.models.gpt import default_layer_spec
 
@@ -235,10 +221,7 @@ def setup_token_pipeline(args: Any, print_fn: Callable[[str], None] | None = Non
         args.token_pipeline_plan = plan.to_dict()
     config = token_pipeline_config_from_args(args, plan=plan)
     if plan is None:
-        multiple_of = (
-            args.tensor_model_parallel_size if getattr(args, "sequence_parallel", False) else 1
-        )
-        slices = config.resolve_token_slices(args.seq_length, multiple_of)
+        slices = config.resolve_token_slices(args.seq_length, slice_multiple(args))
         args.token_pipeline_plan = {"token_slices": list(slices), "strategy": "fixed"}
         print_fn(
             f"> token pipeline: schedule {config.schedule}, token slices {list(slices)} "

@@ -1,7 +1,9 @@
 """Token-slice arithmetic shared by the model, the schedules, the planner and the arguments.
 
 Every consumer validates slices through `validate_token_slices` so that a bad slicing is
-rejected once, with one message, before any rank computes anything.
+rejected once, with one message, before any rank computes anything; the flag grammar
+(`parse_token_slices`) and the granularity rule (`granularity_problem`) live here for the same
+reason. Plain Python: the argument check imports this before torch loads.
 """
 
 from __future__ import annotations
@@ -69,3 +71,91 @@ def slice_offsets(token_slices: Sequence[int]) -> tuple[int, ...]:
         offsets.append(total)
         total += length
     return tuple(offsets)
+
+
+SLICES_FLAG = "--token-pipeline-slices"
+
+
+def parse_token_slices(
+    value: object, flag: str | None = SLICES_FLAG
+) -> str | int | tuple[int, ...]:
+    """'auto', a count N, or a tuple of lengths: the grammar of `--token-pipeline-slices`.
+
+    The one parser of that grammar (the argparse type, the argument check and the planner all
+    call it), so a value means the same everywhere. None is 'auto' (the flag's default). A
+    tuple is lengths (what this returns: parsing twice changes nothing, so `128,` stays one
+    slice); a list holds the flag's value or values as a config file or `nargs` gives them.
+    Only the form is checked here; whether a count or the lengths fit the sequence is for
+    `validate_token_slices` and the argument check.
+    """
+    if value is None:
+        return "auto"
+    if isinstance(value, bool):
+        raise ValueError(_slices_form_error(flag, value))
+    if isinstance(value, int):
+        return value
+    if isinstance(value, list) and len(value) == 1:
+        return parse_token_slices(value[0], flag)
+    if isinstance(value, (list, tuple)):
+        if not value:
+            raise ValueError(_slices_form_error(flag, value))
+        return tuple(_slice_length(part, flag, value) for part in value)
+    text = str(value).strip().lower()
+    if text == "auto":
+        return "auto"
+    if "," in text:
+        parts = [part for part in text.split(",") if part.strip()]
+        if not parts:
+            raise ValueError(_slices_form_error(flag, value))
+        return tuple(_slice_length(part, flag, value) for part in parts)
+    return _slice_length(text, flag, value)
+
+
+def _slice_length(part: object, flag: str | None, whole: object) -> int:
+    try:
+        return int(str(part).strip())
+    except ValueError:
+        raise ValueError(_slices_form_error(flag, whole)) from None
+
+
+def _slices_form_error(flag: str | None, value: object) -> str:
+    named = f"{flag}={value!r}" if flag else repr(value)
+    return (
+        f"{named} is not N, 'auto' or a comma-separated list of slice lengths "
+        "(e.g. 8, auto, 512,512,1024)"
+    )
+
+
+def granularity_problem(
+    granularity: int,
+    seq_length: int,
+    multiple_of: int = 1,
+    flag: str = "granularity",
+    seq_flag: str = "seq_length",
+    multiple_flag: str = "the tensor-model-parallel size",
+) -> str | None:
+    """Why slices cannot be multiples of `granularity` tokens (None: they can).
+
+    One rule for the planner's unit, worded with the caller's names: the argument check
+    passes Megatron-LM's flags, the planner its parameter names. `multiple_of` is the
+    tensor-parallel size under sequence parallelism (each TP rank holds an equal share of a
+    slice), 1 otherwise.
+    """
+    g = int(granularity)
+    if g < 1 or seq_length % g:
+        valid = [d for d in range(multiple_of, seq_length + 1, multiple_of) if seq_length % d == 0]
+        return (
+            f"{flag}={granularity} does not divide {seq_flag}={seq_length}; valid values: "
+            f"{_shorten(valid)}"
+        )
+    if g % multiple_of:
+        return (
+            f"{flag}={granularity} must be a multiple of {multiple_flag} {multiple_of} under "
+            "sequence parallelism (every TP rank holds an equal share of a slice)"
+        )
+    return None
+
+
+def _shorten(values: Sequence[int], limit: int = 16) -> str:
+    text = ", ".join(str(v) for v in values[:limit])
+    return text + (f", ... ({len(values)} in all)" if len(values) > limit else "")

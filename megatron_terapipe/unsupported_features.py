@@ -15,7 +15,7 @@ field of the releases supported) is written up in docs/gpu.md ("Unsupported feat
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -363,6 +363,29 @@ UNSUPPORTED_FEATURES: tuple[UnsupportedFeature, ...] = (
 )
 
 
+# Why a split backward (--token-pipeline-split-backward) cannot hand a layer's weight gradients
+# to a later W action. The argument check words each limit by flag (`arguments.py`), the model
+# check by config attribute or module (`model.weight_grad_deferral.split_backward_problems`);
+# both give these reasons, so the two messages for one limit read alike.
+SPLIT_BACKWARD_LIMITS: dict[str, str] = {
+    "gradient_accumulation_fusion": (
+        "without gradient-accumulation fusion the weight gradient is part of the autograd "
+        "backward, not a GEMM megatron-core hands on that could be deferred"
+    ),
+    "sequence_parallel": (
+        "megatron-core's weight-gradient GEMM reads a shared all-gather buffer that the next "
+        "layer overwrites"
+    ),
+    "megatron_fsdp": (
+        "megatron-core computes an FSDP parameter's weight gradient with its own matmul inside "
+        "the backward"
+    ),
+    "transformer_engine": (
+        "Transformer Engine's linear layers compute their weight gradients inside TE"
+    ),
+}
+
+
 def _enabled(obj: Any, settings: tuple[Setting, ...]) -> list[str]:
     """`attr=value` of each setting that is on in `obj`."""
     found = []
@@ -393,10 +416,23 @@ def args_errors(args: Any) -> list[str]:
     return errors
 
 
-def config_problems(config: Any) -> list[str]:
-    """One description per unsupported feature on in a TransformerConfig, naming its flag."""
+# Rows that prefix-KV attention itself cannot compute: a layer built with the token spec also
+# runs under stock schedules, where nothing else would stop it from silently attending to the
+# whole sequence, so PrefixKVAttention refuses these when it is built.
+ATTENTION_FEATURES = (
+    "context parallelism",
+    "sliding-window attention",
+    "non-vanilla softmax (attention sinks)",
+)
+
+
+def config_problems(config: Any, only: Collection[str] | None = None) -> list[str]:
+    """One description per unsupported feature on in a TransformerConfig, naming its flag;
+    `only`: just the features of these names."""
     problems = []
     for feature in UNSUPPORTED_FEATURES:
+        if only is not None and feature.name not in only:
+            continue
         found = _enabled(config, feature.on_config)
         if found:
             problems.append(
@@ -406,9 +442,11 @@ def config_problems(config: Any) -> list[str]:
 
 
 __all__ = [
+    "ATTENTION_FEATURES",
     "UNSUPPORTED_FEATURES",
     "UnsupportedFeature",
     "Setting",
+    "SPLIT_BACKWARD_LIMITS",
     "args_errors",
     "config_problems",
 ]

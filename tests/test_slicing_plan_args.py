@@ -120,16 +120,16 @@ def test_plan_from_args_count_and_list():
     "overrides, message",
     [
         ({"token_pipeline_granularity": 100},
-         r"--token-pipeline-granularity=100 does not divide seq_length=1024; valid values: 2, 4"),
+         r"--token-pipeline-granularity=100 does not divide --seq-length=1024; valid values: 2, 4"),
         ({"token_pipeline_granularity": 3, "seq_length": 1023},
-         "--token-pipeline-granularity=3 must be a multiple of the tensor-model-parallel size 2"),
+         "--token-pipeline-granularity=3 must be a multiple of --tensor-model-parallel-size 2"),
         ({"token_pipeline_slices": "512,500"}, r"--token-pipeline-slices \[512, 500\] sum to"),
         ({"token_pipeline_slices": "511,513"}, "must be a multiple of 2"),
         ({"token_pipeline_memory_cap": 0.001}, r"no plan fits: smallest needs [\d.]+ GiB"),
         ({"token_pipeline_slices": "512,512", "token_pipeline_memory_cap": 0.001},
          r"needs [\d.]+ GiB of activations per stage, over --token-pipeline-memory-cap=0.001"),
         ({"token_pipeline_cost_model": "magic"}, "--token-pipeline-cost-model='magic'"),
-        ({"token_pipeline_cost_model": "missing.npz"}, "does not exist"),
+        ({"token_pipeline_cost_model": "missing.npz"}, "missing.npz: no such file"),
     ],
 )
 def test_plan_from_args_errors_name_the_flag(overrides, message):

@@ -38,6 +38,7 @@ from megatron_terapipe.model.attention_backends import (
     select_backend,
 )
 from megatron_terapipe.model.slice_context import PrefixKV, get_slice_context
+from megatron_terapipe.unsupported_features import ATTENTION_FEATURES, config_problems
 
 
 class _SliceAttention(torch.autograd.Function):
@@ -124,20 +125,12 @@ class PrefixKVAttention(MegatronModule):
         **unused_kwargs,
     ) -> None:
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "token pipeline: context parallelism (context_parallel_size="
-                f"{config.context_parallel_size}) is not supported with token slicing"
-            )
-        if getattr(config, "softmax_type", "vanilla") != "vanilla":
-            raise ValueError(
-                f"token pipeline: softmax_type={config.softmax_type!r} is not supported; "
-                "only 'vanilla'"
-            )
-        if getattr(config, "window_size", None) is not None:
-            raise ValueError(
-                "token pipeline: sliding-window attention (window_size) is not supported"
-            )
+        # The same table (and words) as the argument check and check_token_pipeline_support;
+        # needed here because a model built with this spec also runs under stock schedules.
+        problems = config_problems(config, only=ATTENTION_FEATURES)
+        if problems:
+            raise ValueError("prefix-KV attention (token pipeline) does not support: "
+                             + "; ".join(problems))
         if attn_mask_type not in (AttnMaskType.causal, AttnMaskType.padding_causal):
             raise ValueError(
                 f"token pipeline: attention mask type {attn_mask_type} is not causal; token "

@@ -13,11 +13,11 @@ call is queued with its tensors instead of run; the W action runs the queue with
 in the same order, so the gradients are bitwise those of the unsplit backward. Outside a
 collecting backward the wrapper calls straight through.
 
-Not every layer can be split this way, and the trainer rejects those setups by name
-(`split_backward_problems`): without gradient-accumulation fusion the weight gradient is an
-autograd output of the backward itself; with sequence parallelism megatron-core's GEMM reads a
-shared all-gather buffer that the next layer overwrites; Transformer Engine's linears compute
-their weight gradients inside TE.
+Not every layer can be split this way (reasons: `unsupported_features.SPLIT_BACKWARD_LIMITS`).
+The argument check rejects by flag what the flags show; `check_split_backward`, which the
+trainer (right after building the model) and the executor (before its first split step) call,
+rejects what only the built model shows, such as a fused kernel that is missing or Transformer
+Engine layers chosen by default.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from megatron_terapipe.model.slice_context import TokenSliceContext, get_slice_context
+from megatron_terapipe.unsupported_features import SPLIT_BACKWARD_LIMITS
 
 _TE_MODULES = ("transformer_engine", "megatron.core.extensions.transformer_engine")
 
@@ -130,28 +131,23 @@ def _defers(module: torch.nn.Module) -> bool:
 
 def split_backward_problems(config: Any, models: Sequence[torch.nn.Module] = ()) -> list[str]:
     """Why a model with this megatron-core TransformerConfig (and these modules) cannot split
-    its backwards exactly (empty when it can)."""
+    its backwards exactly (empty when it can), with the argument check's reasons."""
+    why = SPLIT_BACKWARD_LIMITS
     problems = []
     if not getattr(config, "gradient_accumulation_fusion", False):
         problems.append(
             "gradient_accumulation_fusion is off (--no-gradient-accumulation-fusion, or no fused "
-            "kernel): the weight gradient is then part of the autograd backward"
+            f"kernel): {why['gradient_accumulation_fusion']}"
         )
     if getattr(config, "sequence_parallel", False):
-        problems.append(
-            "sequence_parallel (--sequence-parallel): megatron-core's weight-gradient GEMM reads a "
-            "shared all-gather buffer that the next layer overwrites"
-        )
+        problems.append(f"sequence_parallel (--sequence-parallel): {why['sequence_parallel']}")
     if models and not any(_defers(module) for model in models for module in model.modules()):
         problems.append(
             "no megatron-core ColumnParallelLinear/RowParallelLinear with gradient-accumulation "
             "fusion in the model: nothing would hand its weight gradient to the W action"
         )
     if any(hasattr(p, "__fsdp_param__") for model in models for p in model.parameters()):
-        problems.append(
-            "Megatron-FSDP (--use-megatron-fsdp): megatron-core computes the weight gradient of "
-            "an FSDP parameter with its own matmul inside the backward"
-        )
+        problems.append(f"Megatron-FSDP (--use-megatron-fsdp): {why['megatron_fsdp']}")
     engine = sorted(
         {
             type(module).__name__
@@ -163,6 +159,24 @@ def split_backward_problems(config: Any, models: Sequence[torch.nn.Module] = ())
     if engine:
         problems.append(
             f"Transformer Engine layers ({', '.join(engine[:3])}; --transformer-impl "
-            "transformer_engine): TE computes their weight gradients itself"
+            f"transformer_engine): {why['transformer_engine']}"
         )
     return problems
+
+
+def check_split_backward(
+    config: Any, models: Sequence[torch.nn.Module] = (), more_problems: Sequence[str] = ()
+) -> None:
+    """Raise ValueError naming every reason (`split_backward_problems` and the caller's
+    `more_problems`) why these models cannot split their backwards exactly.
+
+    The one message for these limits: the trainer calls this as soon as the model exists (a
+    start-up error instead of a failed first step), the executor before its first split step
+    (for callers that built the model themselves).
+    """
+    problems = [*split_backward_problems(config, models), *more_problems]
+    if problems:
+        raise ValueError(
+            "--token-pipeline-split-backward (TokenPipelineConfig.split_backward) cannot run "
+            "exactly with: " + "; ".join(problems)
+        )

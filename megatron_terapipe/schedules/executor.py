@@ -27,8 +27,8 @@ from megatron_terapipe.config import TokenPipelineConfig
 from megatron_terapipe.model.positions import install_rope_offset_hooks
 from megatron_terapipe.model.slice_context import TokenSliceContext, activate
 from megatron_terapipe.model.weight_grad_deferral import (
+    check_split_backward,
     install_weight_grad_deferral,
-    split_backward_problems,
 )
 from megatron_terapipe.schedules.generators import build_schedule, schedule_from_orders
 from megatron_terapipe.schedules.grad_sync import GradSync, grad_sync_points, unsynced_overlap
@@ -139,14 +139,7 @@ class TokenPipelineForwardBackward:
         )
         split_backward = self.config.split_backward and not forward_only
         if split_backward and models[0] not in self._split_checked:
-            problems = split_backward_problems(mconfig, models) + unsynced_overlap(
-                mconfig, models
-            )
-            if problems:
-                raise ValueError(
-                    "token pipeline: split_backward (--token-pipeline-split-backward) cannot run "
-                    "exactly with " + "; ".join(problems)
-                )
+            check_split_backward(mconfig, models, unsynced_overlap(mconfig, models))
             install_weight_grad_deferral()
             self._split_checked.add(models[0])
         schedule = (

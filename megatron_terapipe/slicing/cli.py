@@ -18,6 +18,7 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_terapipe.flag_values import output_file_problem
 from megatron_terapipe.slicing.cost_models import DEVICE_PRESETS, AnalyticCostModel
 from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
 from megatron_terapipe.slicing.memory import ActivationMemoryModel
@@ -116,16 +117,6 @@ _OUTPUT_FILES = ("profile_out", "write_table")
 
 def _flag(dest: str) -> str:
     return "--" + dest.replace("_", "-")
-
-
-def output_file_problem(flag: str, path: str) -> str | None:
-    """Why `path` cannot be written, found before any work (shared with terapipe-simulate)."""
-    if os.path.isdir(path):
-        return f"{flag} {path} is a directory; give a file name"
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        return f"{flag} {path}: directory {folder} does not exist"
-    return None
 
 
 def _table_problem(flag: str, path: str) -> str | None:

@@ -20,6 +20,8 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from megatron_terapipe.token_slices import granularity_problem
+
 
 @runtime_checkable
 class StageCostModel(Protocol):
@@ -250,11 +252,9 @@ def build_latency_table(
     also pays two P2P transfers (activations forward, their gradient back), as TeraPipe does:
     a stage cannot start a slice before that slice's input has arrived.
     """
-    if granularity < 1 or seq_length % granularity:
-        raise ValueError(
-            f"granularity={granularity} does not divide seq_length={seq_length}; "
-            f"valid granularities: {divisors(seq_length)}"
-        )
+    problem = granularity_problem(granularity, seq_length)
+    if problem is not None:
+        raise ValueError(problem)
     if max_batch < 1:
         raise ValueError(f"batch must be >= 1, got {max_batch}")
     units = seq_length // granularity

@@ -5,15 +5,19 @@ Under `auto` the plan is for what the executor runs: `num_microbatches` micro-ba
 `micro_batch_size` sequences, each one batch slice, one token slicing for all (the batch DP's
 advice on the micro-batch size is the CLI's job). Planning is deterministic but may profile
 the device, so rank 0 plans and broadcasts (`plan_and_broadcast`).
+
+The flag values are parsed and checked by `token_slices` and `flag_values`, the same functions
+the argument check calls, so a value the arguments accept means the same thing here.
 """
 
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_terapipe.flag_values import num_microbatches as _num_microbatches
+from megatron_terapipe.flag_values import parse_cost_model, slice_multiple
 from megatron_terapipe.slicing.cost_models import AnalyticCostModel
 from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
 from megatron_terapipe.slicing.memory import GIB, ActivationMemoryModel, memory_model_problem
@@ -25,42 +29,25 @@ from megatron_terapipe.slicing.planner import (
     predict_step_time,
 )
 from megatron_terapipe.slicing.strategies import simulator_scorer
-from megatron_terapipe.token_slices import equal_token_slices, validate_token_slices
-
-SLICES_FLAG = "--token-pipeline-slices"
+from megatron_terapipe.token_slices import (
+    SLICES_FLAG,
+    equal_token_slices,
+    parse_token_slices,
+    validate_token_slices,
+)
 
 
 def parse_token_pipeline_slices(value: Any) -> tuple[str, Any]:
-    """('auto', None) | ('count', N) | ('list', (l1, ...)) from the flag's value."""
-    if value is None:
+    """('auto', None) | ('count', N) | ('list', (l1, ...)) from the flag's value
+    (`token_slices.parse_token_slices`'s grammar); a count below 1 is a ValueError."""
+    parsed = parse_token_slices(value)
+    if parsed == "auto":
         return "auto", None
-    if isinstance(value, int):
-        return _count(value)
-    if isinstance(value, (list, tuple)):
-        if len(value) == 1:
-            return parse_token_pipeline_slices(value[0])
-        return "list", tuple(_int(v) for v in value)
-    text = str(value).strip().lower()
-    if text == "auto":
-        return "auto", None
-    if "," in text:
-        return "list", tuple(_int(v) for v in text.split(",") if v.strip())
-    return _count(_int(text))
-
-
-def _int(value: Any) -> int:
-    try:
-        return int(str(value).strip())
-    except ValueError:
-        raise ValueError(
-            f"{SLICES_FLAG}={value!r}: expected N, 'auto' or a comma-separated list of lengths"
-        ) from None
-
-
-def _count(n: int) -> tuple[str, int]:
-    if n < 1:
-        raise ValueError(f"{SLICES_FLAG}={n}: the number of slices must be >= 1")
-    return "count", n
+    if isinstance(parsed, tuple):
+        return "list", parsed
+    if parsed < 1:
+        raise ValueError(f"{SLICES_FLAG}={parsed}: the number of slices must be >= 1")
+    return "count", parsed
 
 
 def cost_model_from_args(args: Any) -> Any:
@@ -73,13 +60,10 @@ def cost_model_from_args(args: Any) -> Any:
     costs, and a data sheet does not know them. It runs one TP shard on one rank, so under
     tensor parallelism the default falls back to the analytic model (noted in the plan).
     """
-    from megatron_terapipe.arguments import DEFAULT_COST_MODEL
-
-    spec = str(getattr(args, "token_pipeline_cost_model", None) or DEFAULT_COST_MODEL)
-    if spec == "analytic" or spec.startswith("analytic:"):
-        preset = spec.split(":", 1)[1] if ":" in spec else None
-        return AnalyticCostModel.from_args(args, preset=preset)
-    if spec == "profile":
+    kind, detail = parse_cost_model(getattr(args, "token_pipeline_cost_model", None))
+    if kind == "analytic":
+        return AnalyticCostModel.from_args(args, preset=detail)
+    if kind == "profile":
         tp = int(getattr(args, "tensor_model_parallel_size", 1) or 1)
         if tp > 1:
             model = AnalyticCostModel.from_args(args)
@@ -91,44 +75,20 @@ def cost_model_from_args(args: Any) -> Any:
         from megatron_terapipe.slicing.profiler import startup_profile
 
         return startup_profile(args, _granularity(args))
-    if spec.endswith(".npz"):
-        return LatencyTableCostModel.load(spec)
-    if spec.endswith(".json"):
-        from megatron_terapipe.slicing.profiled import ProfiledCostModel
+    if kind == "latency-table":
+        return LatencyTableCostModel.load(detail)
+    from megatron_terapipe.slicing.profiled import ProfiledCostModel
 
-        return ProfiledCostModel.load(spec)
-    if os.path.exists(spec):
-        raise ValueError(
-            f"--token-pipeline-cost-model={spec!r}: a file must end in .json (profile) or "
-            ".npz (latency table)"
-        )
-    raise ValueError(
-        f"--token-pipeline-cost-model={spec!r}: expected analytic, analytic:<preset>, profile, "
-        "or the path of a .json profile or .npz latency table"
-    )
-
-
-def num_microbatches_from_args(args: Any) -> int:
-    """Micro-batches per step, when the namespace says (Megatron fills data_parallel_size)."""
-    gbs = getattr(args, "global_batch_size", None)
-    mbs = getattr(args, "micro_batch_size", None) or 1
-    dp = getattr(args, "data_parallel_size", None)
-    if gbs and dp:
-        return max(1, int(gbs) // (int(mbs) * int(dp)))
-    return 1
-
-
-def _multiple_of(args: Any) -> int:
-    tp = getattr(args, "tensor_model_parallel_size", 1) or 1
-    return int(tp) if getattr(args, "sequence_parallel", False) else 1
+    return ProfiledCostModel.load(detail)
 
 
 def _granularity(args: Any) -> int:
     g = getattr(args, "token_pipeline_granularity", None)
     if not g:
-        return default_granularity(args.seq_length, _multiple_of(args))
-    return check_granularity(g, args.seq_length, _multiple_of(args),
-                             flag="--token-pipeline-granularity")
+        return default_granularity(args.seq_length, slice_multiple(args))
+    return check_granularity(g, args.seq_length, slice_multiple(args),
+                             flag="--token-pipeline-granularity", seq_flag="--seq-length",
+                             multiple_flag="--tensor-model-parallel-size")
 
 
 def plan_from_args(
@@ -137,12 +97,12 @@ def plan_from_args(
     """The plan for a Megatron argument namespace (see the module docstring)."""
     seq, mbs = int(args.seq_length), int(getattr(args, "micro_batch_size", 1) or 1)
     stages = int(getattr(args, "pipeline_model_parallel_size", 1) or 1)
-    multiple_of = _multiple_of(args)
+    multiple_of = slice_multiple(args)
     g = _granularity(args)
     mode, value = parse_token_pipeline_slices(getattr(args, "token_pipeline_slices", None))
     schedule = getattr(args, "token_pipeline_schedule", None) or "terapipe"
     chunks = int(getattr(args, "virtual_pipeline_model_parallel_size", None) or 1)
-    micro = num_microbatches or num_microbatches_from_args(args)
+    micro = num_microbatches or _num_microbatches(args) or 1
     cap = getattr(args, "token_pipeline_memory_cap", None)
     cost = cost_model if cost_model is not None else cost_model_from_args(args)
     problem = memory_model_problem(args)

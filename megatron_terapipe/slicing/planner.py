@@ -53,7 +53,11 @@ from megatron_terapipe.slicing.strategies import (
     simulator_scorer,
     slice_counts,
 )
-from megatron_terapipe.token_slices import equal_token_slices, validate_token_slices
+from megatron_terapipe.token_slices import (
+    equal_token_slices,
+    granularity_problem,
+    validate_token_slices,
+)
 
 STRATEGIES = ("dp", "equal", "equal-flops")
 SCORES = ("formula", "simulator")
@@ -73,22 +77,20 @@ def default_granularity(seq_length: int, multiple_of: int = 1, max_units: int = 
 
 
 def check_granularity(
-    granularity: int, seq_length: int, multiple_of: int = 1, flag: str = "granularity"
+    granularity: int,
+    seq_length: int,
+    multiple_of: int = 1,
+    flag: str = "granularity",
+    seq_flag: str = "seq_length",
+    multiple_flag: str = "the tensor-model-parallel size",
 ) -> int:
-    g = int(granularity)
-    if g < 1 or seq_length % g:
-        valid = [d for d in divisors(seq_length) if d % multiple_of == 0]
-        raise ValueError(
-            f"{flag}={granularity} does not divide seq_length={seq_length}; valid values: "
-            f"{_shorten(valid)}"
-        )
-    if g % multiple_of:
-        raise ValueError(
-            f"{flag}={granularity} must be a multiple of the tensor-model-parallel size "
-            f"{multiple_of} under sequence parallelism (every TP rank holds an equal share of a "
-            "slice)"
-        )
-    return g
+    """`granularity` as an int, or ValueError with `token_slices.granularity_problem`'s message
+    (the rule the argument check applies too), worded with the caller's names."""
+    problem = granularity_problem(granularity, seq_length, multiple_of, flag, seq_flag,
+                                  multiple_flag)
+    if problem is not None:
+        raise ValueError(problem)
+    return int(granularity)
 
 
 def make_plan(
@@ -439,8 +441,3 @@ def _t_max(table: np.ndarray, g: int, batch_slices: tuple[int, ...],
             worst = max(worst, float(table[b, length // g, context // g]))
         context += length
     return worst
-
-
-def _shorten(values: list[int], limit: int = 16) -> str:
-    text = ", ".join(str(v) for v in values[:limit])
-    return text + (f", ... ({len(values)} in all)" if len(values) > limit else "")

@@ -16,6 +16,7 @@ from typing import NoReturn
 
 from megatron_terapipe.arguments import (
     add_token_pipeline_args,
+    layout_errors,
     resolved_token_pipeline_args,
     token_pipeline_errors,
     virtual_pipeline_size,
@@ -504,12 +505,7 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
                 f"layers per pipeline stage"
             )
     vp = virtual_pipeline_size(args)
-    if vp > 1 and pp < 2:
-        errors.append(
-            f"virtual pipeline stages (--num-layers-per-virtual-pipeline-stage) need "
-            f"--pipeline-model-parallel-size >= 2, got {pp}"
-        )
-    elif vp > 1 and pp == 2 and not args.token_pipeline:
+    if vp > 1 and pp == 2 and not args.token_pipeline:
         # Megatron-LM's rule for batched P2P: with two ranks, the send to the next and to the
         # previous stage go to the same peer in one batch.
         errors.append(
@@ -529,13 +525,6 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
                 f"{args.micro_batch_size} x data-parallel size {dp} = "
                 f"{args.micro_batch_size * dp}"
             )
-        elif vp > 1 and pp > 1 and (gbs // (args.micro_batch_size * dp)) % pp:
-            micro = gbs // (args.micro_batch_size * dp)
-            errors.append(
-                f"virtual pipeline stages need the number of micro-batches per step "
-                f"(--global-batch-size / (--micro-batch-size x DP) = {micro}) divisible by "
-                f"--pipeline-model-parallel-size={pp}"
-            )
 
     # Sequence.
     if args.max_position_embeddings is not None and args.position_embedding_type in (
@@ -546,27 +535,17 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
                 f"--max-position-embeddings={args.max_position_embeddings} is smaller than "
                 f"--seq-length={args.seq_length}"
             )
-    if args.position_embedding_type == "relative":
+    # Under --token-pipeline the unsupported-features table names these (one message each).
+    if args.position_embedding_type == "relative" and not args.token_pipeline:
         errors.append(
             "--position-embedding-type relative is a T5 embedding; GPT supports "
             "learned_absolute, rope, mrope, none"
         )
-    if args.sequence_parallel and tp > 1 and args.seq_length % tp:
-        errors.append(
-            f"--sequence-parallel needs --seq-length={args.seq_length} divisible by "
-            f"--tensor-model-parallel-size={tp}"
-        )
     te_usable = args.transformer_impl != "local" and _cuda_available() and _te_importable()
-    if cp > 1 and not te_usable:
+    if cp > 1 and not te_usable and not args.token_pipeline:
         errors.append(
             f"--context-parallel-size={cp} needs --transformer-impl transformer_engine "
             "(the local attention has no context parallelism)"
-        )
-
-    if args.attention_backend == "local" and args.token_pipeline:
-        errors.append(
-            "--attention-backend local cannot run --token-pipeline (its slices attend to a "
-            "key/value prefix through SDPA); use auto or flash"
         )
 
     # Precision, recompute.
@@ -652,7 +631,11 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
             "(pip install tensorboard)"
         )
 
-    errors.extend(token_pipeline_errors(_with_dp(args, dp, gbs)))
+    # Virtual-pipeline, micro-batch and sequence-parallel layout: one check for every run;
+    # token_pipeline_errors would repeat it under --token-pipeline.
+    view = _with_dp(args, dp, gbs)
+    errors.extend(layout_errors(view))
+    errors.extend(token_pipeline_errors(view, include_layout=False))
     return errors
 
 

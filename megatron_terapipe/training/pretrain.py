@@ -114,14 +114,12 @@ def pretrain(args, forward_step_func: Callable | None = None) -> int:
         config = model_module.transformer_config_from_args(args)
         model = model_module.build_model(args, config)
         if getattr(args, "token_pipeline", False) and args.token_pipeline_split_backward:
-            from megatron_terapipe.model.weight_grad_deferral import split_backward_problems
+            from megatron_terapipe.model.weight_grad_deferral import check_split_backward
 
-            problems = split_backward_problems(config, model)
-            if problems:
-                raise StartupConfigurationError(
-                    "--token-pipeline-split-backward cannot run exactly here: "
-                    + "; ".join(problems)
-                )
+            try:  # the executor's own check, now instead of at the first step
+                check_split_backward(config, model)
+            except ValueError as exc:
+                raise StartupConfigurationError(str(exc)) from exc
         optimizer = optim.build_optimizer(args, model)
         scheduler = optim.build_scheduler(args, optimizer)
 
