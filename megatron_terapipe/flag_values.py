@@ -2,8 +2,9 @@
 
 The argument check (`arguments.py`, the top command-line layer), the planner behind
 ``--token-pipeline-slices auto`` (`slicing.megatron_args`) and the command-line tools
-(`terapipe-plan`, `terapipe-simulate`) all need them; defining them here, below all of those,
-keeps one grammar and one message per rule without a lower layer importing a higher one.
+(`terapipe-plan`, `terapipe-simulate`: output files, `--model` presets) all need them;
+defining them here, below all of those, keeps one grammar and one message per rule without a
+lower layer importing a higher one.
 
 Plain Python only: the argument check imports this before torch loads.
 """
@@ -15,6 +16,19 @@ from typing import Any
 
 COST_MODEL_FLAG = "--token-pipeline-cost-model"
 DEFAULT_COST_MODEL = "profile"
+
+# `--model` presets of terapipe-plan and terapipe-simulate, (num_layers, hidden_size,
+# num_attention_heads, seq_length): the paper's GPT-3 models and the CPU demo's tiny one.
+MODELS: dict[str, tuple[int, int, int, int]] = {
+    "gpt3-1b": (24, 2048, 16, 2048),
+    "gpt3-13b": (40, 5120, 40, 2048),
+    "gpt3-44b": (96, 6144, 48, 2048),
+    "gpt3-175b": (96, 12288, 96, 2048),
+    "gpt3-13b-4096": (40, 5120, 40, 4096),
+    "gpt3-13b-6144": (40, 5120, 40, 6144),
+    "gpt3-13b-8192": (40, 5120, 40, 8192),
+    "tiny": (4, 64, 4, 128),  # configs/tiny-cpu.args
+}
 
 
 def cost_model_problem(spec: str | None, flag: str = COST_MODEL_FLAG) -> str | None:
@@ -79,6 +93,7 @@ def output_file_problem(flag: str, path: str) -> str | None:
 __all__ = [
     "COST_MODEL_FLAG",
     "DEFAULT_COST_MODEL",
+    "MODELS",
     "cost_model_problem",
     "num_microbatches",
     "output_file_problem",

@@ -27,12 +27,12 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from megatron_terapipe.flag_values import MODELS  # noqa: E402
 from megatron_terapipe.slicing import (  # noqa: E402
     ActivationMemoryModel,
     AnalyticCostModel,
     make_plan,
 )
-from megatron_terapipe.slicing.cli import MODELS  # noqa: E402
 
 # TeraPipe's settings (model, batch per pipeline, TP, stages), from the authors' repository.
 PAPER_SETTINGS = [

@@ -18,25 +18,13 @@ import zipfile
 from collections.abc import Sequence
 from typing import Any
 
-from megatron_terapipe.flag_values import output_file_problem
+from megatron_terapipe.flag_values import MODELS, output_file_problem
 from megatron_terapipe.slicing.cost_models import DEVICE_PRESETS, AnalyticCostModel
 from megatron_terapipe.slicing.latency_table import LatencyTableCostModel
 from megatron_terapipe.slicing.memory import ActivationMemoryModel
 from megatron_terapipe.slicing.plan import format_plan
 from megatron_terapipe.slicing.planner import SCORES, STRATEGIES, check_granularity, make_plan
 
-# (num_layers, hidden_size, num_attention_heads, seq_length): the paper's GPT-3 models and the
-# CPU demo's tiny one.
-MODELS: dict[str, tuple[int, int, int, int]] = {
-    "gpt3-1b": (24, 2048, 16, 2048),
-    "gpt3-13b": (40, 5120, 40, 2048),
-    "gpt3-44b": (96, 6144, 48, 2048),
-    "gpt3-175b": (96, 12288, 96, 2048),
-    "gpt3-13b-4096": (40, 5120, 40, 4096),
-    "gpt3-13b-6144": (40, 5120, 40, 6144),
-    "gpt3-13b-8192": (40, 5120, 40, 8192),
-    "tiny": (4, 64, 4, 128),  # configs/tiny-cpu.args
-}
 SCHEDULES = ("terapipe", "token-1f1b", "token-interleaved")
 
 
