@@ -6,6 +6,7 @@ difference in losses, reports or gradients comes from the schedule alone.
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import torch
@@ -33,7 +34,11 @@ def _model(pipeline_parallel: int, model_kwargs: dict, config_kwargs: dict):
     tensor_parallel.model_parallel_cuda_manual_seed(7)
     model = TinyGPT(**model_kwargs)
     config = transformer_config(model, pipeline_parallel=pipeline_parallel, **config_kwargs)
-    chunks = build_gpt_chunks(model, config, token_pipeline_layer_spec(get_gpt_layer_local_spec()))
+    # An MoE model gets megatron-core's MoE layer spec (SequentialMLP experts: no grouped GEMM
+    # on the CPU); the token-pipeline spec swaps in its router, which is stock's outside slicing.
+    num_experts = model.config_overrides.get("num_moe_experts")
+    spec = get_gpt_layer_local_spec(num_experts=num_experts, moe_grouped_gemm=False)
+    chunks = build_gpt_chunks(model, config, token_pipeline_layer_spec(spec))
     if model.bf16:
         from megatron.core.transformer.module import Float16Module
 
@@ -49,6 +54,34 @@ def _model(pipeline_parallel: int, model_kwargs: dict, config_kwargs: dict):
 
 def _grads(model) -> list[torch.Tensor]:
     return [p.main_grad.detach().clone() for p in model.parameters()]
+
+
+def _names(model) -> list[str]:
+    """Parameter names in `_grads` order, so tests can pick out the router or the experts."""
+    return [name for name, _ in model.named_parameters()]
+
+
+@contextlib.contextmanager
+def _recording_routing(record: dict):
+    """Within: every MoE routing call adds its routing map to `record["routing"][layer]`, in
+    call order. A token whose k-th and (k+1)-th router logits lie within rounding of each other
+    can go to another expert under bf16 rounding alone; the bf16 test compares gradient errors
+    only where no token did, since one such token moves whole expert gradients."""
+    from megatron.core.transformer.moe.router import TopKRouter
+
+    stock_routing = TopKRouter.routing
+
+    def routing(self, logits, *args, **kwargs):
+        probs, routing_map = stock_routing(self, logits, *args, **kwargs)
+        record.setdefault("routing", {}).setdefault(self.layer_number, []).append(
+            routing_map.detach().reshape(-1, routing_map.shape[-1]).clone())
+        return probs, routing_map
+
+    TopKRouter.routing = routing
+    try:
+        yield
+    finally:
+        TopKRouter.routing = stock_routing
 
 
 def _ones_mask_loss(loss_mask, output_tensor):
@@ -86,6 +119,7 @@ def stock_vs_token(
     config_kwargs: dict | None = None,
     model_kwargs: dict | None = None,
     fp32_reference: bool = False,
+    data_seed: int = 3,
 ):
     """Run one step with megatron-core's schedule, then one with ours; return both outcomes.
 
@@ -99,7 +133,7 @@ def stock_vs_token(
     from megatron_terapipe.testing.gpt import make_microbatches
 
     model_spec, ddp = _build(world_size, model_kwargs or {}, config_kwargs or {})
-    batches = make_microbatches(model_spec, 1, num_microbatches, seed=3)
+    batches = make_microbatches(model_spec, 1, num_microbatches, seed=data_seed)
     outcomes = {}
     token_func = get_forward_backward_func(
         TokenPipelineConfig(schedule=schedule, token_slices=token_slices)
@@ -111,21 +145,30 @@ def stock_vs_token(
             for target, source in zip(fp32[0].parameters(), ddp[0].parameters()):
                 target.copy_(source.float())
         runs.append(("reference", stock_func(), fp32[0]))
+    moe = "num_moe_experts" in model_spec.config_overrides
     for name, func, model in runs:
         model.zero_grad_buffer()
-        data = func(
-            forward_step_func=partial(_forward_step, loss_kind),
-            data_iterator=iter(list(batches)),
-            model=model,
-            num_microbatches=num_microbatches,
-            seq_length=model_spec.seq_length,
-            micro_batch_size=1,
-            forward_only=forward_only,
-            collect_non_loss_data=collect_non_loss_data,
-        )
+        record: dict = {}
+        with _recording_routing(record) if moe else contextlib.nullcontext():
+            data = func(
+                forward_step_func=partial(_forward_step, loss_kind),
+                data_iterator=iter(list(batches)),
+                model=model,
+                num_microbatches=num_microbatches,
+                seq_length=model_spec.seq_length,
+                micro_batch_size=1,
+                forward_only=forward_only,
+                collect_non_loss_data=collect_non_loss_data,
+            )
         outcomes[name] = {
             "data": data if parallel_state.is_pipeline_last_stage() else None,
             "grads": None if forward_only else _grads(model),
+            "names": _names(model),
+            # MoE: per layer, the routing of every token in forward order (micro-batches, and
+            # slices within them, in sequence order)
+            "routing": {
+                layer: torch.cat(maps) for layer, maps in record.get("routing", {}).items()
+            },
         }
     return outcomes
 
@@ -140,4 +183,9 @@ def stock_vs_token_many(rank: int, world_size: int, cases: list[dict]) -> list:
             results.append(stock_vs_token(rank, world_size, **case))
         finally:
             parallel_state.destroy_model_parallel()
+            overrides = (case.get("model_kwargs") or {}).get("config_overrides", {})
+            if "num_moe_experts" in overrides:
+                from megatron_terapipe.compat.megatron_core import reset_moe_metrics
+
+                reset_moe_metrics()  # the aux-loss tracker is sized by this model's layers
     return results
