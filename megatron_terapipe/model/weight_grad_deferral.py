@@ -97,6 +97,9 @@ def install_weight_grad_deferral() -> None:
     from megatron.core.tensor_parallel import layers
 
     kernel = getattr(layers, "fused_weight_gradient_mlp_cuda", None)
+    # An assert-style guard, not reachable through the command line: check_split_backward has
+    # refused a config without gradient-accumulation fusion, and megatron-core's linear layers
+    # refuse that fusion without this kernel. It stays for callers that install it by hand.
     if kernel is None or not getattr(layers, "_grad_accum_fusion_available", False):
         raise RuntimeError(
             "--token-pipeline-split-backward needs megatron-core's gradient-accumulation fusion "
