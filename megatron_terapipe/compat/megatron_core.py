@@ -162,6 +162,58 @@ def moe_logged_metrics(num_layers: int, loss_scale: float, iteration: int = 0) -
     return writer.scalars
 
 
+def report_moe_losses(
+    track_names: list[str], num_layers: int, loss_scale: float, iteration: int, writer: Any = None
+) -> dict[str, float]:
+    """The step's MoE aux losses as Megatron-LM's training log reads them, then clear them.
+
+    Megatron-LM's `training_log` calls megatron-core's tracker every iteration with its
+    `total_loss_dict`: the tracker reduces each name over the ranks, takes the mean over MoE
+    layers, scales it by `loss_scale` (1 / micro-batches), adds it to the dict and clears
+    itself. This does the same and returns what was added. `force_initialize` creates the names
+    a rank never recorded (as Megatron-LM, so every rank reduces the same tensors). Before
+    0.17 the tracker adds to the dict only when a writer is given, so a capturing one stands in
+    for a missing TensorBoard writer. Collective: every rank of the model calls it.
+    """
+    from megatron.core.transformer.moe import moe_utils
+
+    totals: dict[str, Any] = {}
+    kwargs = dict(
+        loss_scale=loss_scale,
+        iteration=iteration,
+        writer=writer if writer is not None else _ScalarCapture(),
+        total_loss_dict=totals,
+        per_layer_logging=False,
+        force_initialize=True,
+        track_names=track_names,
+        num_layers=num_layers,
+    )
+    tracker_module = None
+    with contextlib.suppress(ImportError):
+        from megatron.core.transformer.moe import moe_logging as tracker_module
+    get_tracker = getattr(tracker_module, "get_moe_metrics_tracker", None)
+    if get_tracker is not None:  # 0.17+: report() reduces, writes, adds and clears
+        get_tracker().report(**kwargs)
+    else:
+        moe_utils.track_moe_metrics(**kwargs)
+        moe_utils.clear_aux_losses_tracker()
+    return {name: float(value) for name, value in totals.items()}
+
+
+def clear_moe_metrics() -> None:
+    """Zero the tracker's values (Megatron-LM does after evaluation, before the next step)."""
+    tracker_module = None
+    with contextlib.suppress(ImportError):
+        from megatron.core.transformer.moe import moe_logging as tracker_module
+    get_tracker = getattr(tracker_module, "get_moe_metrics_tracker", None)
+    if get_tracker is not None:  # 0.17+
+        get_tracker().clear()
+        return
+    from megatron.core.transformer.moe import moe_utils
+
+    moe_utils.clear_aux_losses_tracker()
+
+
 def reset_moe_metrics() -> None:
     """Forget every MoE metric entry, as a fresh process has none (entries are sized by the
     model's layer count when first recorded, so a model with more layers cannot reuse them)."""

@@ -168,6 +168,10 @@ def train(
             advanced += 1
             for key, value in losses.items():
                 interval_losses[key] = interval_losses.get(key, 0.0) + value.item()
+        # MoE aux losses: added every iteration and averaged over the advanced ones, after the
+        # lm loss in the line, as Megatron-LM's training_log does (its tracker on every rank).
+        for key, value in reporting.moe_aux_losses(args, iteration, writer).items():
+            interval_losses[key] = interval_losses.get(key, 0.0) + value
 
         learning_rate = optimizer.param_groups[0]["lr"]
         if writer is not None and iteration % args.tensorboard_log_interval == 0:
@@ -215,6 +219,11 @@ def train(
                 if writer is not None:
                     for key, value in valid.items():
                         writer.add_scalar(f"{key} validation", value, iteration)
+            if getattr(args, "num_experts", None) is not None:
+                # What evaluation recorded is not the next step's (Megatron-LM clears it too).
+                from megatron_terapipe.compat.megatron_core import clear_moe_metrics
+
+                clear_moe_metrics()
 
         exiting = bool(args.exit_interval) and iteration % args.exit_interval == 0
         if save_fn is not None and (

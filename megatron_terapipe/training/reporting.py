@@ -35,6 +35,38 @@ def num_floating_point_operations(args: Namespace, batch_size: int) -> float:
     return 3 * 2 * batch_size * s * per_token
 
 
+def moe_track_names(args: Namespace) -> list[str]:
+    """The MoE aux losses Megatron-LM's training log tracks for these flags (its rule: one
+    name per load-balancing type asked for, and the z-loss whenever its coefficient is set)."""
+    types = args.moe_router_load_balancing_type
+    types = [types] if isinstance(types, str) else list(types)
+    names = []
+    if "aux_loss" in types:
+        names.append("load_balancing_loss")
+    if "seq_aux_loss" in types:
+        names.append("seq_load_balancing_loss")
+    if "global_aux_loss" in types:
+        names.append("global_load_balancing_loss")
+    if args.moe_z_loss_coeff is not None:
+        names.append("z_loss")
+    return names
+
+
+def moe_aux_losses(args: Namespace, iteration: int, writer=None) -> dict[str, float]:
+    """This step's MoE aux losses (mean over MoE layers, per micro-batch), as Megatron-LM adds
+    them to its iteration line; {} for a dense model. Collective: every rank calls it after
+    every step, which also clears megatron-core's tracker for the next one."""
+    if getattr(args, "num_experts", None) is None:
+        return {}
+    from megatron.core.num_microbatches_calculator import get_num_microbatches
+
+    from megatron_terapipe.compat.megatron_core import report_moe_losses
+
+    return report_moe_losses(
+        moe_track_names(args), args.num_layers, 1.0 / get_num_microbatches(), iteration, writer
+    )
+
+
 def peak_memory_mib() -> float:
     """This rank's peak memory: allocated device memory on GPU, resident set size on CPU."""
     from megatron_terapipe.training.initialize import on_gpu
