@@ -21,7 +21,7 @@ from megatron_terapipe.schedules import (
     match_messages,
     validate_schedule,
 )
-from megatron_terapipe.schedules.communication import canonical_ops, recv_for, send_for
+from megatron_terapipe.schedules.communication import recv_for, send_for
 from megatron_terapipe.schedules.ir import BACKWARD, FORWARD, SEND_PREV, WEIGHT_GRAD
 
 
@@ -34,7 +34,7 @@ def B(m, t=0, v=0):
 
 
 def G(*ops):
-    return CommGroup(canonical_ops(ops))
+    return CommGroup(tuple(ops))
 
 
 def op(name, kind, m, t=0, v=0):
@@ -344,11 +344,22 @@ def test_unneeded_message():
     assert "sends nothing needed" in problems_text(with_stage(schedule, 1, actions))
 
 
-def test_group_with_two_ops_of_one_name():
+def test_groups_of_other_than_one_op_are_refused():
+    """Every message is posted on its own: a group merging two of a valid schedule's messages
+    (one batched call) is refused by name, an empty one too, and the network model the
+    simulator runs will not pair its messages."""
     schedule = build_schedule("gpipe", 2, 2)
     actions = list(schedule.stages[0])
-    actions.append(CommGroup((op("send_next", "F", 0), op("send_next", "F", 1))))
-    assert "holds ['send_next'] more than once" in problems_text(with_stage(schedule, 0, actions))
+    first, second = [i for i, a in enumerate(actions) if isinstance(a, CommGroup)][:2]
+    merged = CommGroup(actions[first].ops + actions[second].ops)
+    actions[first] = merged
+    del actions[second]
+    broken = with_stage(schedule, 0, actions)
+    assert "a CommGroup posts exactly one op, this one holds 2" in problems_text(broken)
+    empty = with_stage(schedule, 0, [*schedule.stages[0], CommGroup(())])
+    assert "this one holds 0" in problems_text(empty)
+    with pytest.raises(ValueError, match="posts exactly one op"):
+        match_messages(broken)
 
 
 def test_out_of_range_indices():

@@ -1,8 +1,8 @@
 """Which P2P messages each compute needs, and where each rank posts and waits for them.
 
 Generators only decide compute order; `attach_communication` is the one place that turns compute
-orders into posted groups and waits, so every schedule (and the executor that runs it) shares one
-rule.
+orders into posted messages (one CommGroup each) and waits, so every schedule (and the executor
+that runs it) shares one rule.
 
 Ring arithmetic (megatron-core's interleaved numbering): chunk ``v`` on rank ``p`` is virtual stage
 ``v * P + p``; rank 0's previous rank is ``P - 1`` and rank ``P - 1``'s next rank is 0.
@@ -18,7 +18,8 @@ channel differently swap tensors. The rule:
    backward's weight gradient 1; W actions exchange nothing). Give
    every message the key (end of its producing compute in that run, message id); both ends of
    a message compute the same key.
-2. Post each send right after the compute that produces it.
+2. Post every message end as a CommGroup of its own (one P2P call); each send right after the
+   compute that produces it.
 3. Post each receive as early as the key order allows: right after the last send with a smaller
    key (every rank's posting order is then sorted by key; receives keep their key order). That
    is never after the compute that reads it, and in the unit-cost run never after its data is
@@ -45,12 +46,11 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
     FORWARD,
-    OP_ORDER,
     RECV_NEXT,
     RECV_PREV,
     SEND_NEXT,
@@ -62,8 +62,6 @@ from megatron_terapipe.schedules.ir import (
     P2POp,
     Wait,
 )
-
-_OP_RANK = {name: i for i, name in enumerate(OP_ORDER)}
 
 # Unit costs of the reference run that decides the exchange moments.
 REFERENCE_FORWARD_COST = 1.0
@@ -118,11 +116,6 @@ def producer_of(compute: Compute, rank: int, num_stages: int) -> tuple[int, Comp
     source = vstage - 1 if compute.kind == FORWARD else vstage + 1
     chunk, src_rank = divmod(source, num_stages)
     return src_rank, Compute(compute.kind, compute.microbatch, compute.token_slice, chunk)
-
-
-def canonical_ops(ops: Iterable[P2POp]) -> tuple[P2POp, ...]:
-    """Ops in the order the executor posts them (megatron-core's `_batched_p2p_ops`)."""
-    return tuple(sorted(ops, key=lambda op: _OP_RANK[op.op]))
 
 
 class _Reference:

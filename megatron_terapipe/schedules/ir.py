@@ -10,15 +10,14 @@ Text notation used by `Schedule.format` (one token per action):
 - ``W3.1``: the weight-gradient half of ``B3.1`` when the schedule splits backwards (zero-bubble
   style, Qi et al. 2023): ``B3.1`` then computes only the input gradient, which is sent on at
   once, and ``W3.1`` the deferred weight-gradient GEMMs.
-- ``[...]``: a CommGroup; its ops are posted together (one batched call) and the rank goes on
-  without waiting. Inside, each op is ``<dir><peer><payload>`` with ``>`` = send, ``<`` =
-  receive, peer ``p`` = previous rank, ``n`` = next rank, and the payload in the same form as a
-  compute: ``[>nF0.1 <pF1.0]`` sends the activation of F0.1 to the next rank and receives the
-  activation for F1.0 from the previous rank; ``<nB0.1`` receives the gradient for B0.1 from the
+- ``[...]``: a CommGroup: one message end is posted and the rank goes on without waiting. The op
+  is ``<dir><peer><payload>`` with ``>`` = send, ``<`` = receive, peer ``p`` = previous rank,
+  ``n`` = next rank, and the payload in the same form as a compute: ``[>nF0.1]`` sends the
+  activation of F0.1 to the next rank, ``[<nB0.1]`` receives the gradient for B0.1 from the
   next rank.
-- ``{...}``: a Wait; the rank blocks until the posted groups holding these ops have completed
-  (``{<pF1.0}`` right before ``F1.0``: wait for the data where it is needed). Sends are waited
-  by the Wait that ends a rank's list, so they complete while the rank computes.
+- ``{...}``: a Wait; the rank blocks until these posted ops have completed (``{<pF1.0}`` right
+  before ``F1.0``: wait for the data where it is needed). Sends are waited by the Wait that ends
+  a rank's list, so they complete while the rank computes.
 """
 
 from __future__ import annotations
@@ -39,10 +38,7 @@ SEND_PREV = "send_prev"
 RECV_PREV = "recv_prev"
 SEND_NEXT = "send_next"
 RECV_NEXT = "recv_next"
-# megatron-core's `_batched_p2p_ops` posting order; the executor posts a group's ops in this order,
-# so message matching on a shared physical channel (P=2) depends on it.
-OP_ORDER = (SEND_PREV, RECV_PREV, SEND_NEXT, RECV_NEXT)
-OP_NAMES = frozenset(OP_ORDER)
+OP_NAMES = frozenset((SEND_PREV, RECV_PREV, SEND_NEXT, RECV_NEXT))
 
 _OP_SHORT = {SEND_PREV: ">p", RECV_PREV: "<p", SEND_NEXT: ">n", RECV_NEXT: "<n"}
 
@@ -94,10 +90,29 @@ class P2POp:
 
 @dataclass(frozen=True)
 class CommGroup:
-    """P2P ops posted together in one batched call (megatron-core's batched isend/irecv); posting
-    does not block, a later `Wait` does."""
+    """Post one P2P message end; posting does not block, a later `Wait` does.
+
+    `ops` holds exactly that one op; the network model (so the validator and the simulator)
+    refuses a group of any other size. Every message is posted on its own, where the placement
+    rule (`attach_communication`) puts it, so the posting order the deadlock and matching proofs
+    reason about is the order of a rank's groups, with no order inside a group to prove.
+    """
 
     ops: tuple[P2POp, ...]
+
+    @property
+    def op(self) -> P2POp:
+        """The group's one op (ValueError naming `size_problem` for any other group)."""
+        problem = self.size_problem()
+        if problem:
+            raise ValueError(problem)
+        return self.ops[0]
+
+    def size_problem(self) -> str | None:
+        """Why this group breaks the one-op rule, or None when it keeps it."""
+        if len(self.ops) == 1:
+            return None
+        return f"a CommGroup posts exactly one op, this one holds {len(self.ops)}"
 
     def format(self, num_chunks: int = 1) -> str:
         return "[" + " ".join(op.format(num_chunks) for op in self.ops) + "]"
@@ -105,11 +120,7 @@ class CommGroup:
 
 @dataclass(frozen=True)
 class Wait:
-    """Block until every posted CommGroup holding one of `ops` has completed.
-
-    A group completes as a whole (NCCL runs a batched call as one kernel), so waiting for one op
-    of a group waits for all of them.
-    """
+    """Block until each of the posted `ops` has completed."""
 
     ops: tuple[P2POp, ...]
 

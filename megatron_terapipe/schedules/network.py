@@ -2,21 +2,20 @@
 
 Matching: messages between two ranks travel over one FIFO channel per ordered pair (src, dst): the
 k-th send posted on (src, dst) matches the k-th receive posted at dst from src, whatever payload
-either side meant (megatron-core's batched isend/irecv carries no tags). With P = 2 a rank's
-previous and next rank are the same rank, so activations and gradients share a channel and their
-posting order matters (gloo pairs them per peer in order: a wrong order swaps tensors silently).
-Matching depends only on posting order, so it is fixed before anything runs.
+either side meant (the executor's P2P calls carry no tags). With P = 2 a rank's previous and next
+rank are the same rank, so activations and gradients share a channel and their posting order
+matters (gloo pairs them per peer in order: a wrong order swaps tensors silently). Matching
+depends only on posting order, so it is fixed before anything runs.
 
 Progress (what the executor does, on the strictest backend): a rank runs its actions in order.
-Posting a CommGroup never blocks the rank; a Wait blocks it until the groups it names have
-completed; computes take their time. Each rank's posted groups run one after another in posting
-order (NCCL runs every P2P call of a rank on one stream, one batched call as one kernel): a
-group starts once it is posted and the rank's previous group has completed; one of its ops
-completes once its peer op's group has started too (rendezvous), plus the transfer time; the
-group completes with its last op. Gloo is more permissive (its ops progress independently), so a
-schedule that finishes under this model finishes there too: every event here happens no earlier
-than there. All conditions are conjunctions of earlier events, so whether a schedule deadlocks
-does not depend on the costs; one zero-cost run decides it.
+Posting a CommGroup (one message end, one P2P call) never blocks the rank; a Wait blocks it until
+the ops it names have completed; computes take their time. Each rank's posted ops run one after
+another in posting order (NCCL runs every P2P call of a rank on one stream): an op starts once
+it is posted and the rank's previous op has completed, and completes once its peer op has
+started too (rendezvous), plus the transfer time. Gloo is more permissive (its ops progress
+independently), so a schedule that finishes under this model finishes there too: every event
+here happens no earlier than there. All conditions are conjunctions of earlier events, so
+whether a schedule deadlocks does not depend on the costs; one zero-cost run decides it.
 """
 
 from __future__ import annotations
@@ -25,7 +24,7 @@ from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from megatron_terapipe.schedules.communication import canonical_ops, peer_rank, virtual_stage
+from megatron_terapipe.schedules.communication import peer_rank, virtual_stage
 from megatron_terapipe.schedules.ir import (
     BACKWARD,
     FORWARD,
@@ -67,22 +66,23 @@ def describe(ref: OpRef, num_chunks: int) -> str:
 
 
 def match_messages(schedule: Schedule) -> Matching:
-    """Pair sends and receives per channel in posting order and check each pair's payload."""
+    """Pair sends and receives per channel in posting order and check each pair's payload
+    (ValueError for a CommGroup of other than one op: `CommGroup.op`)."""
     P, V = schedule.num_stages, schedule.num_chunks
     sends: dict[tuple[int, int], list[OpRef]] = defaultdict(list)
     recvs: dict[tuple[int, int], list[OpRef]] = defaultdict(list)
+    matching = Matching()
     for rank, actions in enumerate(schedule.stages):
         for index, action in enumerate(actions):
             if not isinstance(action, CommGroup):
                 continue
-            for op in canonical_ops(action.ops):
-                peer = peer_rank(rank, op.op, P)
-                ref = OpRef(rank, index, op)
-                if op.is_send:
-                    sends[(rank, peer)].append(ref)
-                else:
-                    recvs[(peer, rank)].append(ref)
-    matching = Matching()
+            op = action.op
+            peer = peer_rank(rank, op.op, P)
+            ref = OpRef(rank, index, op)
+            if op.is_send:
+                sends[(rank, peer)].append(ref)
+            else:
+                recvs[(peer, rank)].append(ref)
     for channel in sorted(set(sends) | set(recvs)):
         out, into = sends[channel], recvs[channel]
         for send, recv in zip(out, into):
@@ -123,7 +123,7 @@ class RunResult:
     start: list[list[float | None]]
     end: list[list[float | None]]
     # rank -> index of the Wait it is blocked in, or len(actions) when its list ran to the end
-    # but a posted group never completed (only when the run deadlocked)
+    # but a posted op never completed (only when the run deadlocked)
     stuck: dict[int, int]
 
     @property
@@ -131,72 +131,65 @@ class RunResult:
         return bool(self.stuck)
 
 
-class _Batches:
-    """Posted groups per rank in posting order, and when each starts and completes."""
+class _Posted:
+    """Each rank's posted ops in posting order, and when each starts and completes."""
 
     def __init__(self, schedule: Schedule, matching: Matching) -> None:
         self.matching = matching
         P = schedule.num_stages
-        # per rank: batch number of each CommGroup action, and each batch's OpRefs
-        self.index_of: list[dict[int, int]] = [{} for _ in range(P)]
-        self.refs: list[list[list[OpRef]]] = [[] for _ in range(P)]
-        self.batch_of_op: list[dict[P2POp, int]] = [{} for _ in range(P)]
+        # per rank: the posting number of each CommGroup action and of each op, and the ops
+        self.number_of_action: list[dict[int, int]] = [{} for _ in range(P)]
+        self.number_of_op: list[dict[P2POp, int]] = [{} for _ in range(P)]
+        self.refs: list[list[OpRef]] = [[] for _ in range(P)]
         for rank, actions in enumerate(schedule.stages):
             for index, action in enumerate(actions):
                 if isinstance(action, CommGroup):
-                    b = len(self.refs[rank])
-                    self.index_of[rank][index] = b
-                    self.refs[rank].append(
-                        [OpRef(rank, index, op) for op in canonical_ops(action.ops)]
-                    )
-                    for op in action.ops:
-                        self.batch_of_op[rank][op] = b
+                    n = len(self.refs[rank])
+                    self.number_of_action[rank][index] = n
+                    self.number_of_op[rank][action.op] = n
+                    self.refs[rank].append(OpRef(rank, index, action.op))
         self.posted: list[list[float | None]] = [[None] * len(r) for r in self.refs]
-        self.done: list[list[float]] = [[] for _ in range(P)]  # completion of batches 0..k-1
+        self.done: list[list[float]] = [[] for _ in range(P)]  # completion of ops 0..k-1
 
-    def start(self, rank: int, b: int) -> float | None:
-        """When batch b of `rank` starts: posted and the rank's previous batch completed."""
-        posted = self.posted[rank][b]
-        if posted is None or len(self.done[rank]) < b:
+    def start(self, rank: int, n: int) -> float | None:
+        """When op n of `rank` starts: posted and the rank's previous op completed."""
+        posted = self.posted[rank][n]
+        if posted is None or len(self.done[rank]) < n:
             return None
-        return posted if b == 0 else max(posted, self.done[rank][b - 1])
+        return posted if n == 0 else max(posted, self.done[rank][n - 1])
 
     def resolve(self, transfer_time: Callable[[P2POp], float], eager_sends: bool) -> bool:
-        """Complete every batch that can complete now; whether any did."""
+        """Complete every op that can complete now; whether any did."""
         progress, changed = False, True
         while changed:
             changed = False
             for rank in range(len(self.refs)):
                 while len(self.done[rank]) < len(self.refs[rank]):
-                    b = len(self.done[rank])
-                    begin = self.start(rank, b)
+                    n = len(self.done[rank])
+                    begin = self.start(rank, n)
                     if begin is None:
                         break
-                    finish = self._finish(rank, b, begin, transfer_time, eager_sends)
+                    finish = self._finish(self.refs[rank][n], begin, transfer_time, eager_sends)
                     if finish is None:
                         break
                     self.done[rank].append(finish)
                     changed = progress = True
         return progress
 
-    def _finish(self, rank, b, begin, transfer_time, eager_sends) -> float | None:
-        finish = begin
-        for ref in self.refs[rank][b]:
-            if eager_sends and ref.op.is_send:
-                finish = max(finish, begin + transfer_time(ref.op))
-                continue
-            peer = self.matching.peer.get(ref)
-            if peer is None:
-                return None
-            peer_begin = self.start(peer.rank, self.index_of[peer.rank][peer.action])
-            if peer_begin is None:
-                return None
-            if eager_sends:
-                arrived = max(begin, peer_begin + transfer_time(ref.op))
-            else:
-                arrived = max(begin, peer_begin) + transfer_time(ref.op)
-            finish = max(finish, arrived)
-        return finish
+    def _finish(self, ref: OpRef, begin: float, transfer_time: Callable[[P2POp], float],
+                eager_sends: bool) -> float | None:
+        """When `ref`, started at `begin`, completes; None while its peer has not started."""
+        if eager_sends and ref.op.is_send:
+            return begin + transfer_time(ref.op)
+        peer = self.matching.peer.get(ref)
+        if peer is None:
+            return None
+        peer_begin = self.start(peer.rank, self.number_of_action[peer.rank][peer.action])
+        if peer_begin is None:
+            return None
+        if eager_sends:
+            return max(begin, peer_begin + transfer_time(ref.op))
+        return max(begin, peer_begin) + transfer_time(ref.op)
 
 
 def run_network(
@@ -209,15 +202,15 @@ def run_network(
     """Run every rank's list under the model in the module docstring; times are exact.
 
     `eager_sends` models buffered sends instead (small NCCL/gloo messages): a send completes
-    ``transfer_time`` after its group starts, whether or not the receive is posted; the receive
-    completes once its group has started and the data has arrived. Rendezvous is the contract
-    the validator proves; eager is the optimistic bound.
+    ``transfer_time`` after it starts, whether or not the receive is posted; the receive
+    completes once it has started and the data has arrived. Rendezvous is the contract the
+    validator proves; eager is the optimistic bound.
     """
     stages = schedule.stages
     P = schedule.num_stages
     start: list[list[float | None]] = [[None] * len(a) for a in stages]
     end: list[list[float | None]] = [[None] * len(a) for a in stages]
-    batches = _Batches(schedule, matching)
+    posted = _Posted(schedule, matching)
     pos = [0] * P
     clock = [0.0] * P
     changed = True
@@ -233,28 +226,28 @@ def run_network(
                     clock[rank] += compute_time(rank, action)
                 elif isinstance(action, CommGroup):
                     start[rank][index] = clock[rank]
-                    batches.posted[rank][batches.index_of[rank][index]] = clock[rank]
+                    posted.posted[rank][posted.number_of_action[rank][index]] = clock[rank]
                 elif isinstance(action, Wait):
-                    needed = {batches.batch_of_op[rank].get(op) for op in action.ops}
+                    needed = {posted.number_of_op[rank].get(op) for op in action.ops}
                     if None in needed:
                         raise ValueError(
                             f"stage {rank} action {index} waits for an op it never posted"
                         )
                     last = max(needed, default=-1)
-                    if len(batches.done[rank]) <= last:
-                        batches.resolve(transfer_time, eager_sends)
-                    if len(batches.done[rank]) <= last:
+                    if len(posted.done[rank]) <= last:
+                        posted.resolve(transfer_time, eager_sends)
+                    if len(posted.done[rank]) <= last:
                         break
                     start[rank][index] = clock[rank]
-                    clock[rank] = max([clock[rank], *(batches.done[rank][b] for b in needed)])
+                    clock[rank] = max([clock[rank], *(posted.done[rank][n] for n in needed)])
                 end[rank][index] = clock[rank]
                 pos[rank] += 1
                 changed = True
         if not changed:
-            changed = batches.resolve(transfer_time, eager_sends)
+            changed = posted.resolve(transfer_time, eager_sends)
     stuck = {rank: pos[rank] for rank in range(P) if pos[rank] < len(stages[rank])}
     for rank in range(P):
-        if rank not in stuck and len(batches.done[rank]) < len(batches.refs[rank]):
+        if rank not in stuck and len(posted.done[rank]) < len(posted.refs[rank]):
             stuck[rank] = len(stages[rank])
     return RunResult(start=start, end=end, stuck=stuck)
 
@@ -262,12 +255,14 @@ def run_network(
 def describe_deadlock(schedule: Schedule, matching: Matching, result: RunResult) -> str:
     """Where each blocked rank sits, and for the first group it cannot complete, why."""
     V = schedule.num_chunks
-    batches = _Batches(schedule, matching)
+    posted = _Posted(schedule, matching)
     for rank, actions in enumerate(schedule.stages):
         for index, action in enumerate(actions):
             if isinstance(action, CommGroup) and result.start[rank][index] is not None:
-                batches.posted[rank][batches.index_of[rank][index]] = result.start[rank][index]
-    batches.resolve(lambda op: 0.0, False)
+                posted.posted[rank][posted.number_of_action[rank][index]] = (
+                    result.start[rank][index]
+                )
+    posted.resolve(lambda op: 0.0, False)
     lines = []
     for rank, index in sorted(result.stuck.items()):
         actions = schedule.stages[rank]
@@ -276,37 +271,32 @@ def describe_deadlock(schedule: Schedule, matching: Matching, result: RunResult)
             if index < len(actions)
             else f"stage {rank} finished its list with posted groups never completed"
         )
-        b = len(batches.done[rank])
-        group = batches.refs[rank][b] if b < len(batches.refs[rank]) else []
-        reasons = []
-        for ref in group:
-            peer = matching.peer.get(ref)
-            name = ref.op.format(max(V, 2))
-            if peer is None:
-                reasons.append(f"{name} (never matched)")
-                continue
-            pb = batches.index_of[peer.rank][peer.action]
-            if batches.posted[peer.rank][pb] is None:
-                reasons.append(
-                    f"{name} (peer stage {peer.rank} has not reached action {peer.action} "
-                    f"{schedule.stages[peer.rank][peer.action].format(V)})"
-                )
-            elif batches.start(peer.rank, pb) is None:
-                queued = schedule.stages[peer.rank]
-                ahead = next(
-                    i
-                    for i, bb in batches.index_of[peer.rank].items()
-                    if bb == len(batches.done[peer.rank])
-                )
-                reasons.append(
-                    f"{name} (peer stage {peer.rank} posted it behind its own unfinished group "
-                    f"{queued[ahead].format(V)} at action {ahead})"
-                )
-        detail = ""
-        if group:
-            detail = (
-                f"; its group {schedule.stages[rank][group[0].action].format(V)} at action "
-                f"{group[0].action} waits for " + ", ".join(reasons)
+        n = len(posted.done[rank])
+        if n < len(posted.refs[rank]):
+            ref = posted.refs[rank][n]
+            where += (
+                f"; its group {schedule.stages[rank][ref.action].format(V)} at action "
+                f"{ref.action} waits for " + _why_stuck(schedule, posted, ref)
             )
-        lines.append(where + detail)
+        lines.append(where)
     return "; ".join(lines)
+
+
+def _why_stuck(schedule: Schedule, posted: _Posted, ref: OpRef) -> str:
+    """Why the peer end of `ref` has not started."""
+    V = schedule.num_chunks
+    name = ref.op.format(max(V, 2))
+    peer = posted.matching.peer.get(ref)
+    if peer is None:
+        return f"{name} (never matched)"
+    n = posted.number_of_action[peer.rank][peer.action]
+    if posted.posted[peer.rank][n] is None:
+        return (
+            f"{name} (peer stage {peer.rank} has not reached action {peer.action} "
+            f"{schedule.stages[peer.rank][peer.action].format(V)})"
+        )
+    ahead = posted.refs[peer.rank][len(posted.done[peer.rank])].action
+    return (
+        f"{name} (peer stage {peer.rank} posted it behind its own unfinished group "
+        f"{schedule.stages[peer.rank][ahead].format(V)} at action {ahead})"
+    )

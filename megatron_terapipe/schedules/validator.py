@@ -1,7 +1,7 @@
 """Schedule validator: a schedule the executor would run wrong, or hang on, is rejected here.
 
 Checks, in the order they are reported:
-1. shape: stage count, index ranges, group well-formedness (at most one op per op name);
+1. shape: stage count, index ranges, one known op per CommGroup (`CommGroup.op`);
 2. every (m, t, v) forward and backward runs exactly once per stage;
 3. local order: F(m,t,v) after F(m,t-1,v); B(m,t,v) after F(m,t,v) and after B(m,t+1,v); a
    split backward's W(m,t,v) at most once, after B(m,t,v), in the chunk's backward order, and
@@ -13,7 +13,7 @@ Checks, in the order they are reported:
    the sent output deallocated), other sends as late as the end of the list;
 5. FIFO channel matching pairs every send with a receive of the same payload between adjacent
    virtual stages;
-6. a zero-cost run of the network model (`network.py`: non-blocking posts, each rank's groups
+6. a zero-cost run of the network model (`network.py`: non-blocking posts, each rank's ops
    run in posting order on one serial stream, rendezvous) finishes: no deadlock on NCCL or gloo.
 Cross-stage data dependencies follow from 4-6: a receive completes only once its send is posted,
 and a compute reads a receive only after waiting for it.
@@ -104,13 +104,11 @@ def _shape_problems(s: Schedule) -> list[str]:
                 items = [(op.kind, op.microbatch, op.token_slice, op.chunk) for op in action.ops]
             elif isinstance(action, CommGroup):
                 names = [op.op for op in action.ops]
-                if not names:
-                    problems.append(f"{where}: empty CommGroup")
+                size_problem = action.size_problem()
+                if size_problem:
+                    problems.append(f"{where}: {size_problem}")
                 if any(n not in OP_NAMES for n in names):
                     problems.append(f"{where}: unknown op in {names}")
-                dup = [n for n, c in Counter(names).items() if c > 1]
-                if dup:
-                    problems.append(f"{where}: CommGroup holds {dup} more than once")
                 items = [(op.kind, op.microbatch, op.token_slice, op.chunk) for op in action.ops]
             else:
                 problems.append(f"{where}: not a Compute or CommGroup: {action!r}")

@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_terapipe.schedules.communication import canonical_ops
 from megatron_terapipe.schedules.in_flight import in_flight
 from megatron_terapipe.schedules.ir import (
     FORWARD,
@@ -149,7 +148,7 @@ def simulate(
             if isinstance(action, Compute):
                 events.append(TimelineEvent(rank, action.kind, *action.unit, start=start, end=end))
             elif isinstance(action, Wait) and end > start:
-                ops = canonical_ops(action.ops)
+                ops = action.ops
                 shown = next((op for op in ops if not op.is_send), ops[0])
                 events.append(
                     TimelineEvent(
