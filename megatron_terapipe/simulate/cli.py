@@ -17,7 +17,10 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from megatron_terapipe.flag_values import output_file_problem
 from megatron_terapipe.schedules.generators import SCHEDULES, TOKEN_SCHEDULES, build_schedule
+from megatron_terapipe.schedules.ir import Schedule
+from megatron_terapipe.schedules.text import ScheduleTextError, parse_schedule
 from megatron_terapipe.schedules.validator import ScheduleError, find_problems
 from megatron_terapipe.simulate.costs import ActionCosts
 from megatron_terapipe.simulate.simulator import P2P_MODES, SimulationResult, simulate
@@ -81,6 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     s.add_argument("--print-schedule", action="store_true", help="print the per-stage actions")
     s.add_argument(
+        "--schedule-file",
+        metavar="FILE",
+        help="a schedule of your own, one 'stage <rank>: <actions>' line per rank in the notation "
+        "--print-schedule prints (computes alone get their P2P from the placement rule); its "
+        "stages, micro-batches, slices and chunks replace --schedule, -P, -M and -V, and it is "
+        "validated before it is simulated",
+    )
+    s.add_argument(
         "--split-backward",
         action="store_true",
         help="split each backward that sends a gradient into B and W (--token-pipeline-split-"
@@ -141,8 +152,6 @@ def _require_positive(parser: argparse.ArgumentParser, **flags: int | None) -> N
 def _check_values(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Ratios and rates that cannot be, and outputs that cannot be written: refused before the
     simulation runs (not after, when the trace or plot is written)."""
-    from megatron_terapipe.slicing.cli import output_file_problem
-
     for flag, value in (
         ("--backward-ratio", args.backward_ratio),
         ("--device-tflops", args.device_tflops),
@@ -238,7 +247,7 @@ def _analytic_costs(
 def _model_dims(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict[str, int]:
     dims = {"num_layers": None, "hidden_size": None, "num_attention_heads": None}
     if args.model:
-        from megatron_terapipe.slicing.cli import MODELS
+        from megatron_terapipe.flag_values import MODELS
 
         if args.model not in MODELS:
             parser.error(f"--model={args.model!r} is unknown; valid choices: {', '.join(MODELS)}")
@@ -289,6 +298,30 @@ def format_table(result: SimulationResult) -> str:
     return "\n".join(lines)
 
 
+def _schedule_from_file(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Schedule:
+    """The user's schedule, refused with the validator's problems when it would not run; the
+    flags that describe its shape take the file's values."""
+    try:
+        with open(args.schedule_file, encoding="utf-8") as handle:
+            schedule = parse_schedule(handle.read())
+    except OSError as err:
+        parser.error(f"--schedule-file {args.schedule_file}: {err.strerror}")
+    except ScheduleTextError as err:
+        parser.error(f"--schedule-file {args.schedule_file}: {err}")
+    problems = find_problems(schedule)
+    if problems:
+        parser.error(f"--schedule-file {args.schedule_file} is not a valid schedule:\n  "
+                     + "\n  ".join(problems))
+    args.schedule = schedule.name
+    args.pipeline_model_parallel_size = schedule.num_stages
+    args.num_microbatches = schedule.num_microbatches
+    args.virtual_pipeline_model_parallel_size = schedule.num_chunks
+    args.split_backward = schedule.split_backward
+    if args.token_slices is None and args.num_token_slices is None:
+        args.num_token_slices = schedule.num_token_slices
+    return schedule
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -306,21 +339,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     num_chunks = args.virtual_pipeline_model_parallel_size
     if num_chunks is None:
         num_chunks = 2 if args.schedule in INTERLEAVED_SCHEDULES else 1
-    slices = _resolve_slices(parser, args)
-    try:
-        schedule = build_schedule(
-            args.schedule,
-            args.pipeline_model_parallel_size,
-            args.num_microbatches,
-            len(slices),
-            num_chunks,
-            split_backward=args.split_backward,
-        )
-    except ValueError as err:
-        parser.error(_flagged(str(err)))
-    problems = find_problems(schedule)
-    if problems:  # a generator bug: report it as such rather than as a usage error
-        raise ScheduleError(schedule.name, problems)
+    if args.schedule_file:
+        schedule = _schedule_from_file(parser, args)
+        num_chunks = schedule.num_chunks
+        slices = _resolve_slices(parser, args)
+        if len(slices) != schedule.num_token_slices:
+            parser.error(f"--schedule-file {args.schedule_file} has {schedule.num_token_slices} "
+                         f"token slices, but {len(slices)} slice lengths were given")
+    else:
+        slices = _resolve_slices(parser, args)
+        try:
+            schedule = build_schedule(
+                args.schedule,
+                args.pipeline_model_parallel_size,
+                args.num_microbatches,
+                len(slices),
+                num_chunks,
+                split_backward=args.split_backward,
+            )
+        except ValueError as err:
+            parser.error(_flagged(str(err)))
+        problems = find_problems(schedule)
+        if problems:  # a generator bug: report it as such rather than as a usage error
+            raise ScheduleError(schedule.name, problems)
 
     share = 0.5 if args.weight_grad_share is None else args.weight_grad_share
     if args.weight_grad_share is not None and not args.split_backward:
