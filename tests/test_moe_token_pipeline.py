@@ -19,7 +19,7 @@ import pytest
 from megatron_terapipe.testing.equivalence import (
     ReferenceCache,
     check_run,
-    run_and_check,
+    problems_by_world_size,
     run_parallel,
 )
 from megatron_terapipe.testing.moe import aux_losses, moe_gpt, per_slice_router_cases
@@ -140,10 +140,7 @@ def references() -> ReferenceCache:
 @pytest.fixture(scope="module")
 def problems(references):
     """Run every case once (one spawn per world size) and keep each case's problems."""
-    found: dict[str, list[str]] = {}
-    for world_size, cases in ((1, SINGLE_RANK), (2, TWO_RANKS), (4, FOUR_RANKS)):
-        found.update(run_and_check(cases, world_size, references))
-    return found
+    return problems_by_world_size({1: SINGLE_RANK, 2: TWO_RANKS, 4: FOUR_RANKS}, references)
 
 
 @pytest.mark.parametrize("name", [*SINGLE_RANK, *TWO_RANKS, *FOUR_RANKS])

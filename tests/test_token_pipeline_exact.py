@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import pytest
 
-from megatron_terapipe.testing.equivalence import ReferenceCache, run_and_check
+from megatron_terapipe.testing.equivalence import (
+    ReferenceCache,
+    problems_by_world_size,
+    run_and_check,
+)
 from megatron_terapipe.testing.gpt import TinyGPT
 from megatron_terapipe.testing.runner import RunCase
 
@@ -163,9 +167,7 @@ def references() -> ReferenceCache:
 @pytest.fixture(scope="module")
 def problems(references):
     """Run every case once (one spawn per world size) and keep each case's problems."""
-    found: dict[str, list[str]] = {}
-    for world_size, cases in ((1, SINGLE_RANK), (2, TWO_RANKS), (4, FOUR_RANKS)):
-        found.update(run_and_check(cases, world_size, references))
+    found = problems_by_world_size({1: SINGLE_RANK, 2: TWO_RANKS, 4: FOUR_RANKS}, references)
     found.update(run_and_check(FOUR_RANKS_ADAM, 4, references, rtol=ADAM_RTOL))
     return found
 

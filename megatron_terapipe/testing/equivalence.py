@@ -390,6 +390,20 @@ def run_and_check(
     }
 
 
+def problems_by_world_size(
+    groups: dict[int, dict[str, RunCase]],
+    references: ReferenceCache | None = None,
+    rtol: float = DEFAULT_RTOL,
+) -> dict[str, list[str]]:
+    """Every case of every world size (one spawn per world size, one shared reference cache):
+    what an exactness module's `problems` fixture hands its per-case tests."""
+    references = references or ReferenceCache()
+    found: dict[str, list[str]] = {}
+    for world_size, cases in groups.items():
+        found.update(run_and_check(cases, world_size, references, rtol))
+    return found
+
+
 def max_abs_differences(
     case: RunCase, rank_results: list[dict[str, Any]], reference: Reference
 ) -> dict[str, float]:
