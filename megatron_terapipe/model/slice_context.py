@@ -14,14 +14,11 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from megatron_terapipe.token_slices import slice_offsets
-
-if TYPE_CHECKING:
-    from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads
 
 
 @dataclass(frozen=True)
@@ -99,9 +96,8 @@ class TokenSliceContext:
         # (chunk, micro-batch) -> {id(module): state} of modules whose terms span the whole
         # micro-batch (the MoE router's load-balancing and z-losses); dropped with the buffers
         self._microbatch_state: dict[tuple[int, int], dict[int, Any]] = {}
-        # Set while a split backward runs: its weight-gradient GEMMs queue here
-        # (`weight_grad_deferral`), for the unit's W action.
-        self.deferred_weight_grads: DeferredWeightGrads | None = None
+        # owner -> state that owner keeps for the whole step (`step_state`)
+        self._step_state: dict[object, Any] = {}
 
     @contextlib.contextmanager
     def running(self, chunk: int, microbatch: int, token_slice: int) -> Iterator[CurrentSlice]:
@@ -147,6 +143,17 @@ class TokenSliceContext:
         state = group.get(id(module))
         if state is None:
             state = group[id(module)] = make()
+        return state
+
+    def step_state(self, owner: object, make: Callable[[], Any]) -> Any:
+        """The state `owner` keeps for this step; `make()` on first use.
+
+        For code that megatron-core calls without a handle of ours (a wrapped kernel): the
+        context is the one place it can reach, and state kept here ends with the step.
+        """
+        state = self._step_state.get(owner)
+        if state is None:
+            state = self._step_state[owner] = make()
         return state
 
     def buffers(self, chunk: int, microbatch: int) -> list[PrefixKV]:

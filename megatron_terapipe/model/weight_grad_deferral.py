@@ -8,10 +8,10 @@ The weight-gradient GEMMs are megatron-core's own: with gradient-accumulation fu
 layers' backward (`LinearWithGradAccumulationAndAsyncCommunication`) hands them to
 `fused_weight_gradient_mlp_cuda` (apex on GPUs, `compat.cpu`'s equivalent on the CPU) as
 (input, output gradient, main_grad). `install_weight_grad_deferral` wraps that kernel module so
-that, while the step's slice context collects (`TokenSliceContext.deferred_weight_grads`), each
-call is queued with its tensors instead of run; the W action runs the queue with the same kernel
-in the same order, so the gradients are bitwise those of the unsplit backward. Outside a
-collecting backward the wrapper calls straight through.
+that, while a split backward collects (`deferring_weight_grads`, whose queue this module keeps
+in the step's slice context), each call is queued with its tensors instead of run; the W action
+runs the queue with the same kernel in the same order, so the gradients are bitwise those of
+the unsplit backward. Outside a collecting backward the wrapper calls straight through.
 
 Not every layer can be split this way (reasons: `unsupported_features.SPLIT_BACKWARD_LIMITS`).
 The argument check rejects by flag what the flags show; `check_split_backward`, which the
@@ -79,9 +79,23 @@ class _DeferringWeightGradKernel:
         return getattr(self.kernel, name)
 
 
+class _Collecting:
+    """This module's channel in the step's slice context: the queue of the split backward
+    running now, None outside one. Kept in the context (`TokenSliceContext.step_state`) because
+    the wrapped kernel is called by megatron-core with no handle of ours, and so that it ends
+    with the step."""
+
+    def __init__(self) -> None:
+        self.queue: DeferredWeightGrads | None = None
+
+
+def _collecting(context: TokenSliceContext) -> _Collecting:
+    return context.step_state(_Collecting, _Collecting)
+
+
 def _call_or_queue(kernel: Callable, *args: torch.Tensor) -> None:
     context = get_slice_context()
-    queue = context.deferred_weight_grads if context is not None else None
+    queue = _collecting(context).queue if context is not None else None
     if queue is None:
         kernel(*args)
     else:
@@ -113,14 +127,15 @@ def install_weight_grad_deferral() -> None:
 @contextlib.contextmanager
 def deferring_weight_grads(context: TokenSliceContext) -> Iterator[DeferredWeightGrads]:
     """Queue the weight-gradient GEMMs of the backward run inside, instead of running them."""
-    if context.deferred_weight_grads is not None:
+    collecting = _collecting(context)
+    if collecting.queue is not None:
         raise RuntimeError("token pipeline: weight gradients are already being deferred")
     queue = DeferredWeightGrads()
-    context.deferred_weight_grads = queue
+    collecting.queue = queue
     try:
         yield queue
     finally:
-        context.deferred_weight_grads = None
+        collecting.queue = None
 
 
 def _defers(module: torch.nn.Module) -> bool:
