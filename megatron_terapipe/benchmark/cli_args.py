@@ -1,11 +1,12 @@
 """Command-line flags of the benchmark scripts: pretrain_gpt.py's own model and layout flags.
 
-The flags are not re-declared: `add_model_args` copies the "network size" and "parallelism"
-groups (and the model-shaping training flags) out of `training.args.build_parser()`, so the
-benchmark accepts exactly what pretrain_gpt.py accepts for the model and layout, with the same
-defaults and choices. `model_args` then runs pretrain_gpt.py's own validation and derivation
-(`training.args.validate_args`), and `training.model` builds the chunks from the result: one
-path from flags to GPTModel for trainer, benchmark and demo.
+The flags are not re-declared: `add_model_args` copies the "network size", "mixture of experts"
+and "parallelism" groups (and the model-shaping training flags) out of
+`training.args.build_parser()`, so the benchmark accepts exactly what pretrain_gpt.py accepts
+for the model and layout, with the same defaults and choices. `model_args` then runs
+pretrain_gpt.py's own validation and derivation (`training.args.validate_args`), and
+`training.model` builds the chunks from the result: one path from flags to GPTModel for
+trainer, benchmark and demo.
 
 `--config` takes a `configs/*.args` entry (the format pretrain_gpt.py reads), expanded in
 place so that later flags override it; pretrain_gpt.py flags that do not shape the model
@@ -21,7 +22,9 @@ from collections.abc import Sequence
 
 CONFIG_DIR = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "configs"))
 
-MODEL_GROUPS = ("network size", "parallelism")
+# "mixture of experts": an MoE GPT (--num-experts, --moe-router-topk, ...) is benchmarked as
+# the dense one, stock 1F1B on the same kernel being the baseline.
+MODEL_GROUPS = ("network size", "mixture of experts", "parallelism")
 # pretrain_gpt.py's "training"/"data" flags that shape the model or the step.
 MODEL_TRAINING_FLAGS = (
     "--micro-batch-size", "--global-batch-size", "--seq-length", "--bf16", "--fp16",
@@ -150,11 +153,13 @@ def model_args(args: argparse.Namespace, microbatches: int) -> argparse.Namespac
     """
     from megatron_terapipe.training.args import ArgumentValidationError, build_parser, validate_args
 
-    if args.tensor_model_parallel_size != 1 or args.context_parallel_size != 1:
+    if (args.tensor_model_parallel_size != 1 or args.context_parallel_size != 1
+            or args.expert_model_parallel_size != 1):
         raise SystemExit(
             f"--tensor-model-parallel-size={args.tensor_model_parallel_size}, "
-            f"--context-parallel-size={args.context_parallel_size}: the benchmark runs one "
-            "pipeline of PP ranks (TP = CP = 1)"
+            f"--context-parallel-size={args.context_parallel_size}, "
+            f"--expert-model-parallel-size={args.expert_model_parallel_size}: the benchmark "
+            "runs one pipeline of PP ranks (TP = CP = EP = 1)"
         )
     full = build_parser().parse_args([
         "--train-iters", "1", "--lr", "0", "--mock-data", "--tokenizer-type", "NullTokenizer",

@@ -261,7 +261,16 @@ def run_benchmark(rank: int, world_size: int, spec: BenchSpec) -> dict[str, Any]
         # What the built models run with (the flag, where megatron-core has the kernel).
         "gradient_accumulation_fusion": all(
             built.config.gradient_accumulation_fusion for built in models.values()),
+        # megatron-core MoE layers in this rank's baseline model (0: a dense GPT), so a report
+        # can say which model ran, and the MoE flags are seen to reach it.
+        "moe_layers": _moe_layers(models[(SAME_KERNEL, None)]),
     }
+
+
+def _moe_layers(built: BuiltModel) -> int:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return sum(isinstance(m, MoELayer) for chunk in built.chunks for m in chunk.modules())
 
 
 def _overlaps_grad_reduce(spec: BenchSpec) -> bool:
