@@ -16,20 +16,26 @@ import torch
 
 
 def num_floating_point_operations(args: Namespace, batch_size: int) -> float:
-    """Model FLOPs of one step of `batch_size` sequences (forward + backward), dense GPT.
+    """Model FLOPs of one step of `batch_size` sequences (forward + backward).
 
-    Megatron-LM's dense-transformer count: 3 (fwd + 2x bwd) x 2 (multiply-add) x the GEMMs:
-    QKV and output projections, causal attention scores and values, MLP, and the logits.
+    Megatron-LM's transformer count: 3 (fwd + 2x bwd) x 2 (multiply-add) x the GEMMs: QKV and
+    output projections, causal attention scores and values, MLP, and the logits. In an MoE
+    layer (every layer, with --num-experts) a token runs the MLP of its top-k experts and the
+    shared expert; the router's GEMM is not counted, as in Megatron-LM.
     """
     s, h, layers = args.seq_length, args.hidden_size, args.num_layers
     kv = args.kv_channels * args.num_query_groups
     q = args.kv_channels * args.num_attention_heads
     gated = 1.5 if args.swiglu else 1.0
+    mlp_width = args.ffn_hidden_size
+    if getattr(args, "num_experts", None) is not None:
+        expert = args.moe_ffn_hidden_size or args.ffn_hidden_size
+        mlp_width = expert * args.moe_router_topk + (args.moe_shared_expert_intermediate_size or 0)
     per_token_per_layer = (
         h * (q + 2 * kv)  # QKV projection
         + q * h  # output projection
         + s * q  # QK^T and AV, causal (half of 2 * s * q)
-        + 2 * h * args.ffn_hidden_size * gated  # MLP
+        + 2 * h * mlp_width * gated  # MLP
     )
     per_token = layers * per_token_per_layer + h * args.padded_vocab_size
     return 3 * 2 * batch_size * s * per_token
