@@ -39,9 +39,9 @@ def _probe_against_megatron(rank: int, world_size: int, spec) -> dict:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_terapipe.benchmark.batches import synthetic_microbatches
     from megatron_terapipe.benchmark.contention import StageProbe, probe_round
     from megatron_terapipe.benchmark.models import build_model
+    from megatron_terapipe.model.synthetic_batches import synthetic_microbatches
     from megatron_terapipe.training.data import forward_step
 
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world_size)
@@ -75,9 +75,9 @@ def _probe_with_real_p2p_tensors(rank: int, world_size: int, spec) -> dict:
     from megatron.core import parallel_state, tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from megatron_terapipe.benchmark.batches import synthetic_microbatches
     from megatron_terapipe.benchmark.contention import StageProbe
     from megatron_terapipe.benchmark.models import build_model
+    from megatron_terapipe.model.synthetic_batches import synthetic_microbatches
     from megatron_terapipe.training.data import forward_step
 
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world_size)
@@ -125,9 +125,9 @@ def _probe_round_bf16(rank: int, world_size: int, spec) -> dict:
     import torch
     from megatron.core import parallel_state, tensor_parallel
 
-    from megatron_terapipe.benchmark.batches import synthetic_microbatches
     from megatron_terapipe.benchmark.contention import StageProbe, probe_round
     from megatron_terapipe.benchmark.models import build_model
+    from megatron_terapipe.model.synthetic_batches import synthetic_microbatches
 
     parallel_state.initialize_model_parallel(pipeline_model_parallel_size=world_size)
     tensor_parallel.model_parallel_cuda_manual_seed(1234)

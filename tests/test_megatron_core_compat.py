@@ -66,3 +66,16 @@ def test_load_optimizer_state_loads_a_checkpoint_saved_with_another_lr():
     megatron_core.load_optimizer_state(current, saved)
     assert current.param_groups[0]["max_lr"] == 0.5
     assert current.param_groups[0]["min_lr"] == 0.05
+
+
+def test_interleaved_deallocation_bridge_knows_whether_the_send_is_awaited():
+    """Releases before 0.18 free an output while its overlapped send may still read it; the
+    config keeps such outputs allocated there (`model.transformer_config`)."""
+    fact = megatron_core.INTERLEAVED_SCHEDULE_WAITS_FOR_SEND_BEFORE_DEALLOCATING
+    assert fact == (_release() >= (0, 18))
+    source = inspect.getsource(schedules.forward_backward_pipelining_with_interleaving)
+    folded = "".join(source.split())
+    assert megatron_core.interleaved_schedule_waits_for_send(folded) == fact
+    # the installed schedule with its guarded waits taken out reads as an older release
+    unguarded = folded.replace("andconfig.deallocate_pipeline_outputs:", ":")
+    assert not megatron_core.interleaved_schedule_waits_for_send(unguarded)

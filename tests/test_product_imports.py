@@ -1,4 +1,6 @@
-"""Product modules never import the test-support package `megatron_terapipe.testing`."""
+"""Dependencies point down: product modules never import the test-support package
+`megatron_terapipe.testing`, the test support never imports the benchmark, and one module
+builds megatron-core's TransformerConfig."""
 
 import ast
 import os
@@ -19,11 +21,15 @@ def _product_modules():
                 yield os.path.join(folder, name)
 
 
-def _imports_testing(path: str) -> list[str]:
+def _tree(path: str) -> ast.AST:
     with open(path, encoding="utf-8") as handle:
-        tree = ast.parse(handle.read(), path)
+        return ast.parse(handle.read(), path)
+
+
+def _imports_of(path: str, package: str) -> list[str]:
+    """Every name `path` imports from `package` (a dotted name), module-level or not."""
     found = []
-    for node in ast.walk(tree):
+    for node in ast.walk(_tree(path)):
         if isinstance(node, ast.Import):
             names = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -31,15 +37,54 @@ def _imports_testing(path: str) -> list[str]:
             names = [module] + [f"{module}.{alias.name}" for alias in node.names]
         else:
             continue
-        found += [n for n in names if n == "megatron_terapipe.testing"
-                  or n.startswith("megatron_terapipe.testing.")]
+        found += [n for n in names if n == package or n.startswith(package + ".")]
     return found
+
+
+def _imports_testing(path: str) -> list[str]:
+    return _imports_of(path, "megatron_terapipe.testing")
+
+
+def _package_modules():
+    for folder, _, files in os.walk(PACKAGE):
+        for name in files:
+            if name.endswith(".py"):
+                yield os.path.join(folder, name)
+
+
+def _constructs_transformer_config(path: str) -> bool:
+    for node in ast.walk(_tree(path)):
+        if isinstance(node, ast.Call):
+            func = node.func
+            name = func.id if isinstance(func, ast.Name) else getattr(func, "attr", None)
+            if name == "TransformerConfig":
+                return True
+    return False
 
 
 def test_no_product_module_imports_testing():
     offenders = {os.path.relpath(p, ROOT): hits for p in _product_modules()
                  if (hits := _imports_testing(p))}
     assert not offenders, offenders
+
+
+def test_testing_does_not_import_the_benchmark():
+    """The tests' support sits below the benchmark: what both need lives in product modules."""
+    offenders = {}
+    for folder, _, files in os.walk(TESTING):
+        for name in files:
+            path = os.path.join(folder, name)
+            if name.endswith(".py") and (hits := _imports_of(path, "megatron_terapipe.benchmark")):
+                offenders[os.path.relpath(path, ROOT)] = hits
+    assert not offenders, offenders
+
+
+def test_one_module_constructs_transformer_config():
+    """Every model config comes from `model.transformer_config` (trainer, benchmark, tests'
+    reference, GPU check and profiler alike), so they cannot drift apart."""
+    builders = sorted(os.path.relpath(p, ROOT) for p in _package_modules()
+                      if _constructs_transformer_config(p))
+    assert builders == ["megatron_terapipe/model/transformer_config.py"], builders
 
 
 def test_scripts_and_benchmark_load_without_testing():

@@ -27,6 +27,7 @@ from megatron_terapipe.testing.equivalence import (
     relative_error,
     run_parallel,
 )
+from megatron_terapipe.testing.gpt import TinyGPT
 from megatron_terapipe.testing.runner import RunCase
 
 # Two steps, so the second step's forward runs on weights the first step's optimizer changed.
@@ -50,7 +51,18 @@ TWO_RANKS = {
 }
 FOUR_RANKS = {
     "tp2-pp2-1f1b": replace(SGD, tensor_parallel=2, pipeline_parallel=2),
+    # 8 layers = PP 4 x VP 2 chunks of one layer; no two P2P directions share a peer here.
+    "pp4-vp2-interleaved": replace(
+        SGD, model=TinyGPT(num_layers=8), pipeline_parallel=4, virtual_pipeline=2
+    ),
 }
+# Stock interleaving at PP 2 in megatron-core's batched P2P mode, the one
+# `model.transformer_config` does not choose: each rank's batch sends to the next and to the
+# previous stage, the same peer, in an order that peer's receives do not match.
+BATCHED_P2P = replace(
+    TWO_RANKS["pp2-vp2-interleaved"],
+    model=TinyGPT(config_overrides=dict(overlap_p2p_comm=False, batch_p2p_comm=True)),
+)
 # A parallel run started from slightly different weights: the comparison must object.
 PERTURBED = replace(SGD, pipeline_parallel=2)
 PERTURBED_KEY = "decoder.layers.mlp.linear_fc1.weight"
@@ -68,17 +80,18 @@ def _perturbed(initial: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def results(references):
     """Each case's per-rank results: one spawn per world size, one for all references."""
     references.prefetch(
-        [(case, 2) for case in [*TWO_RANKS.values(), OTHER_DATA]]
+        [(case, 2) for case in [*TWO_RANKS.values(), OTHER_DATA, BATCHED_P2P]]
         + [(case, 4) for case in FOUR_RANKS.values()]
     )
     runs = [(case, references.get(case, 2).initial) for case in TWO_RANKS.values()]
     runs.append((PERTURBED, _perturbed(references.get(PERTURBED, 2).initial)))
+    runs.append((BATCHED_P2P, references.get(BATCHED_P2P, 2).initial))
     two = run_parallel(runs, 2)
     four = run_parallel(
         [(case, references.get(case, 4).initial) for case in FOUR_RANKS.values()], 4
     )
     out = dict(zip(TWO_RANKS, two))
-    out["perturbed"] = two[-1]
+    out["perturbed"], out["batched-p2p"] = two[-2:]
     out.update(zip(FOUR_RANKS, four))
     return out
 
@@ -122,6 +135,15 @@ def test_comparison_detects_a_perturbed_weight(results, references):
     assert "grad chunk0.decoder.layers.1.mlp.linear_fc1.weight" in text  # ... and that grad
     assert "grad chunk0.decoder.layers.0." in text  # ... and grads upstream of it
     assert "update" in text  # ... and, with SGD, the updates
+
+
+def test_batched_p2p_at_pp2_is_not_megatron_cores_result(results, references):
+    """Why stock interleaving runs overlapped P2P: the batched mode at PP 2 pairs activations
+    with gradients (equal shapes, so silently) and its step is not the unpipelined one."""
+    config = TWO_RANKS["pp2-vp2-interleaved"].model
+    assert not config.config_overrides  # the interleaved case above runs the chosen mode
+    problems = check_run(BATCHED_P2P, results["batched-p2p"], references.get(BATCHED_P2P, 2))
+    assert any(" grad " in p for p in problems), problems
 
 
 def test_comparison_detects_different_data(results, references):

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 
-from megatron_terapipe.benchmark.batches import synthetic_microbatches
 from megatron_terapipe.benchmark.contention import StageProbe, probe_round
 from megatron_terapipe.benchmark.fit import P2PFit
 from megatron_terapipe.benchmark.memory import ActivationMemoryTracker, observe_token_pipeline
@@ -36,6 +35,7 @@ from megatron_terapipe.benchmark.p2p import calibrate_p2p
 from megatron_terapipe.benchmark.spec import SAME_KERNEL, BenchSpec, Variant
 from megatron_terapipe.benchmark.stock_timeline import StockRecorder
 from megatron_terapipe.compat.allocator import allocator_note, keep_freed_memory, minor_page_faults
+from megatron_terapipe.model.synthetic_batches import synthetic_microbatches
 from megatron_terapipe.timing import synchronized_clock
 from megatron_terapipe.training.data import forward_step
 

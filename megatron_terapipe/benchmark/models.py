@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from megatron_terapipe.benchmark.weights import load_global_state, local_weights
+from megatron_terapipe.model.weights import load_global_state, local_weights
 
 
 @dataclass

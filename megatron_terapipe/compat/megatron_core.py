@@ -40,6 +40,29 @@ def backward_step(input_tensor: Any, output_tensor: Any, output_tensor_grad: Any
     return _megatron_backward_step(input_tensor, output_tensor, output_tensor_grad, config)
 
 
+# -- 0.18.0: the interleaved schedule waits for an overlapped send before deallocating -------
+def _folded_source(function: Any) -> str:
+    try:
+        return "".join(inspect.getsource(function).split())
+    except (OSError, TypeError):  # no source: assume the older behaviour
+        return ""
+
+
+def interleaved_schedule_waits_for_send(source: str) -> bool:
+    """Whether this (whitespace-folded) source of megatron-core's interleaved schedule waits for
+    an overlapped forward send to finish before `deallocate_output_tensor` frees its data.
+
+    Without that wait (before 0.18) a deallocated output may still be read by its asynchronous
+    send, and the next stage can receive freed memory: wrong activations, at times NaN.
+    """
+    return "ifsend_next_wait_handleisnotNoneandconfig.deallocate_pipeline_outputs:" in source
+
+
+INTERLEAVED_SCHEDULE_WAITS_FOR_SEND_BEFORE_DEALLOCATING = interleaved_schedule_waits_for_send(
+    _folded_source(_schedules.forward_backward_pipelining_with_interleaving)
+)
+
+
 # -- 0.19.0: optimizer state is matched to param groups by their max_lr / min_lr --------------
 def _saved_param_groups(state: Any) -> list[dict]:
     """Every saved param group in `state` (an optimizer state dict, chained ones included), in

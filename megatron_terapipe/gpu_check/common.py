@@ -185,12 +185,12 @@ def build_gpt(shape: GPTShape, dtype, device, token_spec: bool = True, seed: int
     import torch
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_terapipe import token_pipeline_layer_spec
+    from megatron_terapipe.model.transformer_config import transformer_config
 
     torch.manual_seed(seed)
-    config = TransformerConfig(
+    config = transformer_config(
         num_layers=shape.num_layers,
         hidden_size=shape.hidden_size,
         num_attention_heads=shape.num_attention_heads,
@@ -200,11 +200,6 @@ def build_gpt(shape: GPTShape, dtype, device, token_spec: bool = True, seed: int
         bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
     )
     spec = get_gpt_layer_local_spec()
     if token_spec:

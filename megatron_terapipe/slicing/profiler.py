@@ -319,27 +319,23 @@ def _build_block(dims: dict[str, int], dtype: Any, device: Any, num_layers: int)
     import torch
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_block import TransformerBlock
-    from megatron.core.transformer.transformer_config import TransformerConfig
 
     from megatron_terapipe.model import token_pipeline_layer_spec
+    from megatron_terapipe.model.transformer_config import transformer_config
 
     t = dims["tensor_model_parallel_size"]
-    config = TransformerConfig(
+    # One TP shard's layer on one rank: the per-rank head and FFN sizes, TP size 1.
+    config = transformer_config(
         num_layers=num_layers,
         hidden_size=dims["hidden_size"],
         num_attention_heads=dims["num_attention_heads"] // t,
         num_query_groups=dims["num_query_groups"] // t,
         kv_channels=dims["hidden_size"] // dims["num_attention_heads"],
         ffn_hidden_size=dims["ffn_hidden_size"] // t,
-        use_cpu_initialization=True,
         params_dtype=dtype,
         bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        gradient_accumulation_fusion=False,
     )
     spec = token_pipeline_layer_spec(get_gpt_layer_local_spec())
     block = TransformerBlock(config, spec, post_layer_norm=False)

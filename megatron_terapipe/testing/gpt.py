@@ -1,7 +1,8 @@
 """Test support only: small megatron-core GPT models built identically for every layout.
 
 No product module imports this package (tests/test_product_imports.py enforces it); the
-trainer, the benchmark and the demo build their models through `training.model`.
+trainer, the benchmark and the demo build their models through `training.model`, and every
+config, these included, comes from `model.transformer_config`.
 """
 
 from __future__ import annotations
@@ -46,11 +47,16 @@ def transformer_config(
     sequence_parallel: bool = False,
     **overrides: Any,
 ):
-    """megatron-core TransformerConfig for `model` under the given parallel layout."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
+    """megatron-core TransformerConfig for `model` under the given parallel layout.
 
-    dtype = torch.bfloat16 if model.bf16 else torch.float32
-    kwargs = dict(
+    The product's `model.transformer_config` with `model`'s settings, so a test's reference
+    and the run under test are configured as the trainer configures its models.
+    `model.config_overrides`, then `overrides`, are Megatron-LM settings or TransformerConfig
+    fields, passed on as such.
+    """
+    from megatron_terapipe.model.transformer_config import transformer_config as build
+
+    settings: dict[str, Any] = dict(
         num_layers=model.num_layers,
         hidden_size=model.hidden_size,
         num_attention_heads=model.num_attention_heads,
@@ -60,31 +66,16 @@ def transformer_config(
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         sequence_parallel=sequence_parallel,
-        use_cpu_initialization=True,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
         bf16=model.bf16,
         hidden_dropout=model.hidden_dropout,
         attention_dropout=model.attention_dropout,
         recompute_granularity=model.recompute_granularity,
         recompute_method=model.recompute_method,
         recompute_num_layers=model.recompute_num_layers,
-        # The pure-torch fallbacks of the fused kernels; CPU has no fused ones.
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
     )
-    if virtual_pipeline is not None:
-        # Megatron-LM's defaults for interleaving. megatron-core's default batched p2p posts, with
-        # PP=2, a send to the previous and one to the next stage - the same peer - in an order
-        # that peer's receives do not match; gloo pairs messages per peer in order, so equal-shaped
-        # activations and gradients get swapped silently.
-        kwargs.update(overlap_p2p_comm=True, batch_p2p_comm=False)
-    kwargs.update(model.config_overrides)
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
+    settings.update(model.config_overrides)
+    settings.update(overrides)
+    return build(**settings)
 
 
 def build_gpt_chunks(model: TinyGPT, config, layer_spec=None) -> list:
@@ -123,7 +114,7 @@ def make_microbatches(
     model: TinyGPT, micro_batch_size: int, num_microbatches: int, seed: int = 0
 ) -> list[dict[str, torch.Tensor]]:
     """Deterministic token batches with a ragged loss mask (the benchmark's synthetic data)."""
-    from megatron_terapipe.benchmark.batches import synthetic_microbatches
+    from megatron_terapipe.model.synthetic_batches import synthetic_microbatches
 
     return synthetic_microbatches(
         model.vocab_size, model.seq_length, micro_batch_size, num_microbatches, seed

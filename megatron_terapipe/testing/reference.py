@@ -1,6 +1,6 @@
 """Global weights and gradients of a rank's chunks, and comparison with a reference.
 
-The place of each local parameter in the global model comes from `benchmark.weights`.
+The place of each local parameter in the global model comes from `model.weights`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from collections.abc import Iterable
 
 import torch
 
-from megatron_terapipe.benchmark.weights import (  # noqa: F401 - re-exported for the tests
+from megatron_terapipe.model.weights import (  # noqa: F401 - re-exported for the tests
     ParamPlace,
     load_global_state,
     local_weights,

@@ -19,7 +19,6 @@ from __future__ import annotations
 from argparse import Namespace
 
 import torch
-import torch.nn.functional as F
 
 
 def use_transformer_engine(args: Namespace) -> bool:
@@ -27,89 +26,12 @@ def use_transformer_engine(args: Namespace) -> bool:
 
 
 def transformer_config_from_args(args: Namespace):
-    """megatron-core TransformerConfig for `args` (Megatron-LM's core_transformer_config_from_args
-    for the flags this trainer has)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
-    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(
-        args.params_dtype, torch.float32
-    )
+    """megatron-core TransformerConfig for `args` (Megatron-LM's core_transformer_config_from_args):
+    `model.transformer_config` with this run's flags, the one path every model config takes."""
+    from megatron_terapipe.model.transformer_config import megatron_settings, transformer_config
     from megatron_terapipe.training.initialize import on_gpu
 
-    on_cpu = not on_gpu()
-    kwargs = dict(
-        num_layers=args.num_layers,
-        hidden_size=args.hidden_size,
-        ffn_hidden_size=args.ffn_hidden_size,
-        num_attention_heads=args.num_attention_heads,
-        num_query_groups=args.num_query_groups,
-        kv_channels=args.kv_channels,
-        tensor_model_parallel_size=args.tensor_model_parallel_size,
-        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
-        virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
-        context_parallel_size=args.context_parallel_size,
-        sequence_parallel=args.sequence_parallel,
-        use_cpu_initialization=on_cpu,
-        perform_initialization=True,
-        params_dtype=dtype,
-        pipeline_dtype=dtype,
-        bf16=args.bf16,
-        fp16=args.fp16,
-        hidden_dropout=args.hidden_dropout,
-        attention_dropout=args.attention_dropout,
-        init_method_std=args.init_method_std,
-        normalization=args.normalization,
-        layernorm_epsilon=args.norm_epsilon,
-        add_bias_linear=args.add_bias_linear,
-        gated_linear_unit=args.swiglu,
-        activation_func=F.silu if args.swiglu else F.gelu,
-        recompute_granularity=args.recompute_granularity,
-        recompute_method=args.recompute_method,
-        recompute_num_layers=args.recompute_num_layers,
-        deallocate_pipeline_outputs=True,
-        # Fused kernels need apex/TE builds; the unfused paths are what runs everywhere.
-        masked_softmax_fusion=False,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=gradient_accumulation_fusion(args),
-        persist_layer_norm=False,
-    )
-    if args.virtual_pipeline_model_parallel_size:
-        # Batched P2P (Megatron-LM's --no-overlap-p2p-communication). The overlapped mode gave
-        # different losses from the batched mode and from the token executor on CPU/gloo
-        # (PP=4, VP=2), so the trainer does not use it; batched needs PP > 2 for stock
-        # interleaving (validated in args.py).
-        kwargs.update(overlap_p2p_comm=False, batch_p2p_comm=True)
-    if args.recompute_granularity == "full" and args.recompute_num_layers is None:
-        kwargs["recompute_num_layers"] = 1
-    if getattr(args, "num_experts", None) is not None:
-        kwargs.update(
-            num_moe_experts=args.num_experts,
-            moe_router_topk=args.moe_router_topk,
-            moe_ffn_hidden_size=args.moe_ffn_hidden_size or args.ffn_hidden_size,
-            moe_shared_expert_intermediate_size=args.moe_shared_expert_intermediate_size,
-            moe_router_load_balancing_type=args.moe_router_load_balancing_type,
-            moe_aux_loss_coeff=args.moe_aux_loss_coeff,
-            moe_z_loss_coeff=args.moe_z_loss_coeff,
-            moe_router_score_function=args.moe_router_score_function,
-            moe_router_enable_expert_bias=args.moe_router_enable_expert_bias,
-            moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-            moe_expert_capacity_factor=args.moe_expert_capacity_factor,
-            moe_pad_expert_input_to_capacity=args.moe_pad_expert_input_to_capacity,
-            expert_model_parallel_size=args.expert_model_parallel_size,
-        )
-    return TransformerConfig(**kwargs)
-
-
-def gradient_accumulation_fusion(args: Namespace) -> bool:
-    """Megatron-LM's --gradient-accumulation-fusion (on unless --no-...), where megatron-core
-    has the weight-gradient accumulation kernel (apex on GPUs, compat's CPU equivalent)."""
-    if not getattr(args, "gradient_accumulation_fusion", True):
-        return False
-    from megatron.core.tensor_parallel import layers
-
-    return bool(layers._grad_accum_fusion_available)
+    return transformer_config(**megatron_settings(args), use_cpu_initialization=not on_gpu())
 
 
 def base_layer_spec(args: Namespace):

@@ -1,7 +1,9 @@
-"""The benchmark's data: deterministic synthetic token batches in pretrain_gpt.py's batch form.
+"""Deterministic synthetic token batches in pretrain_gpt.py's batch form.
 
-A ragged loss mask (about 20 % of tokens masked out) makes the per-token loss weighting matter,
-so a schedule that mis-weights slices shows up in the loss-difference column.
+The benchmark runs every variant on them and the tests' reference runs use them too, so what
+is measured and what is checked is the same data. A ragged loss mask (about 20 % of tokens
+masked out) makes the per-token loss weighting matter, so a schedule that mis-weights slices
+shows up in the benchmark's loss-difference column and in the tests' loss comparison.
 """
 
 from __future__ import annotations
