@@ -109,3 +109,26 @@ def test_timeline_does_not_import_the_plot_module():
     modules += [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
                 for alias in node.names]
     assert not [m for m in modules if m and m.startswith("megatron_terapipe.simulate.plot")]
+
+
+def _upward_imports(folder: str, forbidden: str) -> dict[str, list[str]]:
+    """Modules under megatron_terapipe/`folder` that import `forbidden` (or a submodule)."""
+    offenders = {}
+    for parent, _, files in os.walk(os.path.join(PACKAGE, folder)):
+        for name in files:
+            path = os.path.join(parent, name)
+            if name.endswith(".py") and (hits := _imports_of(path, forbidden)):
+                offenders[os.path.relpath(path, ROOT)] = hits
+    return offenders
+
+
+def test_slicing_does_not_import_the_argument_layer():
+    """arguments.py is the top command-line layer and imports slicing; what both need (the
+    cost-model spec, its default) lives lower, in flag_values."""
+    assert _upward_imports("slicing", "megatron_terapipe.arguments") == {}
+
+
+def test_simulate_does_not_import_the_plan_cli():
+    """terapipe-simulate shares helpers with terapipe-plan through flag_values, not through
+    slicing.cli (a command-line module above both)."""
+    assert _upward_imports("simulate", "megatron_terapipe.slicing.cli") == {}
