@@ -16,6 +16,13 @@ same slices explicitly.
 Tensor parallelism is profiled as one TP shard: a TP=1 stack whose attention has a/t heads and
 whose MLP has f/t hidden units, i.e. the matmuls one rank runs. The TP all-reduces are not in
 the measurement (profile on a TP group, or add them from the analytic model, if they matter).
+
+An MoE GPT (`num_experts`) is profiled on its real MoE layers (megatron-core's MoE spec with
+SequentialMLP experts, its router and dispatcher, the shared expert), expert parallelism 1:
+with balanced routing a rank's expert GEMMs cover top-k x its own tokens whatever EP is, and
+the all-to-all between EP ranks is not in the measurement. The aux and z-losses are left out:
+they are elementwise over the router's logits, and the token pipeline forms them only once a
+micro-batch's last slice has run, which a single-slice measurement does not do.
 """
 
 from __future__ import annotations
@@ -119,6 +126,10 @@ def measure_fn_for_megatron_stage(
     ffn_hidden_size: int | None = None,
     tensor_model_parallel_size: int = 1,
     pipeline_model_parallel_size: int = 1,
+    num_experts: int | None = None,
+    moe_router_topk: int = 2,
+    moe_ffn_hidden_size: int | None = None,
+    moe_shared_expert_intermediate_size: int | None = None,
     dtype: Any = None,
     warmup: int = 1,
     repeats: int = 1,
@@ -127,7 +138,8 @@ def measure_fn_for_megatron_stage(
 ) -> MeasureFn:
     """A measure_fn timing this stage's real megatron-core layers with prefix-KV attention.
 
-    Dims come from a Megatron namespace `args` or the keywords. Needs megatron-core; runs in a
+    Dims come from a Megatron namespace `args` or the keywords (Megatron-LM's names; the MoE
+    ones, with `num_experts`, make the layers MoE layers). Needs megatron-core; runs in a
     private single-rank process group when torch.distributed is not initialized.
 
     clock: 'wall' (default on GPU: synchronised wall time) or 'cpu' (default on CPU: the CPU
@@ -139,7 +151,9 @@ def measure_fn_for_megatron_stage(
 
     dims = _stage_dims(args, num_layers, hidden_size, num_attention_heads, num_query_groups,
                        ffn_hidden_size, tensor_model_parallel_size, pipeline_model_parallel_size)
-    _ensure_single_rank_megatron()
+    dims.update(_moe_dims(args, dims, num_experts, moe_router_topk, moe_ffn_hidden_size,
+                          moe_shared_expert_intermediate_size))
+    _ensure_single_rank_megatron(expert_layers="num_experts" in dims)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     if dtype is None:
@@ -211,6 +225,7 @@ def measure_fn_for_megatron_stage(
     measure.device = str(device)  # type: ignore[attr-defined]
     measure.clock = clock  # type: ignore[attr-defined]
     measure.profiled_layers = built  # type: ignore[attr-defined]
+    measure.moe_layers = _moe_layer_count(block)  # type: ignore[attr-defined]
     measure.bytes_per_element = torch.empty((), dtype=dtype).element_size()  # type: ignore[attr-defined]
     measure.forward_seconds = forward_seconds  # type: ignore[attr-defined]
     return measure
@@ -248,7 +263,8 @@ def startup_profile(args: Any, granularity: int,
     grid = default_grid(int(args.seq_length), int(getattr(args, "micro_batch_size", 1) or 1),
                         granularity)
     meta = {"dims": measure.dims, "device": measure.device, "clock": measure.clock,
-            "profiled_layers": measure.profiled_layers, "passes": STARTUP_PASSES}
+            "profiled_layers": measure.profiled_layers, "moe_layers": measure.moe_layers,
+            "passes": STARTUP_PASSES}
     p2p = datasheet_p2p(measure.dims["hidden_size"], measure.bytes_per_element)
     profile = profile_stage(measure, grid, repeats=STARTUP_PASSES, meta=meta, p2p=p2p, log=log)
     profile.meta["profile_seconds"] = round(time.perf_counter() - started, 3)
@@ -280,7 +296,33 @@ def _stage_dims(args: Any, *values: Any) -> dict[str, int]:
     return dims
 
 
-def _ensure_single_rank_megatron() -> None:
+def _moe_dims(args: Any, dims: dict[str, int], *values: Any) -> dict[str, int]:
+    """The MoE layer's dims (Megatron-LM's names), from `args` or the keywords; {} if dense."""
+    names = ("num_experts", "moe_router_topk", "moe_ffn_hidden_size",
+             "moe_shared_expert_intermediate_size")
+    moe = dict(zip(names, values))
+    if args is not None:
+        for name in names:
+            if getattr(args, name, None) is not None:
+                moe[name] = getattr(args, name)
+    if moe["num_experts"] is None:
+        return {}
+    moe["moe_ffn_hidden_size"] = moe["moe_ffn_hidden_size"] or dims["ffn_hidden_size"]
+    moe["moe_shared_expert_intermediate_size"] = moe["moe_shared_expert_intermediate_size"] or 0
+    t = dims["tensor_model_parallel_size"]
+    for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size"):
+        if moe[name] % t:
+            raise ValueError(f"{name}={moe[name]} is not divisible by tensor parallel size {t}")
+    return {name: int(value) for name, value in moe.items()}
+
+
+def _moe_layer_count(block: Any) -> int:
+    from megatron.core.transformer.moe.moe_layer import MoELayer
+
+    return sum(isinstance(module, MoELayer) for module in block.modules())
+
+
+def _ensure_single_rank_megatron(expert_layers: bool = False) -> None:
     """Megatron layers need model-parallel groups; with no job running, make a 1-rank one."""
     import torch
     import torch.distributed as dist
@@ -297,6 +339,14 @@ def _ensure_single_rank_megatron() -> None:
                     "profiling runs one TP shard on one rank; inside a job with tensor "
                     "parallelism, profile once beforehand (terapipe-plan --cost-model profile "
                     "--profile-out FILE.json) and pass --token-pipeline-cost-model FILE.json"
+                )
+            if expert_layers and parallel_state.get_expert_model_parallel_world_size() != 1:
+                # The MoE layers' dispatcher would exchange tokens with EP ranks that are not
+                # profiling (one rank profiles, then broadcasts the plan).
+                raise ValueError(
+                    "profiling runs MoE layers on one rank; inside a job with expert "
+                    "parallelism, pass explicit --token-pipeline-slices or a saved profile "
+                    "(--token-pipeline-cost-model FILE.json)"
                 )
             return
         if dist.get_world_size() != 1:
@@ -336,10 +386,35 @@ def _build_block(dims: dict[str, int], dtype: Any, device: Any, num_layers: int)
         bf16=dtype == torch.bfloat16,
         hidden_dropout=0.0,
         attention_dropout=0.0,
+        **_moe_settings(dims),
     )
-    spec = token_pipeline_layer_spec(get_gpt_layer_local_spec())
+    spec = token_pipeline_layer_spec(
+        get_gpt_layer_local_spec(num_experts=dims.get("num_experts"), moe_grouped_gemm=False))
     block = TransformerBlock(config, spec, post_layer_norm=False)
     return block.to(device=device, dtype=dtype).train()
+
+
+def _moe_settings(dims: dict[str, int]) -> dict[str, Any]:
+    """The profiled MoE layer's settings ({} for a dense stage; Megatron-LM's names): one TP
+    shard of each expert (expert TP = TP), dropless top-k, the alltoall dispatcher (at EP 1
+    every dispatcher permutes locally), no aux or z-loss (module docstring), no linear biases
+    (megatron-core's expert MLP adds its bias in place to a custom autograd function's output,
+    which backward refuses here, as in MoE training)."""
+    if "num_experts" not in dims:
+        return {}
+    t = dims["tensor_model_parallel_size"]
+    shared = dims["moe_shared_expert_intermediate_size"] // t
+    return dict(
+        num_experts=dims["num_experts"],
+        moe_router_topk=dims["moe_router_topk"],
+        moe_ffn_hidden_size=dims["moe_ffn_hidden_size"] // t,
+        moe_shared_expert_intermediate_size=shared or None,
+        moe_token_dispatcher_type="alltoall",
+        moe_router_load_balancing_type="none",
+        moe_aux_loss_coeff=0.0,
+        moe_z_loss_coeff=None,
+        add_bias_linear=False,
+    )
 
 
 @contextlib.contextmanager
