@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from megatron.core import parallel_state
@@ -19,20 +19,23 @@ from megatron_terapipe.model.slice_context import TokenSliceContext
 from megatron_terapipe.schedules.ir import Action, Schedule
 from megatron_terapipe.schedules.sliced_data import SlicedDataIterator
 
+if TYPE_CHECKING:
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
 
 @dataclass(frozen=True)
 class ProcessGroups:
     """The groups and peers a step runs on: a passed `p2p_communicator` / `pg_collection`
     (megatron-core's keywords) where given, megatron-core's global groups otherwise."""
 
-    pp: Any
+    pp: torch.distributed.ProcessGroup
     next_rank: int
     prev_rank: int
     tp_size: int
     cp_size: int
 
     @classmethod
-    def of(cls, config: Any, p2p_communicator: Any = None,
+    def of(cls, config: TransformerConfig, p2p_communicator: Any = None,
            pg_collection: Any = None) -> ProcessGroups:
         if p2p_communicator is not None:
             pp = p2p_communicator.pp_group
@@ -67,7 +70,7 @@ class StepState:
     forward_step_func: Callable
     models: list[torch.nn.Module]
     iterators: list[SlicedDataIterator]
-    config: Any
+    config: TransformerConfig
     token_slices: tuple[int, ...]
     seq_length: int
     micro_batch_size: int
