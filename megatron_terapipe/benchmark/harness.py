@@ -122,7 +122,7 @@ class _Runner:
                 forward_only=False,
             )
             if self.recorder is not None:
-                self.recorder.finish()  # as the executor's finish_timeline, inside func
+                self.recorder.finish()  # as the executor's StepTimeline.finish, inside func
             elapsed = synchronized_clock() - t0
             self.cpu_time = time.process_time() - cpu0
             self.page_faults = minor_page_faults() - faults0

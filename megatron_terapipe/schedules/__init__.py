@@ -1,7 +1,8 @@
 """Schedules as data: per-rank action lists, their generators and their validator.
 
-The executor (`schedules/executor.py`) runs these lists on Megatron and the simulator
-(`megatron_terapipe.simulate`) runs them on a cost model; both read the same IR.
+The executor (`schedules/executor.py` and the step modules it drives) runs these lists on
+Megatron and the simulator (`megatron_terapipe.simulate`) runs them on a cost model; both read
+the same IR.
 """
 
 from megatron_terapipe.schedules.communication import attach_communication, virtual_stage
