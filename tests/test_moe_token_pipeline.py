@@ -17,7 +17,6 @@ from __future__ import annotations
 import pytest
 
 from megatron_terapipe.testing.equivalence import (
-    ReferenceCache,
     check_run,
     problems_by_world_size,
     run_parallel,
@@ -130,11 +129,6 @@ FOUR_RANKS = {
         token_pipeline=tp("token-1f1b"),
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def references() -> ReferenceCache:
-    return ReferenceCache()
 
 
 @pytest.fixture(scope="module")

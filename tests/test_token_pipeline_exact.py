@@ -13,7 +13,6 @@ from __future__ import annotations
 import pytest
 
 from megatron_terapipe.testing.equivalence import (
-    ReferenceCache,
     problems_by_world_size,
     run_and_check,
 )
@@ -157,11 +156,6 @@ FOUR_RANKS_ADAM = {
         token_pipeline=tp("token-1f1b"),
     ),
 }
-
-
-@pytest.fixture(scope="module")
-def references() -> ReferenceCache:
-    return ReferenceCache()
 
 
 @pytest.fixture(scope="module")
