@@ -187,8 +187,9 @@ def _grad_accum_kernel_available() -> bool:
 _NOT_FLAGS = frozenset({"params_dtype", "use_cpu_initialization"})
 
 
-def megatron_settings(args: Namespace) -> dict[str, Any]:
-    """The `transformer_config` keywords a parsed Megatron-LM namespace holds, by name."""
+def megatron_settings(args: Namespace | Any) -> dict[str, Any]:
+    """The `transformer_config` keywords that `args` (a parsed Megatron-LM namespace, or any
+    object whose attributes carry Megatron-LM's argument names) holds, by name."""
     names = [
         name
         for name, param in inspect.signature(transformer_config).parameters.items()

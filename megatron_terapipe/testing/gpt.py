@@ -54,24 +54,16 @@ def transformer_config(
     `model.config_overrides`, then `overrides`, are Megatron-LM settings or TransformerConfig
     fields, passed on as such.
     """
+    from megatron_terapipe.model.transformer_config import megatron_settings
     from megatron_terapipe.model.transformer_config import transformer_config as build
 
-    settings: dict[str, Any] = dict(
-        num_layers=model.num_layers,
-        hidden_size=model.hidden_size,
-        num_attention_heads=model.num_attention_heads,
-        num_query_groups=model.num_query_groups,
-        ffn_hidden_size=model.ffn_hidden_size,
+    # TinyGPT's fields carry Megatron-LM's names, so they map as the trainer's flags do.
+    settings = megatron_settings(model)
+    settings.update(
         tensor_model_parallel_size=tensor_parallel,
         pipeline_model_parallel_size=pipeline_parallel,
         virtual_pipeline_model_parallel_size=virtual_pipeline,
         sequence_parallel=sequence_parallel,
-        bf16=model.bf16,
-        hidden_dropout=model.hidden_dropout,
-        attention_dropout=model.attention_dropout,
-        recompute_granularity=model.recompute_granularity,
-        recompute_method=model.recompute_method,
-        recompute_num_layers=model.recompute_num_layers,
     )
     settings.update(model.config_overrides)
     settings.update(overrides)
