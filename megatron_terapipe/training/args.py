@@ -504,15 +504,6 @@ def validation_errors(args: argparse.Namespace, world_size: int) -> list[str]:
                 f"{args.num_virtual_stages_per_pipeline_rank} does not divide the {per_stage} "
                 f"layers per pipeline stage"
             )
-    vp = virtual_pipeline_size(args)
-    if vp > 1 and pp == 2 and not args.token_pipeline:
-        # Megatron-LM's rule for batched P2P: with two ranks, the send to the next and to the
-        # previous stage go to the same peer in one batch.
-        errors.append(
-            "megatron-core's interleaved schedule (virtual pipeline stages without "
-            "--token-pipeline) needs --pipeline-model-parallel-size > 2 here, got 2; use "
-            "--token-pipeline --token-pipeline-schedule token-interleaved, or more stages"
-        )
 
     # Batch sizes.
     gbs = args.global_batch_size
