@@ -48,6 +48,7 @@ from megatron_terapipe.benchmark.cli_args import (  # noqa: E402
 )
 from megatron_terapipe.benchmark.contention import contention_note  # noqa: E402
 from megatron_terapipe.benchmark.host_noise import (  # noqa: E402
+    CONFIDENCE,
     Judgement,
     judge_ratio,
     noise_note,
@@ -198,7 +199,7 @@ def summarise(rows: list[dict], num_microbatches: int) -> dict:
         "goal": goal.to_dict() if goal else None,
         "target_met": goal.met if goal else None,
         "undecided_reason": goal.reason if goal else None,
-        "host_quiet": not goal.host_noisy if goal else None,
+        "host_quiet": (not goal.host_noisy) if goal and goal.enough_rounds else None,
         "baseline_spread": round_spread(base_times),
         "host_note": noise_note({baseline["schedule"]: base_times}),
         "kernel_difference": {r["schedule"]: r["step_time"] / baseline["step_time"]
@@ -286,6 +287,9 @@ def speedup_interval(row: dict) -> str:
     if row.get("speedup_low") is None:
         return "-"
     text = f"{row['speedup_low']:.2f}-{row['speedup_high']:.2f}x"
+    coverage = row.get("speedup_confidence")
+    if coverage is not None and coverage < CONFIDENCE:
+        text += f" (only {100 * coverage:.0f} %)"
     aside = row.get("rounds_set_aside") or 0
     return text + (f" ({aside} of {len(row['step_times'] or [])} set aside)" if aside else "")
 
@@ -351,7 +355,10 @@ def rejudge(path: str) -> int:
     with open(path, encoding="utf-8") as handle:
         saved = json.load(handle)["results"]
     for old in saved:
-        base = next(r for r in old["rows"] if r["baseline"])
+        base = next((r for r in old["rows"] if r["baseline"]), None)
+        if base is None:
+            raise SystemExit(f"--rejudge {path}: M = {old.get('num_microbatches')} has no "
+                             "baseline row to judge against")
         rows = [{**r, **judged_fields(r["step_times"], base["step_times"], r["baseline"])}
                 for r in old["rows"]]
         summary = summarise(rows, old["num_microbatches"])

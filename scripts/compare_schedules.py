@@ -67,7 +67,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_split_backward_arg(parser)
     add_contention_probe_arg(parser)
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--iterations", type=int, default=3, help="timed rounds (median)")
+    parser.add_argument("--iterations", type=int, default=5,
+                        help="timed rounds (median; a verdict needs 5 for its 90 %% interval)")
     parser.add_argument("--threads-per-rank", type=int, default=1)
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
                         help="JSON results: to FILE, or printed instead of the table when no "

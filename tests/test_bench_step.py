@@ -132,8 +132,10 @@ def test_a_noisy_host_decides_no_goal():
 def test_too_few_rounds_decide_no_goal():
     bench = _bench_step()
     summary = bench.summarise(_rows([1.0, 1.0, 1.0], [2.0, 2.0, 2.0]), 1)
-    assert summary["best_verdict"] == "faster"  # a verdict at the rounds' own coverage
+    assert summary["best_verdict"] == "tie"  # three rounds cover the median 75 % of the time
     assert summary["target_met"] is None and "too few" in summary["undecided_reason"]
+    assert summary["host_quiet"] is None  # nothing to say about the host either
+    assert "2.00-2.00x (only 75 %)" in _text(bench, summary)
 
 
 def test_host_noise_gauge():

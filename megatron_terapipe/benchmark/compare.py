@@ -23,7 +23,7 @@ from typing import Any
 
 from megatron_terapipe.benchmark.contention import contention_factors
 from megatron_terapipe.benchmark.fit import FittedCostModel, P2PFit, weight_grad_share
-from megatron_terapipe.benchmark.host_noise import ratio_interval
+from megatron_terapipe.benchmark.host_noise import CONFIDENCE, ratio_interval
 from megatron_terapipe.benchmark.measured import Measured, max_loss_difference, merge_ranks
 from megatron_terapipe.benchmark.predict import (
     measured_timeline,
@@ -119,7 +119,6 @@ def analyse(spec: BenchSpec, rank_results: list[dict[str, Any]]) -> Comparison:
             "step_time_max": max(m.step_times, default=math.nan),
             "step_times": m.step_times,
             "tokens_per_s": tokens / m.step_time,
-            # the median of the per-round speedups (what the verdict's interval brackets)
             # the median per-round speedup, its interval, the verdict on it, spikes set aside
             **judged_fields(m.step_times, baseline.step_times if baseline else None,
                             m.is_baseline),
@@ -189,11 +188,15 @@ def verdict_detail(step_times: Sequence[float], baseline_times: Sequence[float]
                    ) -> dict[str, Any]:
     """`verdict` with what it was judged on: the per-round speedup's interval, its coverage
     and how many spiked rounds were set aside."""
+    blank = {"verdict": "", "speedup": None, "interval": None, "confidence": None,
+             "set_aside": 0}
     if not step_times or not baseline_times:
-        return {"verdict": "", "speedup": None, "interval": None, "confidence": None,
-                "set_aside": 0}
-    interval, aside, noisy = ratio_interval(baseline_times, step_times)
-    if noisy:  # the rounds say nothing either way
+        return blank
+    try:
+        interval, aside, noisy = ratio_interval(baseline_times, step_times)
+    except ValueError as err:  # rounds that cannot be paired: no verdict, and why
+        return {**blank, "verdict": f"not judged: {err}"}
+    if noisy or interval.confidence < CONFIDENCE:  # the rounds say nothing either way
         result = "tie"
     elif interval.low > 1.0:
         result = "faster"
@@ -208,8 +211,9 @@ def verdict_detail(step_times: Sequence[float], baseline_times: Sequence[float]
 
 def verdict(step_times: Sequence[float], baseline_times: Sequence[float]) -> str:
     """faster / slower than the baseline when the median per-round speedup's confidence
-    interval lies above / below 1, else tie: a difference within the rounds' noise is not a
-    result, nor is any on a host too noisy to judge a goal on. Per round, because both sides'
+    interval (at least CONFIDENCE: 5 rounds or more) lies above / below 1, else tie: a
+    difference within the rounds' noise is not a result, nor is any on a host too noisy to
+    judge a goal on. Per round, because both sides'
     round i ran under the same host load; without the spiked rounds, which would otherwise
     stretch the interval over 1."""
     return verdict_detail(step_times, baseline_times)["verdict"]

@@ -103,7 +103,8 @@ def noise_note(rounds: dict[str, Sequence[float]]) -> str:
                           if outliers(seconds))
     state = "quiet" if undecided_reason(rounds) is None else "NOISY"
     return (f"host: {state}: spread (max - min over the median) of {spreads} "
-            f"(goals are judged only below {100 * QUIET_SPREAD:.0f} %"
+            f"(quiet below {100 * QUIET_SPREAD:.0f} %; a description of the rounds, goals are "
+            "judged on the per-round ratio's interval"
             + (f"; spiked rounds set aside, {set_aside}" if set_aside else "") + ")")
 
 
@@ -135,6 +136,7 @@ class Judgement:
     reason: str | None = None
     set_aside: int = 0  # spiked rounds (outlying paired ratios) left out of the interval
     host_noisy: bool = False  # not decided because the rounds were too noisy to judge
+    enough_rounds: bool = True  # False: too few rounds to say whether the host was quiet
 
     def to_dict(self) -> dict:
         iv = self.interval
@@ -143,14 +145,18 @@ class Judgement:
                 "interval": [iv.low, iv.high] if iv else None,
                 "confidence": iv.confidence if iv else None,
                 "rounds": iv.rounds if iv else 0, "set_aside": self.set_aside,
-                "host_noisy": self.host_noisy}
+                "host_noisy": self.host_noisy, "enough_rounds": self.enough_rounds}
 
 
 def paired_ratios(numerator: Sequence[float], denominator: Sequence[float]) -> list[float]:
-    """numerator[i] / denominator[i]: the two sides' rounds were timed in the same rotation."""
+    """numerator[i] / denominator[i]: the two sides' rounds were timed in the same rotation.
+    ValueError for rounds that cannot be paired or are not a time (not finite and > 0)."""
     if len(numerator) != len(denominator):
         raise ValueError(f"paired ratios need as many rounds on both sides, got "
                          f"{len(numerator)} and {len(denominator)}")
+    bad = [x for x in (*numerator, *denominator) if not (math.isfinite(x) and x > 0)]
+    if bad:
+        raise ValueError(f"round times must be finite and > 0, got {bad[0]!r}")
     return [a / b for a, b in zip(numerator, denominator)]
 
 
@@ -164,7 +170,8 @@ def median_interval(values: Sequence[float], confidence: float = CONFIDENCE
                     ) -> RatioInterval | None:
     """The median with the narrowest order-statistic interval covering it with at least
     `confidence`; with too few rounds for that, their full range and its lower coverage
-    (None for no rounds)."""
+    (None for no rounds). The coverage is that of i.i.d. rounds; of rounds left after spikes
+    were set aside it is nominal."""
     ordered = sorted(values)
     n = len(ordered)
     if n == 0:
@@ -210,7 +217,7 @@ def judge_ratio(numerator: Sequence[float], denominator: Sequence[float], bound:
     if interval is None or interval.confidence < CONFIDENCE:
         return Judgement(None, interval, f"{len(numerator)} rounds: too few for a "
                          f"{100 * CONFIDENCE:.0f} % interval (at least "
-                         f"{_min_rounds(CONFIDENCE) + aside} here)", aside)
+                         f"{_min_rounds(CONFIDENCE) + aside} here)", aside, enough_rounds=False)
     if noisy:
         return Judgement(None, interval, noisy, aside, host_noisy=True)
     good, bad = ((interval.low >= bound, interval.high < bound) if at_least

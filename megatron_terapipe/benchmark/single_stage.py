@@ -235,12 +235,14 @@ def summarize(times: dict[int, list[float]], memory: dict[int, int]) -> dict[str
             row["peak_bytes"] = memory[count]
             row["memory_ratio"] = memory[count] / memory[first] if memory.get(first) else None
         rows[count] = row
-    # The t_8/t_1 goal: S = 8's round i over S = 1's round i (timed back to back).
+    # The t_8/t_1 goal: S = 8's round i over S = 1's round i (timed in the same rotation).
     reference = {f"S={count}": times[count] for count in (first, 8) if count in times}
     time_8 = (judge_ratio(times[8], times[first], TARGETS["time_8"], at_least=False)
               if first == 1 and 8 in times else None)
     summary = {"baseline_slices": first, "by_slices": rows,
-               "host_quiet": None if time_8 is None else not time_8.host_noisy,
+               # None: nothing to say (no time goal, or too few rounds to tell)
+               "host_quiet": (None if time_8 is None or not time_8.enough_rounds
+                              else not time_8.host_noisy),
                "undecided_reason": None if time_8 is None else time_8.reason,
                "host_note": noise_note(reference)}
     summary["goals"] = judge_goals(rows, time_8) if first == 1 else {}

@@ -397,7 +397,8 @@ def problems_by_world_size(
 ) -> dict[str, list[str]]:
     """Every case of every world size (one spawn per world size, one shared reference cache):
     what an exactness module's `problems` fixture hands its per-case tests."""
-    references = references or ReferenceCache()
+    if references is None:
+        references = ReferenceCache()
     found: dict[str, list[str]] = {}
     for world_size, cases in groups.items():
         found.update(run_and_check(cases, world_size, references, rtol))
