@@ -313,7 +313,8 @@ def format_summary(summary: dict) -> str:
     if summary["best"] is not None:
         low, high = summary["best_interval"]
         verdict = {"faster": "faster", "slower": "SLOWER than the baseline",
-                   "tie": "a tie (the interval holds 1)"}[summary["best_verdict"]]
+                   "tie": "a tie (the interval holds 1, or the host is too noisy)"}.get(
+                       summary["best_verdict"], summary["best_verdict"])
         target = summary["target"]
         decided = {True: "met", False: "NOT met",
                    None: f"not decided ({summary.get('undecided_reason')})"}
@@ -321,7 +322,8 @@ def format_summary(summary: dict) -> str:
         goal = ("" if target is None else
                 f"; goal >= {target}x over {against}: {decided[summary['target_met']]}")
         aside = summary.get("best_rounds_set_aside") or 0
-        judged = (f"per-round speedup interval {low:.2f}-{high:.2f}x"
+        judged = ((f"per-round speedup interval {low:.2f}-{high:.2f}x" if low is not None
+                   else "no per-round speedup interval")
                   + (f", {aside} spiked round(s) set aside" if aside else ""))
         lines.append(f"  best: {summary['best']} ({judged}): "
                      f"{summary['best_speedup']:.2f}x, {verdict}{goal}")

@@ -93,7 +93,7 @@ def format_summary(rows: Sequence[dict[str, Any]]) -> str:
             f"best token variant: {best['schedule']}: {best['step_time']:.3f} s (rounds "
             f"{_spread(best)}), {best['speedup']:.2f}x the baseline: "
             + {"faster": "faster", "slower": "SLOWER",
-               "tie": "a tie (the per-round speedup interval holds 1)"}
+               "tie": "a tie (the per-round speedup interval holds 1, or the host is too noisy)"}
             .get(best["verdict"], best["verdict"]))
         losing = [r["schedule"] for r in token if r["verdict"] == "slower"]
         if losing:
