@@ -132,3 +132,81 @@ def test_simulate_does_not_import_the_plan_cli():
     """terapipe-simulate shares helpers with terapipe-plan through flag_values, not through
     slicing.cli (a command-line module above both)."""
     assert _upward_imports("simulate", "megatron_terapipe.slicing.cli") == {}
+
+
+def _module_name(path: str) -> str:
+    name = os.path.relpath(path, ROOT)[:-3].replace(os.sep, ".")
+    return name[: -len(".__init__")] if name.endswith(".__init__") else name
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """Module -> package modules it imports anywhere in its body (top level, inside functions,
+    under TYPE_CHECKING): a lazy or type-only import is still a dependency."""
+    paths = {_module_name(p): p for p in _package_modules()}
+
+    def resolve(name: str) -> str | None:
+        while name and name not in paths:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {}
+    for module, path in paths.items():
+        with open(path, encoding="utf-8") as handle:
+            tree = ast.parse(handle.read(), path)
+        targets = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                names = [f"{node.module}.{alias.name}" for alias in node.names]
+            else:
+                continue
+            targets |= {t for n in names if n.startswith("megatron_terapipe")
+                        and (t := resolve(n)) and t != module}
+        graph[module] = targets
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            component = []
+            while True:
+                member = stack.pop()
+                component.append(member)
+                if member == node:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return found
+
+
+def test_no_import_cycle_among_package_modules():
+    """Dependencies point one way: no two modules import each other, directly or around a
+    circle, not even through a lazy or type-only import."""
+    graph = _import_graph()
+    assert "megatron_terapipe.benchmark.host_noise" in graph["megatron_terapipe.benchmark.compare"]
+    assert _cycles(graph) == []
+    # the check sees a circle closed by a lazy import
+    graph["megatron_terapipe.benchmark.host_noise"] = {"megatron_terapipe.benchmark.compare"}
+    (circle,) = _cycles(graph)
+    assert {"megatron_terapipe.benchmark.compare",
+            "megatron_terapipe.benchmark.host_noise"} <= set(circle)
