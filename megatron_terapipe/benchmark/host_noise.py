@@ -122,10 +122,6 @@ class RatioInterval:
     def width(self) -> float:
         return (self.high - self.low) / self.median if self.median > 0 else math.inf
 
-    def text(self) -> str:
-        return (f"{self.median:.3f} ({100 * self.confidence:.0f} % interval "
-                f"{self.low:.3f}-{self.high:.3f}, {self.rounds} rounds)")
-
 
 @dataclass(frozen=True)
 class Judgement:
