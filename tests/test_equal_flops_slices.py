@@ -170,7 +170,7 @@ def test_bench_step_sets_each_equal_flops_row_beside_the_equal_row_of_its_s():
 def _row(name, order, time, slices, strategy="", planned_by=None):
     return {"schedule": name, "order": order, "split_backward": False, "kind": "token",
             "num_token_slices": len(slices), "token_slices": list(slices), "step_time": time,
-            "step_times": [time] * 3, "planned_by": planned_by, "slicing_strategy": strategy,
+            "step_times": [time] * 5, "planned_by": planned_by, "slicing_strategy": strategy,
             "planner_predicted_step_time": None, "planner_error": None,
             "plan_cost_model": None, "plan_profile_seconds": None}
 
