@@ -80,19 +80,3 @@ def test_interleaved_deallocation_bridge_knows_whether_the_send_is_awaited():
     unguarded = folded.replace("andconfig.deallocate_pipeline_outputs:", ":")
     assert not megatron_core.interleaved_schedule_waits_for_send(unguarded)
 
-
-def test_token_executor_frees_outputs_the_config_keeps_only_for_stock_interleaving(monkeypatch):
-    """The config keeps sent outputs under virtual stages on releases before 0.18 (stock's race);
-    the token executor waits for its sends, so those outputs are its to free, and nothing else
-    the config keeps."""
-    from types import SimpleNamespace
-
-    interleaved = SimpleNamespace(virtual_pipeline_model_parallel_size=2)
-    plain = SimpleNamespace(virtual_pipeline_model_parallel_size=None)
-    monkeypatch.setattr(megatron_core, "INTERLEAVED_SCHEDULE_WAITS_FOR_SEND_BEFORE_DEALLOCATING",
-                        False)
-    assert megatron_core.outputs_kept_only_for_stock_interleaving(interleaved)
-    assert not megatron_core.outputs_kept_only_for_stock_interleaving(plain)
-    monkeypatch.setattr(megatron_core, "INTERLEAVED_SCHEDULE_WAITS_FOR_SEND_BEFORE_DEALLOCATING",
-                        True)
-    assert not megatron_core.outputs_kept_only_for_stock_interleaving(interleaved)

@@ -63,13 +63,6 @@ INTERLEAVED_SCHEDULE_WAITS_FOR_SEND_BEFORE_DEALLOCATING = interleaved_schedule_w
 )
 
 
-def outputs_kept_only_for_stock_interleaving(config: Any) -> bool:
-    """Whether `config` keeps sent pipeline outputs only because this megatron-core's
-    interleaved schedule would free them under a running send (model.transformer_config keeps
-    them there): the token executor waits for each send before freeing, so it frees them."""
-    virtual = getattr(config, "virtual_pipeline_model_parallel_size", None) or 1
-    return virtual > 1 and not INTERLEAVED_SCHEDULE_WAITS_FOR_SEND_BEFORE_DEALLOCATING
-
 
 # -- 0.19.0: optimizer state is matched to param groups by their max_lr / min_lr --------------
 def _saved_param_groups(state: Any) -> list[dict]:

@@ -20,7 +20,6 @@ from megatron.core.utils import get_attr_wrapped_model
 from megatron_terapipe.compat.megatron_core import (
     backward_step,
     forward_autocast,
-    outputs_kept_only_for_stock_interleaving,
     set_moe_aux_loss_scale,
 )
 from megatron_terapipe.model.weight_grad_deferral import DeferredWeightGrads, deferring_weight_grads
@@ -57,8 +56,7 @@ class StepRunner:
             device=state.device,
             activation_shape=state.activation_shape,
             receives_need_grad=not state.forward_only,
-            deallocate_outputs=(self.config.deallocate_pipeline_outputs
-                                or outputs_kept_only_for_stock_interleaving(self.config)),
+            deallocate_outputs=self.config.deallocate_pipeline_outputs,
             timed=lambda: self.timeline.timed("comm"),
         )
         self.losses = StepLosses(
