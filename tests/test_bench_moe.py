@@ -13,17 +13,10 @@ import os
 
 import pytest
 
+from megatron_terapipe.testing.moe import TINY_MOE_FLAGS as MOE_FLAGS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RTOL = 1e-5  # fp32, the same weights and data: the losses differ by summation order only
-
-# The MoE flags of docs/moe.md's benchmark command at tiny size: 4 experts top-2, the
-# load-balancing and z-losses on (the terms the token pipeline forms per micro-batch).
-MOE_FLAGS = [
-    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
-    "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
-    "--moe-z-loss-coeff", "0.001", "--moe-token-dispatcher-type", "alltoall",
-    "--disable-bias-linear",
-]  # fmt: skip
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
         "--seq-length", "64", "--num-microbatches", "2"]  # fmt: skip
 

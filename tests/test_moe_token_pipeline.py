@@ -18,8 +18,10 @@ import pytest
 
 from megatron_terapipe.testing.equivalence import (
     check_run,
+    check_same_layout,
     problems_by_world_size,
     run_parallel,
+    stock_twin,
 )
 from megatron_terapipe.testing.moe import aux_losses, moe_gpt, per_slice_router_cases
 from megatron_terapipe.testing.runner import RunCase
@@ -65,6 +67,13 @@ SINGLE_RANK = {
     "allgather-aux+z": RunCase(
         model=moe_gpt(moe_token_dispatcher_type="allgather", **aux_losses("aux_loss")),
         token_pipeline=tp(),
+    ),
+    # padded tokens (the loss mask's zeros) are left out of the counts, aux losses and z-loss
+    "padding-mask-aux+z": RunCase(
+        model=AUX_Z, micro_batch_size=2, padding_mask=True, token_pipeline=tp()
+    ),
+    "padding-mask-seq-aux+z": RunCase(
+        model=SEQ_Z, micro_batch_size=2, padding_mask=True, token_pipeline=tp(num_token_slices=4)
     ),
 }
 
@@ -131,10 +140,52 @@ FOUR_RANKS = {
 }
 
 
+# The global aux loss all-reduces its counts over TP x DP x CP and averages them over the step's
+# micro-batches so far: at DP > 1 its value depends on how the global batch is split, so these
+# cases are checked against stock's schedule on the same layout, rank by rank.
+GLOBAL_Z = moe_gpt(**aux_losses("global_aux_loss"))
+GLOBAL_Z_4L = moe_gpt(num_layers=4, **aux_losses("global_aux_loss"))
+TWO_RANKS |= {
+    "dp2-terapipe-global-aux+z-M3": RunCase(
+        model=GLOBAL_Z, num_microbatches=3, token_pipeline=tp()
+    ),
+    "ep2-alltoall-global-aux+z": RunCase(
+        model=GLOBAL_Z, expert_parallel=2, token_pipeline=tp("token-1f1b")
+    ),
+    "pp2-token-1f1b-padding-mask-global-aux+z": RunCase(
+        model=GLOBAL_Z_4L, pipeline_parallel=2, num_microbatches=3, padding_mask=True,
+        token_pipeline=tp("token-1f1b"),
+    ),
+    # DP = 1: the counts' all-reduce spans TP only, which splits each micro-batch's tokens
+    "tp2-sp-global-aux+z": RunCase(
+        model=GLOBAL_Z, tensor_parallel=2, sequence_parallel=True, num_microbatches=3,
+        token_pipeline=tp(token_slices=[2, 6, 24]),
+    ),
+}
+FOUR_RANKS |= {
+    "pp2-dp2-token-1f1b-global-aux+z-M3": RunCase(
+        model=GLOBAL_Z_4L, pipeline_parallel=2, num_microbatches=3,
+        token_pipeline=tp("token-1f1b"),
+    ),
+    "pp2-ep2-vp2-interleaved-global-aux+z": RunCase(
+        model=GLOBAL_Z_4L, pipeline_parallel=2, virtual_pipeline=2, expert_parallel=2,
+        num_microbatches=2, token_pipeline=tp("token-interleaved", num_token_slices=4),
+    ),
+}
+SAME_LAYOUT = (
+    "dp2-terapipe-global-aux+z-M3",
+    "ep2-alltoall-global-aux+z",
+    "pp2-dp2-token-1f1b-global-aux+z-M3",
+    "pp2-ep2-vp2-interleaved-global-aux+z",
+)
+
+
 @pytest.fixture(scope="module")
 def problems(references):
     """Run every case once (one spawn per world size) and keep each case's problems."""
-    return problems_by_world_size({1: SINGLE_RANK, 2: TWO_RANKS, 4: FOUR_RANKS}, references)
+    return problems_by_world_size(
+        {1: SINGLE_RANK, 2: TWO_RANKS, 4: FOUR_RANKS}, references, same_layout=SAME_LAYOUT
+    )
 
 
 @pytest.mark.parametrize("name", [*SINGLE_RANK, *TWO_RANKS, *FOUR_RANKS])
@@ -164,6 +215,19 @@ def test_per_slice_aux_losses_are_caught(references):
         found = check_run(case, result, refs[name])
         assert any("MoE metric" in p for p in found), (name, found[:3])
         assert any(" grad " in p and "router" in p for p in found), (name, found[:3])
+
+
+def test_per_slice_global_aux_loss_at_dp2_is_caught(references):
+    """At DP = 2 the comparison with stock's same layout fails, in the logged global aux loss
+    and the router gradients, when the loss is formed per slice."""
+    case = TWO_RANKS["dp2-terapipe-global-aux+z-M3"]
+    initial = references.get(case, 2).initial
+    token, stock = run_parallel(
+        [(case, initial), (stock_twin(case), initial)], 2, body=per_slice_router_cases
+    )
+    found = check_same_layout(case, token, stock)
+    assert any("MoE metric global_load_balancing_loss" in p for p in found), found[:3]
+    assert any(" grad " in p and "router" in p for p in found), found[:3]
 
 
 def test_router_recompute_refused_only_with_microbatch_terms():

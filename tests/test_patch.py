@@ -32,6 +32,8 @@ from dataclasses import dataclass
 
 import pytest
 
+from megatron_terapipe.testing.moe import TINY_MOE_FLAGS as MOE_FLAGS
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UPSTREAM_DEPS = ("six", "regex", "triton", "yaml", "pydantic")
 
@@ -93,9 +95,27 @@ if os.environ.get("PATCH_TEST_BUILD"):
             specs.append(model_kwargs["transformer_layer_spec"])
             return "model"
 
+        def layer():
+            spec = specs[-1]  # an MoE model's is a block spec: its last layer is an MoE layer
+            return spec.layer_specs[-1] if hasattr(spec, "layer_specs") else spec
+
+        def name(cls):
+            return f"{cls.__module__}.{cls.__qualname__}"
+
         def core_attention():
-            core = specs[-1].submodules.self_attention.submodules.core_attention
-            return f"{core.__module__}.{core.__qualname__}"
+            core = layer().submodules.self_attention.submodules.core_attention
+            mlp = layer().submodules.mlp  # a ModuleSpec, or on 0.19 a partial of the module
+            submodules = getattr(mlp, "submodules", None) or getattr(mlp, "keywords", {}).get(
+                "submodules"
+            )
+            router = getattr(submodules, "router", None)
+            return name(core) + (f" router={name(router)}" if router is not None else "")
+
+        from megatron.core import parallel_state
+
+        # No process group is started here: an MoE model's block spec is built for the first
+        # pipeline stage, whose rank megatron-core would read from the group.
+        parallel_state.get_pipeline_model_parallel_rank = lambda *a, **k: 0
 
         if hasattr(args[0], "model"):  # core_v0.19.0: a config container holding the model's
             import megatron.training.models.gpt as gpt
@@ -248,6 +268,25 @@ def test_patched_pretrain_gpt_rejects_bad_token_flags_in_validation(patched_tree
     assert "TokenPipelineArgumentError" in output, output[-4000:]
     assert "--token-pipeline-slices=32,32 sums to 64" in output
     assert "token_pipeline_slices ...." not in output  # stopped before the argument table
+
+
+TOKEN_ROUTER = "megatron_terapipe.model.moe.TokenSliceTopKRouter"
+STOCK_ROUTER = "megatron.core.transformer.moe.router.TopKRouter"
+
+
+def test_patched_pretrain_gpt_builds_the_token_router_for_moe(patched_tree):
+    """An MoE GPT through upstream's own arguments and model building: under --token-pipeline
+    its MoE layers get the router whose aux and z-losses span the micro-batch; without it,
+    stock's router."""
+    tree, _, _ = patched_tree
+    token = FLAGS + MOE_FLAGS + ["--token-pipeline", "--token-pipeline-slices", "32,32,64"]
+    output = _run_upstream(tree, token, build=True)
+    assert f"BUILT core_attention={PREFIX_KV} router={TOKEN_ROUTER}\n" in output, output[-4000:]
+    stock = _run_upstream(tree, FLAGS + MOE_FLAGS, build=True)
+    assert f"BUILT core_attention={STOCK_LOCAL} router={STOCK_ROUTER}\n" in stock, stock[-4000:]
+    refused = _run_upstream(tree, token + ["--moe-expert-capacity-factor", "1.0"])
+    assert "TokenPipelineArgumentError" in refused, refused[-4000:]
+    assert "--moe-expert-capacity-factor" in refused, refused[-4000:]
 
 
 def test_patched_pretrain_gpt_rejects_local_attention_backend(patched_tree):

@@ -15,7 +15,7 @@ Errors are norm-relative per tensor: ‖actual − expected‖ / ‖expected‖ 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -353,6 +353,58 @@ def check_run(
     return problems
 
 
+def check_same_layout(
+    case: RunCase,
+    rank_results: list[dict[str, Any]],
+    stock_results: list[dict[str, Any]],
+    rtol: float = DEFAULT_RTOL,
+) -> list[str]:
+    """Every way a token run differs from stock's schedule on the same ranks; empty if none.
+
+    For what the single-process run is not a reference of: megatron-core's global aux loss
+    all-reduces its token counts over TP x DP x CP and averages them over the step's
+    micro-batches so far, so at DP > 1 its value (and gradient) depends on how the global
+    batch is split across ranks. Compared rank by rank with the same layout under stock's
+    schedule: loss reports, gradients, every logged MoE metric (rank-local ones too: both runs
+    hold the same tokens per rank) and the expert biases.
+    """
+    if case.token_pipeline is None:
+        raise ValueError("check_same_layout compares a token-pipeline run with its stock twin")
+    problems: list[str] = []
+    for step in range(case.steps):
+        for rank, (got, want) in enumerate(zip(rank_results, stock_results)):
+            if (got["losses"][step] is None) != (want["losses"][step] is None):
+                problems.append(f"step {step} rank {rank}: loss reports on one run only")
+            elif want["losses"][step] is not None:
+                problems += _compare_losses(
+                    step, rank, got["losses"][step], want["losses"][step], rtol
+                )
+            where = f"step {step} rank {rank} {got['rank_info']}"
+            if not case.distributed_optimizer and not case.forward_only:
+                problems += _compare(
+                    f"{where} grad", got["grads"][step], global_tensors(want["grads"][step]), rtol
+                )
+            want_metrics = (want.get("moe_metrics") or [{}] * (step + 1))[step]
+            got_metrics = (got.get("moe_metrics") or [{}] * (step + 1))[step]
+            if set(got_metrics) != set(want_metrics):
+                problems.append(
+                    f"{where}: MoE metrics {sorted(got_metrics)} != {sorted(want_metrics)}"
+                )
+                continue
+            for tag, value in want_metrics.items():
+                if not abs(got_metrics[tag] - value) <= rtol * abs(value) + 1e-12:
+                    problems.append(f"{where} MoE metric {tag}: {got_metrics[tag]!r} vs {value!r}")
+            for layer, bias in (want.get("expert_bias") or [{}] * (step + 1))[step].items():
+                if not torch.allclose(got["expert_bias"][step][layer], bias, rtol=0, atol=rtol):
+                    problems.append(f"{where} layer {layer} expert bias differs from stock's")
+    return problems
+
+
+def stock_twin(case: RunCase) -> RunCase:
+    """The same layout, data and steps under megatron-core's own schedule."""
+    return replace(case, token_pipeline=None, check_devices=False)
+
+
 def run_parallel(
     runs: list[tuple[RunCase, dict | None]],
     world_size: int,
@@ -376,16 +428,30 @@ def run_and_check(
     references: ReferenceCache | None = None,
     rtol: float = DEFAULT_RTOL,
     timeout_s: float = 240.0,
+    same_layout: Collection[str] = (),
 ) -> dict[str, list[str]]:
-    """Run named cases on `world_size` ranks (one spawn) and check each against its reference."""
+    """Run named cases on `world_size` ranks (one spawn) and check each against its reference.
+
+    The cases named in `same_layout` are checked against their `stock_twin`, run in the same
+    spawn from the same initial weights (`check_same_layout`), instead of the single-process run.
+    """
+    unknown = set(same_layout) - set(cases)
+    if unknown:
+        raise ValueError(f"same_layout names no case: {sorted(unknown)}")
     references = references or ReferenceCache(timeout_s=timeout_s)
     references.prefetch([(case, world_size) for case in cases.values()])
     refs = {name: references.get(case, world_size) for name, case in cases.items()}
-    results = run_parallel(
-        [(case, refs[name].initial) for name, case in cases.items()], world_size, timeout_s
-    )
+    runs = [(case, refs[name].initial) for name, case in cases.items()]
+    twins = [name for name in cases if name in same_layout]
+    runs += [(stock_twin(cases[name]), refs[name].initial) for name in twins]
+    results = run_parallel(runs, world_size, timeout_s)
+    twin_results = dict(zip(twins, results[len(cases):]))
     return {
-        name: check_run(case, result, refs[name], rtol)
+        name: (
+            check_same_layout(case, result, twin_results[name], rtol)
+            if name in twin_results
+            else check_run(case, result, refs[name], rtol)
+        )
         for (name, case), result in zip(cases.items(), results)
     }
 
@@ -394,6 +460,7 @@ def problems_by_world_size(
     groups: dict[int, dict[str, RunCase]],
     references: ReferenceCache | None = None,
     rtol: float = DEFAULT_RTOL,
+    same_layout: Collection[str] = (),
 ) -> dict[str, list[str]]:
     """Every case of every world size (one spawn per world size, one shared reference cache):
     what an exactness module's `problems` fixture hands its per-case tests."""
@@ -401,7 +468,11 @@ def problems_by_world_size(
         references = ReferenceCache()
     found: dict[str, list[str]] = {}
     for world_size, cases in groups.items():
-        found.update(run_and_check(cases, world_size, references, rtol))
+        names = [name for name in same_layout if name in cases]
+        found.update(run_and_check(cases, world_size, references, rtol, same_layout=names))
+    missing = set(same_layout) - set(found)
+    if missing:
+        raise ValueError(f"same_layout names no case: {sorted(missing)}")
     return found
 
 

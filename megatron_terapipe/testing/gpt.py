@@ -134,7 +134,10 @@ def loss_func_mean(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
 def gpt_forward_step(data_iterator, model, loss_func=loss_func_per_token):
     """A user forward_step_func in the style of pretrain_gpt.py."""
     batch = next(data_iterator)
-    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    padding = {"padding_mask": batch["padding_mask"]} if "padding_mask" in batch else {}
+    output = model(
+        batch["tokens"], batch["position_ids"], None, labels=batch["labels"], **padding
+    )
     return output, partial(loss_func, batch["loss_mask"])
 
 

@@ -38,6 +38,16 @@ def aux_losses(kind: str = "aux_loss", coeff: float = 0.1, z: float | None = 1e-
     return dict(moe_router_load_balancing_type=kind, moe_aux_loss_coeff=coeff, moe_z_loss_coeff=z)
 
 
+# Megatron-LM's MoE flags for a tiny MoE GPT: 4 experts top-2, the load-balancing and z-losses
+# on (the terms the token pipeline forms per micro-batch), the alltoall dispatcher.
+TINY_MOE_FLAGS = [
+    "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
+    "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
+    "--moe-z-loss-coeff", "0.001", "--moe-token-dispatcher-type", "alltoall",
+    "--disable-bias-linear",
+]  # fmt: skip
+
+
 def per_slice_router_cases(
     rank: int, world_size: int, runs: list[tuple[RunCase, dict | None]]
 ) -> list[dict[str, Any]]:

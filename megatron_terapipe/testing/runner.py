@@ -66,6 +66,9 @@ class RunCase:
     # model's device, with tensors created without a device landing on 'meta' (testing/
     # device_check.py): what would be a host tensor on a GPU fails here too.
     check_devices: bool = False
+    # Hand the model a padding mask (True where the loss mask is 0): megatron-core's MoE
+    # router leaves those tokens out of its counts, aux losses and z-loss.
+    padding_mask: bool = False
     extra: dict = field(default_factory=dict)
 
 
@@ -180,6 +183,8 @@ def run_case(rank: int, world_size: int, case: RunCase, init_state: dict | None)
         batches = all_batches[
             dp_rank * case.num_microbatches : (dp_rank + 1) * case.num_microbatches
         ]
+        if case.padding_mask:
+            batches = [{**b, "padding_mask": b["loss_mask"] == 0} for b in batches]
         iterators = [iter(list(batches)) for _ in model]
         checking = contextlib.nullcontext()
         if case.check_devices:
