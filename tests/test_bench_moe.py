@@ -9,6 +9,7 @@ on the same weights and data, as for a dense GPT.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 
 import pytest
@@ -71,5 +72,10 @@ def test_harness_runs_moe_and_token_losses_equal_stock_1f1bs():
         assert len(token) == len(stock), (name, token)
         for t, s in zip(token, stock):
             assert abs(t - s) <= RTOL * abs(s), (name, token, stock)
-    rows = analyse(spec, results).to_dict()["results"]
-    assert {row["schedule"] for row in rows} == set(names)
+    saved = analyse(spec, results).to_dict()
+    assert {row["schedule"] for row in saved["results"]} == set(names)
+    # a saved run names the model it timed, MoE settings included
+    settings = saved["config"]["model_settings"]
+    assert (settings["num_experts"], settings["moe_router_topk"]) == (4, 2), settings
+    assert settings["moe_token_dispatcher_type"] == "alltoall"
+    json.dumps(saved, default=float)

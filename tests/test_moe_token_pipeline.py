@@ -26,7 +26,12 @@ from megatron_terapipe.testing.equivalence import (
     run_parallel,
     stock_twin,
 )
-from megatron_terapipe.testing.moe import aux_losses, moe_gpt, per_slice_router_cases
+from megatron_terapipe.testing.moe import (
+    aux_losses,
+    moe_gpt,
+    padding_dropped_cases,
+    per_slice_router_cases,
+)
 from megatron_terapipe.testing.runner import RunCase
 
 UNEVEN = [3, 13, 16]
@@ -155,6 +160,10 @@ TWO_RANKS |= {
     "ep2-alltoall-global-aux+z": RunCase(
         model=GLOBAL_Z, expert_parallel=2, token_pipeline=tp("token-1f1b")
     ),
+    "tp2-sp-padding-mask-aux+z": RunCase(
+        model=AUX_Z, tensor_parallel=2, sequence_parallel=True, num_microbatches=1,
+        micro_batch_size=2, padding_mask=True, token_pipeline=tp(token_slices=[2, 6, 24]),
+    ),
     "pp2-token-1f1b-padding-mask-global-aux+z": RunCase(
         model=GLOBAL_Z_4L, pipeline_parallel=2, num_microbatches=3, padding_mask=True,
         token_pipeline=tp("token-1f1b"),
@@ -187,7 +196,10 @@ SAME_LAYOUT = (
 def problems(references):
     """Run every case once (one spawn per world size) and keep each case's problems."""
     return problems_by_world_size(
-        {1: SINGLE_RANK, 2: TWO_RANKS, 4: FOUR_RANKS}, references, same_layout=SAME_LAYOUT
+        {1: SINGLE_RANK, 2: TWO_RANKS, 4: FOUR_RANKS},
+        references,
+        same_layout=SAME_LAYOUT,
+        timeout_s=600.0,  # each spawn runs every case of its world size (17 on two ranks)
     )
 
 
@@ -204,33 +216,51 @@ PER_SLICE = {
 PER_SLICE["z-loss-only"] = RunCase(model=moe_gpt(moe_z_loss_coeff=1e-2), token_pipeline=tp())
 
 
-def test_per_slice_aux_losses_are_caught(references):
-    """The comparison fails, in the logged losses and the gradients, when the router's
-    micro-batch terms are formed per slice (stock's TopKRouter under token slicing)."""
-    references.prefetch([(case, 1) for case in PER_SLICE.values()])
-    refs = {name: references.get(case, 1) for name, case in PER_SLICE.items()}
+def assert_mutation_caught(cases: dict[str, RunCase], body, references) -> None:
+    """Single-rank `cases` run under a mutated `body` must fail against their references, in
+    the logged MoE metrics and in the router gradients."""
+    references.prefetch([(case, 1) for case in cases.values()])
+    refs = {name: references.get(case, 1) for name, case in cases.items()}
     results = run_parallel(
-        [(case, refs[name].initial) for name, case in PER_SLICE.items()],
-        1,
-        body=per_slice_router_cases,
+        [(case, refs[name].initial) for name, case in cases.items()], 1, body=body
     )
-    for (name, case), result in zip(PER_SLICE.items(), results):
+    for (name, case), result in zip(cases.items(), results):
         found = check_run(case, result, refs[name])
         assert any("MoE metric" in p for p in found), (name, found[:3])
         assert any(" grad " in p and "router" in p for p in found), (name, found[:3])
 
 
+def test_per_slice_aux_losses_are_caught(references):
+    """The comparison fails, in the logged losses and the gradients, when the router's
+    micro-batch terms are formed per slice (stock's TopKRouter under token slicing)."""
+    assert_mutation_caught(PER_SLICE, per_slice_router_cases, references)
+
+
 def test_per_slice_global_aux_loss_at_dp2_is_caught(references):
     """At DP = 2 the comparison with stock's same layout fails, in the logged global aux loss
-    and the router gradients, when the loss is formed per slice."""
+    and the router gradients, when the loss is formed per slice. And stock itself at DP = 2 is
+    not the single-process run: that is why these cases need their stock twin."""
     case = TWO_RANKS["dp2-terapipe-global-aux+z-M3"]
-    initial = references.get(case, 2).initial
+    reference = references.get(case, 2)
     token, stock = run_parallel(
-        [(case, initial), (stock_twin(case), initial)], 2, body=per_slice_router_cases
+        [(case, reference.initial), (stock_twin(case), reference.initial)],
+        2,
+        body=per_slice_router_cases,
     )
-    found = check_same_layout(case, token, stock)
+    found = check_same_layout(case, token, stock, reference.initial)
     assert any("MoE metric global_load_balancing_loss" in p for p in found), found[:3]
     assert any(" grad " in p and "router" in p for p in found), found[:3]
+    stock_against_one_process = check_run(stock_twin(case), stock, reference)
+    assert any("global_load_balancing_loss" in p for p in stock_against_one_process)
+
+
+PADDING = {name: case for name, case in SINGLE_RANK.items() if case.padding_mask}
+
+
+def test_padding_masks_left_out_of_the_terms_are_caught(references):
+    """The padding-mask cases fail, in the logged losses and the router gradients, when the
+    micro-batch terms are formed without the slices' padding masks."""
+    assert_mutation_caught(PADDING, padding_dropped_cases, references)
 
 
 def test_router_recompute_refused_only_with_microbatch_terms():

@@ -102,7 +102,7 @@ if os.environ.get("PATCH_TEST_BUILD"):
         def name(cls):
             return f"{cls.__module__}.{cls.__qualname__}"
 
-        def core_attention():
+        def built_modules():
             core = layer().submodules.self_attention.submodules.core_attention
             mlp = layer().submodules.mlp  # a ModuleSpec, or on 0.19 a partial of the module
             submodules = getattr(mlp, "submodules", None) or getattr(mlp, "keywords", {}).get(
@@ -125,11 +125,11 @@ if os.environ.get("PATCH_TEST_BUILD"):
             model_config = args[0].model
             builder = model_config.get_builder_cls()(model_config)
             builder.build_model(None, pre_process=True, post_process=True)
-            print(f"BUILT core_attention={core_attention()}", flush=True)
+            print(f"BUILT core_attention={built_modules()}", flush=True)
             model_config.attention_backend = AttnBackend.local
             try:
                 builder.build_model(None, pre_process=True, post_process=True)
-                print(f"LOCAL BACKEND core_attention={core_attention()}", flush=True)
+                print(f"LOCAL BACKEND core_attention={built_modules()}", flush=True)
             except ValueError as exc:
                 print(f"LOCAL BACKEND refused: {exc}", flush=True)
         else:  # core_v0.16.1: pretrain parses the arguments, then calls the model provider
@@ -142,7 +142,7 @@ if os.environ.get("PATCH_TEST_BUILD"):
             set_global_variables(parsed)
             gpt_builders.GPTModel = record
             args[1](pre_process=True, post_process=True)
-            print(f"BUILT core_attention={core_attention()}", flush=True)
+            print(f"BUILT core_attention={built_modules()}", flush=True)
         sys.exit(0)
 
     megatron.training.pretrain = pretrain

@@ -289,6 +289,15 @@ def _spec_summary(spec: BenchSpec) -> dict[str, Any]:
         "variants": [v.name for v in spec.variants],
         "attention": {v.name: v.attention for v in spec.variants},
         "notes": list(spec.extra.get("notes", [])) + _measurement_notes(spec),
+        # every model setting the run was built from (MoE flags included), so a saved run
+        # says which model it timed
+        "model_settings": {
+            key: value
+            for key, value in sorted(vars(model).items())
+            if isinstance(value, (bool, int, float, str, type(None)))
+            or (isinstance(value, (list, tuple)) and all(
+                isinstance(v, (bool, int, float, str)) for v in value))
+        },
     }
 
 

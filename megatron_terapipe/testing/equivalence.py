@@ -357,6 +357,7 @@ def check_same_layout(
     case: RunCase,
     rank_results: list[dict[str, Any]],
     stock_results: list[dict[str, Any]],
+    initial: dict[str, torch.Tensor],
     rtol: float = DEFAULT_RTOL,
 ) -> list[str]:
     """Every way a token run differs from stock's schedule on the same ranks; empty if none.
@@ -365,44 +366,114 @@ def check_same_layout(
     all-reduces its token counts over TP x DP x CP and averages them over the step's
     micro-batches so far, so at DP > 1 its value (and gradient) depends on how the global
     batch is split across ranks. Compared rank by rank with the same layout under stock's
-    schedule: loss reports, gradients, every logged MoE metric (rank-local ones too: both runs
-    hold the same tokens per rank) and the expert biases.
+    schedule, both started from `initial`: loss reports (every DP rank's), gradients, weight
+    updates, every logged MoE metric (rank-local ones too: both runs hold the same tokens per
+    rank) and the expert biases. A check with nothing to compare is a problem, not a pass.
     """
     if case.token_pipeline is None:
         raise ValueError("check_same_layout compares a token-pipeline run with its stock twin")
-    problems: list[str] = []
+    if len(rank_results) != len(stock_results):
+        return [f"{len(rank_results)} ranks against the stock run's {len(stock_results)}"]
+    problems = [
+        f"rank {rank}: layout {got['rank_info']} against stock's {want['rank_info']}"
+        for rank, (got, want) in enumerate(zip(rank_results, stock_results))
+        if got["rank_info"] != want["rank_info"]
+    ]
+    moe = "num_moe_experts" in case.model.config_overrides and not case.forward_only
+    dp = data_parallel_size(case, len(rank_results))
     for step in range(case.steps):
+        reporters = set()
         for rank, (got, want) in enumerate(zip(rank_results, stock_results)):
+            where = f"step {step} rank {rank} {got['rank_info']}"
             if (got["losses"][step] is None) != (want["losses"][step] is None):
-                problems.append(f"step {step} rank {rank}: loss reports on one run only")
+                problems.append(f"{where}: loss reports on one run only")
             elif want["losses"][step] is not None:
+                reporters.add(want["rank_info"]["dp"])
                 problems += _compare_losses(
                     step, rank, got["losses"][step], want["losses"][step], rtol
                 )
-            where = f"step {step} rank {rank} {got['rank_info']}"
             if not case.distributed_optimizer and not case.forward_only:
+                got_keys = {place.key for place, _ in got["grads"][step]}
+                want_keys = {place.key for place, _ in want["grads"][step]}
+                if got_keys != want_keys:
+                    problems.append(f"{where}: gradients of {sorted(got_keys ^ want_keys)} "
+                                    "on one run only")
                 problems += _compare(
                     f"{where} grad", got["grads"][step], global_tensors(want["grads"][step]), rtol
                 )
-            want_metrics = (want.get("moe_metrics") or [{}] * (step + 1))[step]
-            got_metrics = (got.get("moe_metrics") or [{}] * (step + 1))[step]
-            if set(got_metrics) != set(want_metrics):
-                problems.append(
-                    f"{where}: MoE metrics {sorted(got_metrics)} != {sorted(want_metrics)}"
+            if case.optimizer:
+                problems += _compare(
+                    f"{where} update",
+                    got["weights"][step],
+                    global_tensors(want["weights"][step]),
+                    rtol,
+                    baseline=global_tensors(want["weights"][step - 1]) if step else initial,
+                    local_baseline=got["weights"][step - 1] if step else None,
                 )
-                continue
-            for tag, value in want_metrics.items():
-                if not abs(got_metrics[tag] - value) <= rtol * abs(value) + 1e-12:
-                    problems.append(f"{where} MoE metric {tag}: {got_metrics[tag]!r} vs {value!r}")
-            for layer, bias in (want.get("expert_bias") or [{}] * (step + 1))[step].items():
-                if not torch.allclose(got["expert_bias"][step][layer], bias, rtol=0, atol=rtol):
-                    problems.append(f"{where} layer {layer} expert bias differs from stock's")
+            if moe:
+                problems += _compare_metrics_and_biases(where, step, got, want, rtol)
+        if reporters != set(range(dp)):
+            problems.append(f"step {step}: losses reported for DP ranks {sorted(reporters)} "
+                            f"of {dp}")
+    return problems
+
+
+def _compare_metrics_and_biases(
+    where: str, step: int, got: dict[str, Any], want: dict[str, Any], rtol: float
+) -> list[str]:
+    """One rank's logged MoE metrics and expert biases against the same rank of another run."""
+    want_metrics = want["moe_metrics"][step]
+    got_metrics = got["moe_metrics"][step]
+    problems = []
+    if not want_metrics:
+        problems.append(f"{where}: stock logged no MoE metric to compare with")
+    if set(got_metrics) != set(want_metrics):
+        problems.append(f"{where}: MoE metrics {sorted(got_metrics)} != {sorted(want_metrics)}")
+    for tag in set(got_metrics) & set(want_metrics):
+        value = want_metrics[tag]
+        if not abs(got_metrics[tag] - value) <= rtol * abs(value) + 1e-12:
+            problems.append(f"{where} MoE metric {tag}: {got_metrics[tag]!r} vs {value!r}")
+    got_bias, want_bias = got["expert_bias"][step], want["expert_bias"][step]
+    if set(got_bias) != set(want_bias):
+        problems.append(f"{where}: expert biases of layers {sorted(got_bias)} != "
+                        f"{sorted(want_bias)}")
+    for layer in set(got_bias) & set(want_bias):
+        if not torch.allclose(got_bias[layer], want_bias[layer], rtol=0, atol=rtol):
+            problems.append(f"{where} layer {layer} expert bias differs from stock's")
     return problems
 
 
 def stock_twin(case: RunCase) -> RunCase:
-    """The same layout, data and steps under megatron-core's own schedule."""
+    """The same layout, data and steps under megatron-core's own schedule.
+
+    Device checking is the token run's own test (tensors handed to torch.distributed); the
+    twin is only a reference, so it runs without that instrumentation.
+    """
     return replace(case, token_pipeline=None, check_devices=False)
+
+
+def max_abs_differences_same_layout(
+    rank_results: list[dict[str, Any]], stock_results: list[dict[str, Any]]
+) -> dict[str, float]:
+    """`max_abs_differences` for a run checked against its stock twin, rank by rank (tables)."""
+    out = {"loss": 0.0, "grad": 0.0, "moe_metric": 0.0}
+    for got, want in zip(rank_results, stock_results, strict=True):
+        for got_step, want_step in zip(got["losses"], want["losses"], strict=True):
+            for got_mb, want_mb in zip(got_step or [], want_step or [], strict=True):
+                for key, value in want_mb.items():
+                    diff = (got_mb[key].float() - value.float()).abs().max().item()
+                    out["loss"] = max(out["loss"], diff)
+        for got_step, want_step in zip(got["grads"], want["grads"], strict=True):
+            expected = global_tensors(want_step)
+            for place, value in got_step:
+                diff = (value - expected[place.key][place.index]).abs().max().item()
+                out["grad"] = max(out["grad"], diff)
+        for got_step, want_step in zip(
+            got.get("moe_metrics", []), want.get("moe_metrics", []), strict=True
+        ):
+            for tag, value in want_step.items():
+                out["moe_metric"] = max(out["moe_metric"], abs(got_step[tag] - value))
+    return out
 
 
 def run_parallel(
@@ -435,9 +506,7 @@ def run_and_check(
     The cases named in `same_layout` are checked against their `stock_twin`, run in the same
     spawn from the same initial weights (`check_same_layout`), instead of the single-process run.
     """
-    unknown = set(same_layout) - set(cases)
-    if unknown:
-        raise ValueError(f"same_layout names no case: {sorted(unknown)}")
+    _check_names(same_layout, [cases])
     references = references or ReferenceCache(timeout_s=timeout_s)
     references.prefetch([(case, world_size) for case in cases.values()])
     refs = {name: references.get(case, world_size) for name, case in cases.items()}
@@ -448,7 +517,7 @@ def run_and_check(
     twin_results = dict(zip(twins, results[len(cases):]))
     return {
         name: (
-            check_same_layout(case, result, twin_results[name], rtol)
+            check_same_layout(case, result, twin_results[name], refs[name].initial, rtol)
             if name in twin_results
             else check_run(case, result, refs[name], rtol)
         )
@@ -456,23 +525,31 @@ def run_and_check(
     }
 
 
+def _check_names(same_layout: Collection[str], groups: list[dict[str, RunCase]]) -> None:
+    unknown = set(same_layout).difference(*groups)
+    if unknown:
+        raise ValueError(f"same_layout names no case: {sorted(unknown)}")
+
+
 def problems_by_world_size(
     groups: dict[int, dict[str, RunCase]],
     references: ReferenceCache | None = None,
     rtol: float = DEFAULT_RTOL,
     same_layout: Collection[str] = (),
+    timeout_s: float = 240.0,
 ) -> dict[str, list[str]]:
     """Every case of every world size (one spawn per world size, one shared reference cache):
-    what an exactness module's `problems` fixture hands its per-case tests."""
+    what an exactness module's `problems` fixture hands its per-case tests. The cases named in
+    `same_layout` are checked against stock's schedule on their own layout (`run_and_check`)."""
+    _check_names(same_layout, list(groups.values()))
     if references is None:
-        references = ReferenceCache()
+        references = ReferenceCache(timeout_s=timeout_s)
     found: dict[str, list[str]] = {}
     for world_size, cases in groups.items():
         names = [name for name in same_layout if name in cases]
-        found.update(run_and_check(cases, world_size, references, rtol, same_layout=names))
-    missing = set(same_layout) - set(found)
-    if missing:
-        raise ValueError(f"same_layout names no case: {sorted(missing)}")
+        found.update(
+            run_and_check(cases, world_size, references, rtol, timeout_s, same_layout=names)
+        )
     return found
 
 

@@ -2,7 +2,8 @@
 
 `per_slice_router_cases` runs cases with the token pipeline's router swap undone, so the stock
 TopKRouter forms its load-balancing and z-losses over each slice's tokens: what a plugin that
-only sliced the sequence would do. The exactness tests run it to show that they notice.
+only sliced the sequence would do. `padding_dropped_cases` forms them without the padding
+mask. The exactness tests run both to show that they notice.
 """
 
 from __future__ import annotations
@@ -38,8 +39,9 @@ def aux_losses(kind: str = "aux_loss", coeff: float = 0.1, z: float | None = 1e-
     return dict(moe_router_load_balancing_type=kind, moe_aux_loss_coeff=coeff, moe_z_loss_coeff=z)
 
 
-# Megatron-LM's MoE flags for a tiny MoE GPT: 4 experts top-2, the load-balancing and z-losses
-# on (the terms the token pipeline forms per micro-batch), the alltoall dispatcher.
+# Megatron-LM's MoE flags for a tiny MoE GPT: docs/moe.md's benchmark flags ($MOE) at tiny
+# size: 4 experts top-2, the load-balancing and z-losses on (the terms the token pipeline forms
+# per micro-batch), the alltoall dispatcher.
 TINY_MOE_FLAGS = [
     "--num-experts", "4", "--moe-router-topk", "2", "--moe-ffn-hidden-size", "32",
     "--moe-router-load-balancing-type", "aux_loss", "--moe-aux-loss-coeff", "0.01",
@@ -55,4 +57,17 @@ def per_slice_router_cases(
     from megatron_terapipe.model import layer_spec
 
     layer_spec._swap_router = lambda mlp_spec: None
+    return run_cases(rank, world_size, runs)
+
+
+def padding_dropped_cases(
+    rank: int, world_size: int, runs: list[tuple[RunCase, dict | None]]
+) -> list[dict[str, Any]]:
+    """`run_cases`, with the micro-batch terms formed without the padding mask (mutation)."""
+    from megatron_terapipe.model.moe import TokenSliceTopKRouter
+
+    formed = TokenSliceTopKRouter.microbatch_terms
+    TokenSliceTopKRouter.microbatch_terms = lambda self, logits, padding: formed(
+        self, logits, None
+    )
     return run_cases(rank, world_size, runs)
