@@ -148,9 +148,10 @@ FOUR_RANKS = {
 }
 
 
-# The global aux loss all-reduces its counts over TP x DP x CP and averages them over the step's
-# micro-batches so far: at DP > 1 its value depends on how the global batch is split, so these
-# cases are checked against stock's schedule on the same layout, rank by rank.
+# Global aux loss and padding-mask cases on several ranks. The global aux loss all-reduces its
+# counts over TP x DP x CP and averages them over the step's micro-batches so far: at DP > 1 its
+# value depends on how the global batch is split, so the DP > 1 cases (SAME_LAYOUT) are checked
+# against stock's schedule on the same layout, rank by rank.
 GLOBAL_Z = moe_gpt(**aux_losses("global_aux_loss"))
 GLOBAL_Z_4L = moe_gpt(num_layers=4, **aux_losses("global_aux_loss"))
 TWO_RANKS |= {
