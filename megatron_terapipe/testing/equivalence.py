@@ -269,33 +269,52 @@ def _compare_moe_metrics(
     """
     if reference.moe_metrics is None:
         return []
-    want = reference.moe_metrics[step]
     problems = []
     for rank, result in enumerate(rank_results):
-        got = result.get("moe_metrics", [None] * (step + 1))[step]
-        if got is None or set(got) != set(want):
-            problems.append(
-                f"step {step} rank {rank}: MoE metrics {sorted(got or [])} != {sorted(want)}"
-            )
-            continue
+        where = f"step {step} rank {rank}"
+        got = result.get("moe_metrics", [None] * (step + 1))[step] or {}
         local = set(result.get("moe_rank_local", [])) if tokens_split else set()
-        for tag, value in want.items():
-            if tag.removeprefix("moe/").rsplit("_layer_", 1)[0] in local:
-                continue
-            if not abs(got[tag] - value) <= rtol * abs(value) + 1e-12:
-                problems.append(
-                    f"step {step} rank {rank} MoE metric {tag}: {got[tag]!r} vs {value!r}"
-                )
-    if reference.expert_bias is None:
-        return problems
-    for rank, result in enumerate(rank_results):
-        for layer, bias in result["expert_bias"][step].items():
-            expected = reference.expert_bias[step][layer]
-            if not torch.allclose(bias, expected, rtol=0, atol=rtol):
-                problems.append(
-                    f"step {step} rank {rank} layer {layer} expert bias: {bias.tolist()} vs "
-                    f"{expected.tolist()}"
-                )
+        problems += _metric_problems(where, got, reference.moe_metrics[step], rtol, local)
+        if reference.expert_bias is not None:
+            problems += _bias_problems(
+                where, result["expert_bias"][step], reference.expert_bias[step], rtol
+            )
+    return problems
+
+
+def _metric_problems(
+    where: str,
+    got: dict[str, float],
+    want: dict[str, float],
+    rtol: float,
+    rank_local: set[str] = frozenset(),
+) -> list[str]:
+    """Logged MoE metrics (tag -> value) against expected ones, relative; the metrics named
+    in `rank_local` (by tracker name, any layer) are not compared."""
+    problems = []
+    if set(got) != set(want):
+        problems.append(f"{where}: MoE metrics {sorted(got)} != {sorted(want)}")
+    for tag in sorted(set(got) & set(want)):
+        if tag.removeprefix("moe/").rsplit("_layer_", 1)[0] in rank_local:
+            continue
+        if not abs(got[tag] - want[tag]) <= rtol * abs(want[tag]) + 1e-12:
+            problems.append(f"{where} MoE metric {tag}: {got[tag]!r} vs {want[tag]!r}")
+    return problems
+
+
+def _bias_problems(
+    where: str, got: dict[int, torch.Tensor], want: dict[int, torch.Tensor], rtol: float
+) -> list[str]:
+    """Expert biases by layer number against expected ones, absolute."""
+    problems = []
+    if set(got) != set(want):
+        problems.append(f"{where}: expert biases of layers {sorted(got)} != {sorted(want)}")
+    for layer in sorted(set(got) & set(want)):
+        if not torch.allclose(got[layer], want[layer], rtol=0, atol=rtol):
+            problems.append(
+                f"{where} layer {layer} expert bias: {got[layer].tolist()} vs "
+                f"{want[layer].tolist()}"
+            )
     return problems
 
 
@@ -411,35 +430,17 @@ def check_same_layout(
                     local_baseline=got["weights"][step - 1] if step else None,
                 )
             if moe:
-                problems += _compare_metrics_and_biases(where, step, got, want, rtol)
+                if not want["moe_metrics"][step]:
+                    problems.append(f"{where}: stock logged no MoE metric to compare with")
+                problems += _metric_problems(
+                    where, got["moe_metrics"][step], want["moe_metrics"][step], rtol
+                )
+                problems += _bias_problems(
+                    where, got["expert_bias"][step], want["expert_bias"][step], rtol
+                )
         if reporters != set(range(dp)):
             problems.append(f"step {step}: losses reported for DP ranks {sorted(reporters)} "
                             f"of {dp}")
-    return problems
-
-
-def _compare_metrics_and_biases(
-    where: str, step: int, got: dict[str, Any], want: dict[str, Any], rtol: float
-) -> list[str]:
-    """One rank's logged MoE metrics and expert biases against the same rank of another run."""
-    want_metrics = want["moe_metrics"][step]
-    got_metrics = got["moe_metrics"][step]
-    problems = []
-    if not want_metrics:
-        problems.append(f"{where}: stock logged no MoE metric to compare with")
-    if set(got_metrics) != set(want_metrics):
-        problems.append(f"{where}: MoE metrics {sorted(got_metrics)} != {sorted(want_metrics)}")
-    for tag in set(got_metrics) & set(want_metrics):
-        value = want_metrics[tag]
-        if not abs(got_metrics[tag] - value) <= rtol * abs(value) + 1e-12:
-            problems.append(f"{where} MoE metric {tag}: {got_metrics[tag]!r} vs {value!r}")
-    got_bias, want_bias = got["expert_bias"][step], want["expert_bias"][step]
-    if set(got_bias) != set(want_bias):
-        problems.append(f"{where}: expert biases of layers {sorted(got_bias)} != "
-                        f"{sorted(want_bias)}")
-    for layer in set(got_bias) & set(want_bias):
-        if not torch.allclose(got_bias[layer], want_bias[layer], rtol=0, atol=rtol):
-            problems.append(f"{where} layer {layer} expert bias differs from stock's")
     return problems
 
 
